@@ -1,0 +1,77 @@
+"""Configuration: one msgspec Struct per service, filled from MESHSERVE_* env vars
+and then from flags (flags win). ``meshserve config`` prints the effective values.
+
+Addresses are handed out by whoever starts the mesh (the supervisor locally,
+compose.yaml in containers); a service never guesses one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+PREFIX = "MESHSERVE_"
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class MeshAddresses(msgspec.Struct, frozen=True):
+    """Where the singletons bind. ipc:// locally, tcp:// in containers."""
+
+    supervisor_addr: str = ""  # empty: not supervised (compose, tests)
+    api_addr: str = "ipc:///tmp/meshserve/api.sock"
+    scheduler_addr: str = "ipc:///tmp/meshserve/scheduler.sock"
+    kvcache_addr: str = "ipc:///tmp/meshserve/kvcache.sock"
+
+
+class ProcessConfig(msgspec.Struct, frozen=True):
+    """Settings every service process reads."""
+
+    replica: int = 0
+    heartbeat_s: float = 0.5
+    log_level: str = "info"
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def load_config(
+    cls: type[T],
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Build ``cls`` from env vars named MESHSERVE_<FIELD>, then ``overrides``.
+
+    Values from the environment are strings; msgspec converts them to each field's
+    type (``"2"`` -> 2, ``"true"`` -> True) and names the field when it cannot.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field in msgspec.structs.fields(cls):
+        name = env_name(field.encode_name)
+        if name in environ:
+            values[field.encode_name] = environ[name]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    try:
+        return msgspec.convert(values, cls, strict=False)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"invalid {cls.__name__} setting: {e}") from e
+
+
+def as_env(config: msgspec.Struct) -> dict[str, str]:
+    """The env vars that reproduce ``config`` in a child process."""
+    out: dict[str, str] = {}
+    for field in msgspec.structs.fields(config):
+        value = getattr(config, field.name)
+        if value is None:
+            continue
+        out[env_name(field.encode_name)] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    return out

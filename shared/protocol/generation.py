@@ -1,0 +1,145 @@
+"""A request's messages on its way api -> tokenizer -> scheduler -> tokenizer -> api.
+
+Ownership: the api holds what the client sent until the request ends; the scheduler
+holds every token id (prompt and output) of every admitted request, which is why a
+tokenizer replica that dies loses nothing: the scheduler re-sends a ``Reassign`` to
+another replica, which rebuilds its detokenizer from the ids.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, frozen=True):
+    """How to pick tokens. ``temperature == 0`` means greedy.
+
+    With a ``seed``, the noise for output token k depends only on (seed, k), so a
+    seeded request samples the same text whatever batch it runs in, and after a
+    recompute preemption.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = []
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class DetokenizeSpec(msgspec.Struct, frozen=True):
+    """What a tokenizer needs to turn output ids into client text."""
+
+    stop: list[str] = []
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
+    """api -> tokenizer: encode this prompt (or chat) and submit it.
+
+    Exactly one of ``prompt``, ``prompt_token_ids`` (packed int32) or ``messages``
+    is set; the api validates that before sending.
+    """
+
+    request_id: str
+    sampling: SamplingParams
+    detokenize: DetokenizeSpec
+    prompt: str | None = None
+    prompt_token_ids: bytes | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    priority: int = 0
+    max_model_len: int = 0  # 0: let the scheduler decide
+
+
+class Submit(msgspec.Struct, frozen=True, tag=True):
+    """tokenizer -> scheduler: a tokenized request, ready to be queued."""
+
+    request_id: str
+    prompt_token_ids: bytes  # packed int32
+    sampling: SamplingParams
+    detokenize: DetokenizeSpec
+    priority: int = 0
+
+
+class Abort(msgspec.Struct, frozen=True, tag=True):
+    """Stop these requests and free what they hold. Idempotent; unknown ids are
+    remembered for a while so an abort that overtakes its Submit still wins."""
+
+    request_ids: list[str]
+    reason: str = "abort"
+
+
+class TokenOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """New output ids of one request after one step."""
+
+    request_id: str
+    token_ids: bytes  # packed int32, the new ids only
+    num_prior: int  # output ids this request had before these
+    prompt_tokens: int
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+
+class TokenBatch(msgspec.Struct, frozen=True, tag=True, gc=False):
+    """scheduler -> tokenizer: one step's outputs for the requests this replica owns."""
+
+    outputs: list[TokenOutput]
+
+
+class Reassign(msgspec.Struct, frozen=True, tag=True):
+    """scheduler -> tokenizer: take over a request whose tokenizer replica died."""
+
+    request_id: str
+    detokenize: DetokenizeSpec
+    prompt_token_ids: bytes
+    output_token_ids: bytes
+    finish_reason: str | None = None
+
+
+class TextDelta(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """New client text of one request. ``offset`` is how many characters of output
+    came before ``text``: the api drops what it already delivered, so a replayed
+    request after a tokenizer failover never duplicates text."""
+
+    request_id: str
+    text: str
+    offset: int
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+class TextBatch(msgspec.Struct, frozen=True, tag=True, gc=False):
+    """tokenizer -> api: text deltas of one step."""
+
+    deltas: list[TextDelta]
+
+
+class RequestFailed(msgspec.Struct, frozen=True, tag=True):
+    """A request ends in an error the client must see (HTTP ``status``).
+
+    ``code`` is OpenAI-style: ``invalid_request_error``, ``server_busy``, ...
+    """
+
+    request_id: str
+    status: int
+    code: str
+    message: str
+
+
+class SchedulerStatus(msgspec.Struct, frozen=True, tag=True):
+    """scheduler -> api, in answer to the api's hello: enough for /health and
+    /metrics without another round trip."""
+
+    workers: int
+    running: int
+    waiting: int
+    kv_usage: float = 0.0

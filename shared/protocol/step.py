@@ -1,0 +1,53 @@
+"""scheduler <-> worker: one message per step each way.
+
+The worker keeps per-request state (prompt, computed tokens, block table, last
+sampled token, sampling params). A request's prompt and params travel once, in
+``NewRequest``; every later step sends only what changed, with int arrays packed.
+
+Block tables are append-only while a request lives, so a step only appends; a
+preempted request is finished at the worker and comes back as a new one.
+
+Decode input tokens are never sent: the worker feeds a request's own last sampled
+token. That lets the scheduler plan step N+1 before step N's tokens come back.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from shared.protocol.generation import SamplingParams
+
+
+class NewRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    request_id: str
+    token_ids: bytes  # packed int32: prompt, plus outputs so far after a preemption
+    num_output_tokens: int  # how many of token_ids are outputs (seeded noise index)
+    sampling: SamplingParams
+
+
+class StepPlan(msgspec.Struct, frozen=True, tag=True, gc=False):
+    """What to compute in one step.
+
+    ``request_ids[i]`` computes ``num_tokens[i]`` more tokens (a prefill chunk or 1
+    decode token). ``block_owner[j]`` is the index into ``request_ids`` that block
+    ``block_ids[j]`` is appended to. ``finished`` requests are dropped before the
+    step runs; ``new`` requests are registered before it.
+    """
+
+    step_id: int
+    new: list[NewRequest]
+    request_ids: list[str]
+    num_tokens: bytes  # packed int32, one per request_ids entry
+    block_owner: bytes  # packed int32
+    block_ids: bytes  # packed int32
+    finished: list[str]
+
+
+class StepResult(msgspec.Struct, frozen=True, tag=True, gc=False):
+    """One sampled token per request that finished its prompt in this step
+    (requests mid-way through a chunked prefill sample nothing)."""
+
+    step_id: int
+    request_ids: list[str]
+    token_ids: bytes  # packed int32
+    error: str | None = None

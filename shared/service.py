@@ -1,0 +1,114 @@
+"""Process bootstrap shared by every service's ``__main__``.
+
+It configures logs and telemetry, runs the service's ``main`` inside one task
+group under asyncio (zmq.asyncio does not run under trio), turns SIGTERM/SIGINT
+into cancellation, keeps a heartbeat link to the supervisor when there is one, and
+flushes spans on the way out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import zmq.asyncio
+from anyio.abc import TaskGroup
+
+from shared.config import MeshAddresses, ProcessConfig, load_config
+from shared.logs import configure_logging, get_logger
+from shared.mesh import DealerEndpoint, Identity, UpstreamLost, new_context
+from shared.protocol.common import Rejected
+from shared.telemetry import configure_telemetry, shutdown_telemetry
+
+log = get_logger("meshserve.service")
+
+
+@dataclass
+class ServiceRuntime:
+    """What a service's ``main`` gets: who it is, where the mesh is, a ZMQ context
+    and the task group every one of its tasks lives in."""
+
+    identity: Identity
+    process: ProcessConfig
+    addresses: MeshAddresses
+    zmq: zmq.asyncio.Context
+    tasks: TaskGroup
+    # Reported to the supervisor in every heartbeat; a service sets it once it can
+    # do its job (model loaded, upstream reached), and clears it when it cannot.
+    ready: bool = False
+    capacity: int = 1
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+ServiceMain = Callable[[ServiceRuntime], Awaitable[None]]
+
+
+async def _supervisor_link(runtime: ServiceRuntime) -> None:
+    link: DealerEndpoint[Rejected] = DealerEndpoint(
+        runtime.zmq,
+        runtime.addresses.supervisor_addr,
+        runtime.identity,
+        Rejected,
+        heartbeat_s=runtime.process.heartbeat_s,
+        hello=lambda: runtime.identity.hello(ready=runtime.ready, capacity=runtime.capacity),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(link.run)
+        async for event in link.inbox:
+            if isinstance(event, UpstreamLost):
+                log.warning("supervisor unreachable", reason=event.reason)
+
+
+async def _run(service: str, main: ServiceMain) -> None:
+    process = load_config(ProcessConfig)
+    addresses = load_config(MeshAddresses)
+    ctx = zmq.asyncio.Context()
+    try:
+        async with anyio.create_task_group() as tg:
+            runtime = ServiceRuntime(
+                identity=Identity(service, process.replica),
+                process=process,
+                addresses=addresses,
+                zmq=ctx,
+                tasks=tg,
+            )
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("stopping", signal=signal.Signals(signum).name)
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(stop_on_signal)
+            if addresses.supervisor_addr:
+                tg.start_soon(_supervisor_link, runtime)
+            log.info("starting", pid=os.getpid())
+            await main(runtime)
+            tg.cancel_scope.cancel()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def serve(service: str, main: ServiceMain) -> None:
+    """Run ``main`` as the process for ``service`` until it returns or a signal."""
+    process = load_config(ProcessConfig)
+    configure_logging(service, process.replica, process.log_level)
+    configure_telemetry(service, process.replica)
+    try:
+        anyio.run(_run, service, main, backend="asyncio")
+    except KeyboardInterrupt:
+        pass
+    except Exception:
+        log.exception("service crashed")
+        shutdown_telemetry()
+        sys.exit(1)
+    shutdown_telemetry()
+    log.info("stopped")
+
+
+__all__ = ["ServiceRuntime", "new_context", "serve"]
