@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+import msgspec
+
+
+class SchedulerConfig(msgspec.Struct, frozen=True):
+    """scheduler settings (env MESHSERVE_<FIELD>)."""
+
+    max_num_seqs: int = 256  # running requests per worker
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_prefill_chunk: int = 512  # longest prefill chunk of one request in one step
+    max_waiting: int = 1024  # bounded queue; beyond it requests get HTTP 429
+    max_model_len: int = 0  # 0: the worker's
+    lease_blocks: int = 256  # free KV blocks leased ahead from the KV manager
+    steps_in_flight: int = 2  # plan step N+1 while the worker runs step N

@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+import msgspec
+
+
+class WorkerConfig(msgspec.Struct, frozen=True):
+    """GPU worker settings (env MESHSERVE_<FIELD>)."""
+
+    model: str = ""  # Hugging Face folder; empty: the embedded default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (cpu: float32, cuda: bfloat16) | float32 | bfloat16 | float16
+    block_size: int = 16
+    num_kv_blocks: int = 0  # 0: sized from free memory (cpu: 4096 blocks)
+    max_model_len: int = 0  # 0: the model's max_position_embeddings
+    torch_threads: int = 0  # 0: torch's default
