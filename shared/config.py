@@ -25,6 +25,7 @@ class MeshAddresses(msgspec.Struct, frozen=True):
     api_addr: str = "ipc:///tmp/meshserve/api.sock"
     scheduler_addr: str = "ipc:///tmp/meshserve/scheduler.sock"
     kvcache_addr: str = "ipc:///tmp/meshserve/kvcache.sock"
+    speech_addr: str = "ipc:///tmp/meshserve/speech.sock"  # api binds; tts replicas connect
 
 
 class ProcessConfig(msgspec.Struct, frozen=True):
