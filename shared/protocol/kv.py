@@ -12,12 +12,23 @@ import msgspec
 
 
 class KvPoolOpen(msgspec.Struct, frozen=True, tag=True):
-    """A worker joined: open (or re-open, empty) its pool. Answered by a KvLease."""
+    """Open (or re-open) a worker's pool. Answered by a KvLease.
+
+    A new worker opens an empty pool. After a KV manager restart the scheduler
+    re-opens every pool with what it still holds (its allocations and its unused
+    lease), so the new incarnation rebuilds the exact state instead of handing out
+    blocks that are in use.
+    """
 
     pool_id: str
     num_blocks: int
     block_size: int
     lease_target: int
+    alloc_requests: list[str] = []
+    alloc_owner: bytes = b""  # packed int32, index into alloc_requests
+    alloc_blocks: bytes = b""  # packed int32
+    leased_blocks: bytes = b""  # packed int32
+    seq: int = 0  # echoed in the KvLease answer
 
 
 class KvPoolClose(msgspec.Struct, frozen=True, tag=True):

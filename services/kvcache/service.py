@@ -1,0 +1,66 @@
+"""The KV manager actor: a bound ROUTER in front of ``KvManager``."""
+
+from __future__ import annotations
+
+import anyio
+
+from services.kvcache.block_pool import BlockPoolError
+from services.kvcache.config import KvCacheConfig
+from services.kvcache.manager import KvManager
+from shared.config import load_config
+from shared.logs import get_logger
+from shared.mesh import PeerJoined, PeerLost, Received, RouterEndpoint
+from shared.protocol.common import Rejected
+from shared.protocol.kv import KvPoolClose, KvPoolOpen, KvStatsRequest, KvSync
+from shared.service import ServiceRuntime
+from shared.telemetry import tracer
+
+log = get_logger("meshserve.kvcache")
+_tracer = tracer("meshserve.kvcache")
+
+KvInbound = KvPoolOpen | KvPoolClose | KvSync | KvStatsRequest
+
+
+async def main(runtime: ServiceRuntime) -> None:
+    load_config(KvCacheConfig)  # validates the environment early, even if unused here
+    manager = KvManager()
+    router: RouterEndpoint[KvInbound] = RouterEndpoint(
+        runtime.zmq, runtime.addresses.kvcache_addr, runtime.identity, KvInbound,
+        heartbeat_s=runtime.process.heartbeat_s,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(router.run)
+        runtime.ready = True
+        async for event in router.inbox:
+            match event:
+                case Received(peer=peer, body=body, envelope=envelope):
+                    assert peer is not None
+                    try:
+                        reply = _handle(manager, body, event)
+                    except BlockPoolError as e:
+                        router.rejections.record(envelope.sender, str(e))
+                        await router.send(peer, Rejected(reason=str(e), msg_id=envelope.msg_id))
+                        continue
+                    if reply is not None:
+                        await router.send(peer, reply)
+                case PeerJoined(peer=peer):
+                    log.info("peer joined", peer=peer.name)
+                case PeerLost(peer=peer, reason=reason):
+                    log.info("peer lost", peer=peer.name, reason=reason)
+
+
+def _handle(manager: KvManager, body: KvInbound, event: Received[KvInbound]) -> object | None:
+    match body:
+        case KvSync():
+            with _tracer.start_as_current_span("kvcache.sync", context=event.context) as span:
+                span.set_attribute("meshserve.kv.pool", body.pool_id)
+                return manager.sync(body)
+        case KvPoolOpen():
+            log.info("pool opened", pool=body.pool_id, blocks=body.num_blocks)
+            return manager.open_pool(body)
+        case KvPoolClose():
+            log.info("pool closed", pool=body.pool_id)
+            manager.close_pool(body)
+            return None
+        case KvStatsRequest():
+            return manager.stats()

@@ -1,0 +1,4 @@
+from services.scheduler.service import main
+from shared.service import serve
+
+serve("scheduler", main)

@@ -1,0 +1,419 @@
+"""Continuous batching: who runs in each worker's next step. Pure, no I/O.
+
+The actor feeds it submits, aborts, worker joins/losses, step results and KV
+leases, and asks it for a ``StepPlan`` per worker; results for the tokenizers
+accumulate in ``outputs`` and ``failures`` for the actor to send.
+
+Policy, per worker step, under ``max_num_batched_tokens``:
+1. running requests first, in admission order: a prefill chunk (at most
+   ``max_prefill_chunk`` tokens) or one decode token;
+2. then waiting requests by (priority, arrival), while there is budget, a free
+   running slot and KV room for their first chunk.
+
+When a running request needs a block and the whole pool is exhausted, the
+lowest-priority, latest-admitted running request is preempted by recompute: it
+stops being scheduled, and once its in-flight steps have come back its blocks are
+freed and it re-enters the waiting queue with its outputs as part of its prompt.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+
+from opentelemetry.context import Context
+
+from services.scheduler.block_lease import BlockLease
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
+from shared.protocol.common import WorkerDetails
+from shared.protocol.envelope import pack_i32, unpack_i32
+from shared.protocol.generation import RequestFailed, Submit
+from shared.protocol.kv import KvLease, KvPoolOpen
+from shared.protocol.step import NewRequest, StepPlan, StepResult
+
+TOMBSTONES = 65_536  # aborted ids remembered, so an abort that overtakes its Submit wins
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """New output ids of one request, for its tokenizer."""
+
+    request: Request
+    token_ids: list[int]
+    num_prior: int
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailure:
+    owner: str
+    failure: RequestFailed
+
+
+@dataclass(eq=False, slots=True)
+class WorkerSlot:
+    name: str
+    details: WorkerDetails
+    lease: BlockLease
+    running: dict[str, Request] = field(default_factory=dict)  # admission order
+    inflight: dict[int, list[Request]] = field(default_factory=dict)  # step id -> batch
+    finished: list[str] = field(default_factory=list)  # to drop at the worker next step
+
+    @property
+    def max_total_len(self) -> int:
+        capacity = self.details.num_kv_blocks * self.details.block_size
+        return min(self.details.max_model_len, capacity)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.requests: dict[str, Request] = {}
+        self.workers: dict[str, WorkerSlot] = {}
+        self._waiting: list[tuple[int, int, Request]] = []  # heap; stale entries skipped
+        self._num_waiting = 0
+        self._arrivals = itertools.count()
+        self._step_ids = itertools.count(1)
+        self._tombstones: deque[str] = deque(maxlen=TOMBSTONES)
+        self._tombstone_set: set[str] = set()
+        self.outputs: list[RequestOutput] = []
+        self.failures: list[RequestFailure] = []
+        self.num_preemptions = 0
+
+    # ----------------------------------------------------------------- requests
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(w.running) for w in self.workers.values())
+
+    def max_model_len(self) -> int:
+        lengths = [w.max_total_len for w in self.workers.values()]
+        if self.config.max_model_len:
+            lengths.append(self.config.max_model_len)
+        return min(lengths) if lengths else 0
+
+    def submit(self, msg: Submit, owner: str, context: Context | None = None) -> Request | None:
+        """Queue a tokenized request. A duplicate id (a re-sent request after a
+        tokenizer failover) changes only who detokenizes it; the new owner is
+        returned so the actor can hand it the request's state."""
+        existing = self.requests.get(msg.request_id)
+        if existing is not None:
+            if existing.owner != owner:
+                existing.owner = owner
+                return existing
+            return None
+        if msg.request_id in self._tombstone_set:
+            return None
+        prompt = unpack_i32(msg.prompt_token_ids)
+        limit = self.max_model_len()
+        error: str | None = None
+        if not prompt:
+            error = "the prompt is empty"
+        elif limit and len(prompt) >= limit:
+            error = (
+                f"the prompt has {len(prompt)} tokens; this model serves at most "
+                f"{limit} tokens in all (prompt and output)"
+            )
+        elif self._num_waiting >= self.config.max_waiting:
+            self.failures.append(RequestFailure(owner, RequestFailed(
+                msg.request_id, 429, "server_busy",
+                f"the waiting queue is full ({self.config.max_waiting} requests); retry later",
+            )))
+            return None
+        if error is not None:
+            self.failures.append(RequestFailure(
+                owner, RequestFailed(msg.request_id, 400, "invalid_request_error", error)
+            ))
+            return None
+        request = Request(
+            request_id=msg.request_id,
+            prompt_len=len(prompt),
+            token_ids=prompt,
+            sampling=msg.sampling,
+            detokenize=msg.detokenize,
+            priority=msg.priority,
+            arrival=next(self._arrivals),
+            owner=owner,
+            context=context,
+        )
+        self.requests[request.request_id] = request
+        self._enqueue(request)
+        return None
+
+    def _enqueue(self, request: Request) -> None:
+        heapq.heappush(self._waiting, (request.priority, request.arrival, request))
+        self._num_waiting += 1
+
+    def _peek_waiting(self) -> Request | None:
+        while self._waiting:
+            request = self._waiting[0][2]
+            if request.status == RequestStatus.WAITING and request.worker is None:
+                return request
+            heapq.heappop(self._waiting)  # aborted while waiting: a stale entry
+        return None
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Idempotent: finish these requests as aborted and free what they hold;
+        ids not seen yet are remembered so their Submit is dropped."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                if request_id not in self._tombstone_set:
+                    if len(self._tombstones) == self._tombstones.maxlen:
+                        self._tombstone_set.discard(self._tombstones[0])
+                    self._tombstones.append(request_id)
+                    self._tombstone_set.add(request_id)
+                continue
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            self.outputs.append(RequestOutput(request, [], request.num_outputs, "abort"))
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status == RequestStatus.WAITING:
+            self._num_waiting -= 1
+        request.status = status
+        self.requests.pop(request.request_id, None)
+        slot = self.workers.get(request.worker) if request.worker else None
+        if slot is not None:
+            self._release(slot, request)
+
+    def _release(self, slot: WorkerSlot, request: Request) -> None:
+        slot.running.pop(request.request_id, None)
+        slot.lease.release(request.request_id, request.block_ids)
+        if request.sent_to_worker:
+            slot.finished.append(request.request_id)
+        request.block_ids = []
+
+    def owned_by(self, owner: str) -> list[Request]:
+        return [r for r in self.requests.values() if r.owner == owner]
+
+    # ------------------------------------------------------------------ workers
+
+    def add_worker(self, name: str, details: WorkerDetails) -> KvPoolOpen:
+        """Register a worker; the returned message opens its KV pool."""
+        lease = BlockLease(name, details.num_kv_blocks, details.block_size,
+                           self.config.lease_blocks)
+        self.workers[name] = WorkerSlot(name, details, lease)
+        return lease.open_message({})
+
+    def remove_worker(self, name: str) -> list[Request]:
+        """A worker died: its requests go back to waiting, to be recomputed."""
+        slot = self.workers.pop(name, None)
+        if slot is None:
+            return []
+        requeued = [r for r in slot.running.values() if not r.status.finished]
+        for request in requeued:
+            request.reset_for_recompute()
+            self._enqueue(request)
+        return requeued
+
+    def reopen_pools(self) -> list[KvPoolOpen]:
+        """The KV manager restarted: tell it everything each pool holds."""
+        return [
+            slot.lease.open_message({r.request_id: r.block_ids for r in slot.running.values()})
+            for slot in self.workers.values()
+        ]
+
+    def on_lease(self, lease: KvLease) -> None:
+        slot = self.workers.get(lease.pool_id)
+        if slot is not None:
+            slot.lease.on_lease(lease)
+
+    def kv_usage(self) -> float:
+        used = total = 0
+        for slot in self.workers.values():
+            if slot.lease.usage is not None:
+                used += slot.lease.usage.used_blocks
+                total += slot.lease.usage.num_blocks
+        return used / total if total else 0.0
+
+    # ----------------------------------------------------------------- planning
+
+    def has_work(self, name: str) -> bool:
+        slot = self.workers.get(name)
+        if slot is None:
+            return False
+        return bool(slot.finished or slot.running or self._peek_waiting() is not None)
+
+    def plan(self, name: str) -> StepPlan | None:
+        """The next step for worker ``name``, or None when it has nothing to do
+        or already has ``steps_in_flight`` steps outstanding."""
+        slot = self.workers.get(name)
+        if slot is None or not slot.lease.opened:
+            return None
+        if len(slot.inflight) >= self.config.steps_in_flight:
+            return None
+        self._finish_preemptions(slot)
+        budget = self.config.max_num_batched_tokens
+        batch: list[Request] = []
+        num_tokens: list[int] = []
+        block_owner: list[int] = []
+        block_ids: list[int] = []
+        new: list[NewRequest] = []
+
+        def schedule(request: Request, count: int, blocks: list[int]) -> None:
+            index = len(batch)
+            batch.append(request)
+            num_tokens.append(count)
+            block_owner.extend([index] * len(blocks))
+            block_ids.extend(blocks)
+            request.block_ids.extend(blocks)
+            request.num_scheduled += count
+            if request.prefill_done:
+                request.num_sampling += 1
+            request.inflight_steps += 1
+
+        for request in list(slot.running.values()):
+            if budget <= 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue
+            if not request.prefill_done:
+                count = min(len(request.prefill_ids) - request.num_scheduled, budget,
+                            self.config.max_prefill_chunk)
+            elif request.can_decode():
+                count = 1
+            else:
+                continue  # its last tokens are in flight
+            blocks = self._blocks_for(slot, request, count)
+            if blocks is None:
+                if slot.lease.pool_exhausted:
+                    self._preempt_one(slot, needing=request)
+                continue
+            schedule(request, count, blocks)
+            budget -= count
+
+        while budget > 0 and len(slot.running) < self.config.max_num_seqs:
+            request = self._peek_waiting()
+            if request is None:
+                break
+            if len(request.token_ids) >= slot.max_total_len:
+                heapq.heappop(self._waiting)
+                self._num_waiting -= 1
+                self._fail_too_long(request, slot)
+                continue
+            count = min(len(request.token_ids), budget, self.config.max_prefill_chunk)
+            blocks = self._blocks_for(slot, request, count)
+            if blocks is None:
+                break  # no KV room: it keeps its place at the head of the queue
+            heapq.heappop(self._waiting)
+            self._num_waiting -= 1
+            self._admit(slot, request)
+            new.append(NewRequest(
+                request_id=request.request_id,
+                token_ids=request.prefill_ids.tobytes(),
+                num_output_tokens=request.num_outputs,
+                sampling=request.sampling,
+            ))
+            schedule(request, count, blocks)
+            budget -= count
+
+        if not batch and not slot.finished:
+            return None
+        step_id = next(self._step_ids)
+        slot.inflight[step_id] = batch
+        finished, slot.finished = slot.finished, []
+        return StepPlan(
+            step_id=step_id,
+            new=new,
+            request_ids=[r.request_id for r in batch],
+            num_tokens=pack_i32(num_tokens),
+            block_owner=pack_i32(block_owner),
+            block_ids=pack_i32(block_ids),
+            finished=finished,
+        )
+
+    def _blocks_for(self, slot: WorkerSlot, request: Request, count: int) -> list[int] | None:
+        needed = slot.lease.blocks_for(request.num_scheduled + count) - len(request.block_ids)
+        return slot.lease.take(request.request_id, needed) if needed > 0 else []
+
+    def _admit(self, slot: WorkerSlot, request: Request) -> None:
+        request.status = RequestStatus.RUNNING
+        request.worker = slot.name
+        request.prefill_ids = array("i", request.token_ids)
+        request.max_total_len = slot.max_total_len
+        request.eos_token_ids = frozenset(slot.details.eos_token_ids)
+        request.sent_to_worker = True
+        slot.running[request.request_id] = request
+
+    def _fail_too_long(self, request: Request, slot: WorkerSlot) -> None:
+        request.status = RequestStatus.FINISHED_ABORTED
+        self.requests.pop(request.request_id, None)
+        self.failures.append(RequestFailure(request.owner, RequestFailed(
+            request.request_id, 400, "invalid_request_error",
+            f"the request has {len(request.token_ids)} tokens; worker {slot.name} serves at "
+            f"most {slot.max_total_len}",
+        )))
+
+    def _preempt_one(self, slot: WorkerSlot, needing: Request) -> None:
+        """Mark the lowest-priority, latest-admitted running request as a victim."""
+        candidates = [r for r in slot.running.values() if r.status == RequestStatus.RUNNING]
+        if not candidates:
+            return
+        victim = max(candidates, key=lambda r: (r.priority, r.arrival))
+        if victim is needing and len(candidates) == 1:
+            return  # alone and still short: wait for blocks other workers free
+        victim.status = RequestStatus.PREEMPTING
+        self.num_preemptions += 1
+        self._finish_preemptions(slot)
+
+    def _finish_preemptions(self, slot: WorkerSlot) -> None:
+        for request in list(slot.running.values()):
+            if request.status == RequestStatus.PREEMPTING and request.inflight_steps == 0:
+                self._release(slot, request)
+                request.reset_for_recompute()
+                self._enqueue(request)
+
+    # ------------------------------------------------------------------ results
+
+    def on_result(self, name: str, result: StepResult) -> None:
+        slot = self.workers.get(name)
+        if slot is None:
+            return
+        batch = slot.inflight.pop(result.step_id, None)
+        if batch is None:
+            return  # a step from before this worker's restart
+        for request in batch:
+            request.inflight_steps -= 1
+        if result.error is not None:
+            self._fail_step(slot, batch, result.error)
+            return
+        token_ids = unpack_i32(result.token_ids)
+        if len(token_ids) != len(result.request_ids):
+            self._fail_step(slot, batch, "step result with mismatched arrays")
+            return
+        for request_id, token in zip(result.request_ids, token_ids, strict=True):
+            request = self.requests.get(request_id)
+            if request is None or request.worker != name or request.status.finished:
+                continue  # finished (stop, abort) while this step was in flight
+            request.num_sampling -= 1
+            prior = request.num_outputs
+            request.token_ids.append(token)
+            status = request.finish_reason_after(token)
+            if status is not None:
+                self._finish(request, status)
+            self.outputs.append(RequestOutput(
+                request, [token], prior, FINISH_REASONS.get(status) if status else None,
+            ))
+        self._finish_preemptions(slot)
+
+    def _fail_step(self, slot: WorkerSlot, batch: list[Request], error: str) -> None:
+        for request in batch:
+            if request.status.finished:
+                continue
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            self.failures.append(RequestFailure(request.owner, RequestFailed(
+                request.request_id, 500, "server_error", f"worker {slot.name} failed: {error}",
+            )))
+
+    def take_outputs(self) -> tuple[list[RequestOutput], list[RequestFailure]]:
+        outputs, self.outputs = self.outputs, []
+        failures, self.failures = self.failures, []
+        return outputs, failures

@@ -1,0 +1,120 @@
+"""A request as the scheduler sees it: its tokens, where it runs, how far it got.
+
+Token accounting while steps are in flight (the scheduler plans step N+1 before the
+tokens of step N come back):
+
+    token_ids      prompt + outputs the scheduler has *seen* (from step results)
+    prefill_ids    what the worker was given at admission (prompt, plus outputs
+                   after a recompute preemption)
+    num_scheduled  positions the worker has been told to compute, in total
+    num_sampling   samples scheduled but not yet seen
+
+A request needs one sample per step once its prefill is scheduled, so it can run
+a decode in step N+1 before step N's token is known: the worker feeds the
+request's own last sampled token.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from array import array
+from dataclasses import dataclass, field
+
+from opentelemetry.context import Context
+from opentelemetry.trace import Span
+
+from shared.protocol.generation import DetokenizeSpec, SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTING = 2  # chosen as a victim; waits for its in-flight steps to drain
+    # Everything after this marker is terminal: ``status > PREEMPTING`` is "finished".
+    FINISHED_STOPPED = 10
+    FINISHED_LENGTH = 11
+    FINISHED_ABORTED = 12
+
+    @property
+    def finished(self) -> bool:
+        return self > RequestStatus.PREEMPTING
+
+
+FINISH_REASONS: dict[RequestStatus, str] = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    request_id: str
+    prompt_len: int
+    token_ids: array[int]  # prompt then outputs seen so far
+    sampling: SamplingParams
+    detokenize: DetokenizeSpec
+    priority: int
+    arrival: int  # admission order; FCFS within a priority
+    owner: str  # the tokenizer replica that detokenizes this request
+    eos_token_ids: frozenset[int] = frozenset()
+    max_total_len: int = 0  # prompt + outputs may not exceed this (model length)
+    status: RequestStatus = RequestStatus.WAITING
+    worker: str | None = None
+    prefill_ids: array[int] = field(default_factory=lambda: array("i"))
+    num_scheduled: int = 0
+    num_sampling: int = 0
+    inflight_steps: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    sent_to_worker: bool = False
+    num_preemptions: int = 0
+    arrived_at: float = field(default_factory=time.monotonic)
+    first_scheduled_at: float | None = None
+    context: Context | None = None
+    span: Span | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_scheduled >= len(self.prefill_ids)
+
+    @property
+    def samples_promised(self) -> int:
+        """Outputs there will be once every scheduled step has come back."""
+        return self.num_outputs + self.num_sampling
+
+    def can_decode(self) -> bool:
+        """Another sample may be scheduled without overshooting a known limit."""
+        promised = self.samples_promised
+        return (
+            promised < self.sampling.max_tokens
+            and self.prompt_len + promised < self.max_total_len
+        )
+
+    def finish_reason_after(self, token: int) -> RequestStatus | None:
+        """Whether the output just appended (``token``) ends this request."""
+        outputs = self.num_outputs
+        if outputs >= self.sampling.min_tokens and (
+            token in self.sampling.stop_token_ids
+            or (not self.sampling.ignore_eos and token in self.eos_token_ids)
+        ):
+            return RequestStatus.FINISHED_STOPPED
+        if outputs >= self.sampling.max_tokens or len(self.token_ids) >= self.max_total_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def reset_for_recompute(self) -> None:
+        """Back to waiting; its next admission prefills prompt and outputs again."""
+        self.status = RequestStatus.WAITING
+        self.worker = None
+        self.prefill_ids = array("i")
+        self.num_scheduled = 0
+        self.num_sampling = 0
+        self.inflight_steps = 0
+        self.block_ids = []
+        self.sent_to_worker = False
+        self.num_preemptions += 1

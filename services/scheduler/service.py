@@ -1,0 +1,282 @@
+"""The scheduler actor: a bound ROUTER for tokenizers, workers and the api, and a
+DEALER to the KV manager, around the pure ``Scheduler``.
+
+Every handler is short and synchronous apart from its sends: planning happens in
+``Scheduler.plan`` (no I/O), and the actor keeps each worker ``steps_in_flight``
+steps ahead, so a worker finds its next step already queued when it finishes one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import anyio
+from opentelemetry import trace
+from opentelemetry.trace import Link
+
+from services.scheduler.batcher import RequestFailure, RequestOutput, Scheduler
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.request import Request
+from shared.config import load_config
+from shared.logs import get_logger
+from shared.mesh import (
+    DealerEndpoint,
+    Peer,
+    PeerJoined,
+    PeerLost,
+    Received,
+    RouterEndpoint,
+    UpstreamJoined,
+    UpstreamLost,
+)
+from shared.protocol.common import Rejected
+from shared.protocol.envelope import pack_i32
+from shared.protocol.generation import (
+    Abort,
+    Reassign,
+    SchedulerStatus,
+    Submit,
+    TokenBatch,
+    TokenOutput,
+)
+from shared.protocol.kv import KvLease, KvPoolClose, KvStats
+from shared.protocol.step import StepResult
+from shared.service import ServiceRuntime
+from shared.telemetry import tracer
+
+log = get_logger("meshserve.scheduler")
+_tracer = tracer("meshserve.scheduler")
+
+SchedulerInbound = Submit | Abort | StepResult
+KvInbound = KvLease | KvStats
+
+
+class SchedulerActor:
+    def __init__(self, runtime: ServiceRuntime, config: SchedulerConfig) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.scheduler = Scheduler(config)
+        self.router: RouterEndpoint[SchedulerInbound] = RouterEndpoint(
+            runtime.zmq, runtime.addresses.scheduler_addr, runtime.identity, SchedulerInbound,
+            heartbeat_s=runtime.process.heartbeat_s,
+        )
+        self.kv: DealerEndpoint[KvInbound] = DealerEndpoint(
+            runtime.zmq, runtime.addresses.kvcache_addr, runtime.identity, KvInbound,
+            heartbeat_s=runtime.process.heartbeat_s,
+        )
+        self.peers_by_name: dict[str, Peer] = {}
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.router.run)
+            await tg.start(self.kv.run)
+            tg.start_soon(self._consume_kv)
+            tg.start_soon(self._report_status)
+            async for event in self.router.inbox:
+                await self._on_router_event(event)
+
+    # ------------------------------------------------------------------ events
+
+    async def _on_router_event(self, event: object) -> None:
+        match event:
+            case Received(peer=Peer() as peer, body=Submit() as body):
+                await self._on_submit(peer, body, event)
+            case Received(body=Abort() as body):
+                self.scheduler.abort(body.request_ids)
+                await self._flush()
+                await self._pump_all()
+            case Received(peer=Peer() as peer, body=StepResult() as body):
+                self.scheduler.on_result(peer.name, body)
+                await self._flush()
+                await self._pump_all()
+            case Received(peer=Peer() as peer, body=body, envelope=envelope):
+                reason = f"{type(body).__name__} is not expected from {peer.name}"
+                self.router.rejections.record(envelope.sender, reason)
+                await self.router.send(peer, Rejected(reason=reason, msg_id=envelope.msg_id))
+            case PeerJoined(peer=peer):
+                await self._on_peer_joined(peer)
+            case PeerLost(peer=peer, reason=reason):
+                await self._on_peer_lost(peer, reason)
+
+    async def _on_submit(self, peer: Peer, body: Submit, event: Received[Submit]) -> None:
+        if peer.hello.service != "tokenizer":
+            reason = f"Submit is only accepted from tokenizers, not {peer.name}"
+            self.router.rejections.record(peer.name, reason)
+            await self.router.send(peer, Rejected(reason=reason))
+            return
+        taken_over = self.scheduler.submit(body, owner=peer.name, context=event.context)
+        if taken_over is not None:
+            await self._reassign(taken_over, peer)
+        else:
+            request = self.scheduler.requests.get(body.request_id)
+            if request is not None and request.span is None:
+                request.span = _tracer.start_span(
+                    "scheduler.request", context=event.context,
+                    attributes={"gen_ai.request.id": body.request_id,
+                                "gen_ai.usage.input_tokens": request.prompt_len,
+                                "meshserve.priority": body.priority},
+                )
+        await self._flush()
+        await self._pump_all()
+
+    async def _on_peer_joined(self, peer: Peer) -> None:
+        self.peers_by_name[peer.name] = peer
+        log.info("peer joined", peer=peer.name)
+        hello = peer.hello
+        if hello.service == "worker":
+            if hello.worker is None:
+                log.warning("worker said hello without its details", peer=peer.name)
+                return
+            await self.kv.send(self.scheduler.add_worker(peer.name, hello.worker))
+        elif hello.service == "tokenizer":
+            # Requests whose tokenizer died while no other replica was up.
+            for request in self.scheduler.owned_by(""):
+                request.owner = peer.name
+                await self._reassign(request, peer)
+        elif hello.service == "api":
+            await self.router.send(peer, self._status())
+
+    async def _on_peer_lost(self, peer: Peer, reason: str) -> None:
+        self.peers_by_name.pop(peer.name, None)
+        log.warning("peer lost", peer=peer.name, reason=reason)
+        if peer.hello.service == "worker":
+            requeued = self.scheduler.remove_worker(peer.name)
+            await self.kv.send(KvPoolClose(pool_id=peer.name))
+            if requeued:
+                log.warning("requeued requests of a lost worker", worker=peer.name,
+                            requests=len(requeued))
+            await self._pump_all()
+        elif peer.hello.service == "tokenizer":
+            successors = self.router.peers_of("tokenizer")
+            orphans = self.scheduler.owned_by(peer.name)
+            for index, request in enumerate(orphans):
+                if not successors:
+                    request.owner = ""
+                    continue
+                successor = successors[index % len(successors)]
+                request.owner = successor.name
+                await self._reassign(request, successor)
+
+    async def _reassign(self, request: Request, peer: Peer) -> None:
+        await self.router.send(peer, Reassign(
+            request_id=request.request_id,
+            detokenize=request.detokenize,
+            prompt_token_ids=request.token_ids[: request.prompt_len].tobytes(),
+            output_token_ids=request.token_ids[request.prompt_len:].tobytes(),
+        ))
+
+    # ----------------------------------------------------------------- sending
+
+    async def _flush(self) -> None:
+        """Send what the last calls produced: one TokenBatch per tokenizer."""
+        outputs, failures = self.scheduler.take_outputs()
+        by_owner: dict[str, list[TokenOutput]] = defaultdict(list)
+        for output in outputs:
+            by_owner[output.request.owner].append(_token_output(output))
+            if output.finish_reason is not None:
+                _end_span(output)
+        for owner, batch in by_owner.items():
+            peer = self.peers_by_name.get(owner)
+            if peer is not None:
+                await self.router.send(peer, TokenBatch(outputs=batch))
+        for failure in failures:
+            await self._send_failure(failure)
+
+    async def _send_failure(self, failure: RequestFailure) -> None:
+        peer = self.peers_by_name.get(failure.owner)
+        if peer is not None:
+            await self.router.send(peer, failure.failure)
+
+    async def _pump_all(self) -> None:
+        for name in list(self.scheduler.workers):
+            await self._pump(name)
+
+    async def _pump(self, name: str) -> None:
+        """Keep worker ``name`` supplied with steps, then sync its KV lease."""
+        peer = self.peers_by_name.get(name)
+        slot = self.scheduler.workers.get(name)
+        if peer is None or slot is None:
+            return
+        while (plan := self.scheduler.plan(name)) is not None:
+            batch = slot.inflight.get(plan.step_id, [])
+            links = [Link(r.span.get_span_context()) for r in batch
+                     if r.span is not None and r.span.is_recording()]
+            with _tracer.start_as_current_span("scheduler.step", links=links) as span:
+                span.set_attribute("meshserve.step.id", plan.step_id)
+                span.set_attribute("meshserve.step.batch_size", len(plan.request_ids))
+                for request in batch:
+                    if request.first_scheduled_at is None:
+                        request.first_scheduled_at = time.monotonic()
+                        if request.span is not None:
+                            request.span.add_event("scheduler.admitted")
+                if not await self.router.send(peer, plan):
+                    return
+            await self._flush()  # requests failed at admission (too long)
+        sync = slot.lease.sync_message()
+        if sync is not None:
+            await self.kv.send(sync)
+
+    def _status(self) -> SchedulerStatus:
+        return SchedulerStatus(
+            workers=len(self.scheduler.workers),
+            running=self.scheduler.num_running,
+            waiting=self.scheduler.num_waiting,
+            kv_usage=self.scheduler.kv_usage(),
+        )
+
+    async def _report_status(self) -> None:
+        while True:
+            status = self._status()
+            for peer in self.router.peers_of("api"):
+                await self.router.send(peer, status)
+            self.runtime.ready = self.kv.connected
+            await anyio.sleep(self.runtime.process.heartbeat_s)
+
+    async def _consume_kv(self) -> None:
+        async for event in self.kv.inbox:
+            match event:
+                case Received(body=KvLease() as lease):
+                    self.scheduler.on_lease(lease)
+                    await self._pump(lease.pool_id)
+                case Received(body=Rejected() as rejected):
+                    log.warning("kv manager rejected a message", reason=rejected.reason)
+                case UpstreamJoined(restarted=True):
+                    log.warning("kv manager restarted; re-opening pools")
+                    for message in self.scheduler.reopen_pools():
+                        await self.kv.send(message)
+                case UpstreamJoined():
+                    self.runtime.ready = True
+                case UpstreamLost(reason=reason):
+                    log.warning("kv manager unreachable", reason=reason)
+
+
+def _token_output(output: RequestOutput) -> TokenOutput:
+    return TokenOutput(
+        request_id=output.request.request_id,
+        token_ids=pack_i32(output.token_ids),
+        num_prior=output.num_prior,
+        prompt_tokens=output.request.prompt_len,
+        finish_reason=output.finish_reason,
+    )
+
+
+def _end_span(output: RequestOutput) -> None:
+    request = output.request
+    span = request.span
+    if span is None:
+        return
+    span.set_attribute("gen_ai.usage.output_tokens", request.num_outputs)
+    span.set_attribute("gen_ai.response.finish_reasons", [output.finish_reason or ""])
+    span.set_attribute("meshserve.preemptions", request.num_preemptions)
+    if request.first_scheduled_at is not None:
+        span.set_attribute("meshserve.queue_time_s",
+                           max(0.0, request.first_scheduled_at - request.arrived_at))
+    if output.finish_reason == "abort":
+        span.set_status(trace.StatusCode.ERROR, "aborted")
+    span.end()
+    request.span = None
+
+
+async def main(runtime: ServiceRuntime) -> None:
+    await SchedulerActor(runtime, load_config(SchedulerConfig)).run()
