@@ -1,0 +1,82 @@
+"""The KV manager alone over its real socket; the test plays the scheduler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+import zmq
+import zmq.asyncio
+
+from shared.mesh import DealerEndpoint, Identity, Received, UpstreamJoined
+from shared.protocol.common import Rejected
+from shared.protocol.envelope import pack_i32, unpack_i32
+from shared.protocol.kv import KvLease, KvPoolOpen, KvStats, KvStatsRequest, KvSync
+from tests.integration.procs import mesh_addresses, read_log, running_service
+
+pytestmark = pytest.mark.anyio
+
+KvReplies = KvLease | KvStats
+
+
+async def expect(endpoint: DealerEndpoint, kind: type, timeout: float = 20.0):
+    with anyio.fail_after(timeout):
+        async for event in endpoint.inbox:
+            if isinstance(event, Received) and isinstance(event.body, kind):
+                return event.body
+            if isinstance(event, kind):
+                return event
+    raise AssertionError("inbox closed")
+
+
+async def test_lease_commit_free_and_garbage(ipc_dir: Path) -> None:
+    addr = mesh_addresses(ipc_dir).kvcache_addr
+    ctx = zmq.asyncio.Context()
+    scheduler = DealerEndpoint(ctx, addr, Identity("scheduler", 0), KvReplies, heartbeat_s=0.1)
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    try:
+        with running_service("kvcache", ipc_dir):
+            async with anyio.create_task_group() as tg:
+                await tg.start(scheduler.run)
+                await expect(scheduler, UpstreamJoined)
+                await scheduler.send(KvPoolOpen("worker/0", num_blocks=8, block_size=16,
+                                                lease_target=4))
+                lease = await expect(scheduler, KvLease)
+                leased = list(unpack_i32(lease.block_ids))
+                assert len(leased) == 4 and lease.usage.leased_blocks == 4
+
+                # Commit two blocks to a request: the lease is topped up to 4 again.
+                await scheduler.send(KvSync("worker/0", 1, ["a"], pack_i32([0, 0]),
+                                            pack_i32(leased[:2]), [], lease_target=4))
+                lease = await expect(scheduler, KvLease)
+                assert lease.seq == 1 and lease.usage.used_blocks == 2
+                assert len(unpack_i32(lease.block_ids)) == 2
+
+                # Committing a block that was never leased is refused; state unchanged.
+                await scheduler.send(KvSync("worker/0", 2, ["b"], pack_i32([0]),
+                                            pack_i32([leased[0]]), [], lease_target=4))
+                rejected = await expect(scheduler, Rejected)
+                assert "not leased" in rejected.reason
+
+                # Garbage from a raw socket: rejected, the service keeps serving.
+                raw.connect(addr)
+                await raw.send_multipart([b"\x93garbage"])
+                await raw.send_multipart([b"\x01", b"\x02", b"\x03"])
+                with anyio.fail_after(10):
+                    frames = await raw.recv_multipart()
+                assert b"Rejected" in frames[1]
+
+                await scheduler.send(KvSync("worker/0", 3, [], b"", b"", ["a"], lease_target=4))
+                lease = await expect(scheduler, KvLease)
+                assert lease.usage.used_blocks == 0 and lease.usage.free_blocks == 4
+                await scheduler.send(KvStatsRequest())
+                stats = await expect(scheduler, KvStats)
+                assert [p.pool_id for p in stats.pools] == ["worker/0"]
+                tg.cancel_scope.cancel()
+        assert "message rejected" in read_log(ipc_dir, "kvcache")
+    finally:
+        raw.close(linger=0)
+        scheduler.close()
+        ctx.destroy(linger=0)
