@@ -6,6 +6,7 @@ its singleton addresses in the test's ipc dir; ``stop`` ends the whole group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,10 +51,9 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
             proc.wait()
         except ProcessLookupError:
             pass
-    try:  # children of the service (engine processes) share its group
+    # Children of the service (engine processes) share its group.
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @contextmanager

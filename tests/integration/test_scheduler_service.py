@@ -138,52 +138,46 @@ async def collect(tokenizer: DealerEndpoint, want: set[str], timeout: float = 20
 
 
 async def test_requests_flow_through_steps_and_finish(ipc_dir: Path) -> None:
-    async with anyio.create_task_group() as tg:
-        async with scheduler_with_peers(ipc_dir, eos_at={"eos": 1}) as peers:
-            for rid, prompt, max_tokens in [("a", 5, 4), ("b", 40, 3), ("eos", 3, 50)]:
-                await peers.tokenizer.send(submit(rid, prompt, max_tokens))
-            tokens, finish, _ = await collect(peers.tokenizer, {"a", "b", "eos"})
-            assert tokens == {"a": [100, 101, 102, 103], "b": [100, 101, 102],
-                              "eos": [100, EOS]}
-            assert finish == {"a": "length", "b": "length", "eos": "stop"}
-            # Prompts go to the worker once; later steps carry only deltas.
-            news = [n.request_id for p in peers.plans for n in p.new]
-            assert sorted(news) == ["a", "b", "eos"]
-            tg.cancel_scope.cancel()
+    async with scheduler_with_peers(ipc_dir, eos_at={"eos": 1}) as peers:
+        for rid, prompt, max_tokens in [("a", 5, 4), ("b", 40, 3), ("eos", 3, 50)]:
+            await peers.tokenizer.send(submit(rid, prompt, max_tokens))
+        tokens, finish, _ = await collect(peers.tokenizer, {"a", "b", "eos"})
+        assert tokens == {"a": [100, 101, 102, 103], "b": [100, 101, 102],
+                          "eos": [100, EOS]}
+        assert finish == {"a": "length", "b": "length", "eos": "stop"}
+        # Prompts go to the worker once; later steps carry only deltas.
+        news = [n.request_id for p in peers.plans for n in p.new]
+        assert sorted(news) == ["a", "b", "eos"]
 
 
 async def test_queue_overflow_is_busy_and_abort_reaches_queued_and_running(
         ipc_dir: Path) -> None:
-    async with anyio.create_task_group() as tg:
-        async with scheduler_with_peers(ipc_dir, worker=False, max_waiting="2") as peers:
-            for rid in ("q1", "q2", "q3"):
-                await peers.tokenizer.send(submit(rid))
-            _, finish, failed = await collect(peers.tokenizer, {"q3"})
-            assert [(f.request_id, f.status, f.code) for f in failed] == [
-                ("q3", 429, "server_busy")]
-            await peers.tokenizer.send(Abort(["q1", "q2", "q1"]))
-            _, finish, _ = await collect(peers.tokenizer, {"q1", "q2"})
-            assert finish == {"q1": "abort", "q2": "abort"}
-            tg.cancel_scope.cancel()
+    async with scheduler_with_peers(ipc_dir, worker=False, max_waiting="2") as peers:
+        for rid in ("q1", "q2", "q3"):
+            await peers.tokenizer.send(submit(rid))
+        _, finish, failed = await collect(peers.tokenizer, {"q3"})
+        assert [(f.request_id, f.status, f.code) for f in failed] == [
+            ("q3", 429, "server_busy")]
+        await peers.tokenizer.send(Abort(["q1", "q2", "q1"]))
+        _, finish, _ = await collect(peers.tokenizer, {"q1", "q2"})
+        assert finish == {"q1": "abort", "q2": "abort"}
 
 
 async def test_running_request_abort_and_priority(ipc_dir: Path) -> None:
-    async with anyio.create_task_group() as tg:
-        async with scheduler_with_peers(ipc_dir, max_num_seqs="1") as peers:
-            await peers.tokenizer.send(submit("long", max_tokens=10_000 // 20))
-            # Wait until it runs, then queue a low and a high priority request.
-            with anyio.fail_after(20):
-                while not peers.plans:
-                    await anyio.sleep(0.01)
-            await peers.tokenizer.send(submit("low", priority=9, max_tokens=1))
-            await peers.tokenizer.send(submit("high", priority=0, max_tokens=1))
-            await peers.tokenizer.send(Abort(["long"]))
-            _, finish, _ = await collect(peers.tokenizer, {"long", "low", "high"})
-            assert finish == {"long": "abort", "low": "length", "high": "length"}
-            order = [n.request_id for p in peers.plans for n in p.new]
-            assert order == ["long", "high", "low"]
-            assert any("long" in p.finished for p in peers.plans)
-            tg.cancel_scope.cancel()
+    async with scheduler_with_peers(ipc_dir, max_num_seqs="1") as peers:
+        await peers.tokenizer.send(submit("long", max_tokens=10_000 // 20))
+        # Wait until it runs, then queue a low and a high priority request.
+        with anyio.fail_after(20):
+            while not peers.plans:
+                await anyio.sleep(0.01)
+        await peers.tokenizer.send(submit("low", priority=9, max_tokens=1))
+        await peers.tokenizer.send(submit("high", priority=0, max_tokens=1))
+        await peers.tokenizer.send(Abort(["long"]))
+        _, finish, _ = await collect(peers.tokenizer, {"long", "low", "high"})
+        assert finish == {"long": "abort", "low": "length", "high": "length"}
+        order = [n.request_id for p in peers.plans for n in p.new]
+        assert order == ["long", "high", "low"]
+        assert any("long" in p.finished for p in peers.plans)
 
 
 async def test_garbage_and_wrong_messages_are_rejected(ipc_dir: Path) -> None:
