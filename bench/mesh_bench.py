@@ -1,0 +1,194 @@
+"""Throughput of the whole mesh against the same engine in process.
+
+Starts a mesh (`meshserve up`) on the embedded model unless --url is given, sends
+--requests concurrent streamed completions through its OpenAI API, then runs the
+same prompts through ``InProcessEngine`` (scheduler + KV manager + model runner in
+one process, no sockets), and prints TTFT, TPOT, ITL, throughput and the ratio.
+
+    .venv/bin/python -m bench.mesh_bench --requests 32 --prompt-len 128 --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+
+from bench.inprocess import InProcessEngine
+from services.worker.runner import ModelRunner
+from shared.model_source import resolve_model_dir
+from shared.protocol.generation import SamplingParams
+
+FIRST_ORDINARY_TOKEN = 3  # the embedded tokenizer's specials are ids 0..2
+
+
+@dataclass
+class RequestTiming:
+    start: float
+    chunks: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    end: float = 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def started_mesh(model: str, extra: list[str]) -> Iterator[str]:
+    port = free_port()
+    run_dir = tempfile.mkdtemp(prefix="msb-", dir="/tmp")
+    args = [sys.executable, "-m", "services.supervisor.cli", "up", "--run-dir", run_dir,
+            "--port", str(port), *extra]
+    if model:
+        args += ["--model", model]
+    log = open(os.path.join(run_dir, "bench-mesh.log"), "wb")  # noqa: SIM115
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the mesh exited ({proc.returncode}); see {log.name}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the mesh did not become healthy in 180 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
+                      max_tokens: int) -> RequestTiming:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    timing = RequestTiming(start=time.perf_counter())
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                timing.output_tokens = chunk["usage"]["completion_tokens"]
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                timing.chunks.append(time.perf_counter())
+    timing.end = time.perf_counter()
+    return timing
+
+
+async def drive_mesh(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[
+        list[RequestTiming], float]:
+    async with httpx.AsyncClient(timeout=600) as client:
+        model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+        # One warm-up request: first-call costs (allocator, lazy imports) are not load.
+        await one_request(client, url, model, prompts[0][:8], 2)
+        timings: list[RequestTiming] = [None] * len(prompts)  # type: ignore[list-item]
+        start = time.perf_counter()
+
+        async def run(i: int) -> None:
+            timings[i] = await one_request(client, url, model, prompts[i], max_tokens)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(prompts)):
+                tg.start_soon(run, i)
+        return timings, time.perf_counter() - start
+
+
+def summarize(name: str, timings: list[RequestTiming], wall: float) -> dict[str, float]:
+    ttft = [t.chunks[0] - t.start for t in timings if t.chunks]
+    itl = [b - a for t in timings for a, b in zip(t.chunks, t.chunks[1:], strict=False)]
+    tpot = [(t.end - t.chunks[0]) / (t.output_tokens - 1) for t in timings
+            if t.chunks and t.output_tokens > 1]
+    tokens = sum(t.output_tokens for t in timings)
+    row = {
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "throughput_tok_s": tokens / wall,
+        "ttft_p50_ms": 1000 * statistics.median(ttft),
+        "ttft_p99_ms": 1000 * max(ttft),
+        "tpot_p50_ms": 1000 * statistics.median(tpot) if tpot else 0.0,
+        "itl_p50_ms": 1000 * statistics.median(itl) if itl else 0.0,
+        "itl_p99_ms": 1000 * sorted(itl)[int(0.99 * (len(itl) - 1))] if itl else 0.0,
+    }
+    print(f"{name:>11}: " + "  ".join(f"{k}={v:.2f}" for k, v in row.items()))
+    return row
+
+
+def run_in_process(model: str, prompts: list[list[int]], max_tokens: int) -> tuple[
+        list[RequestTiming], float]:
+    runner = ModelRunner(resolve_model_dir(model), device="cpu")
+    engine = InProcessEngine(runner)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0.0))
+    start = time.perf_counter()
+    completions = engine.generate(prompts, sampling)
+    wall = time.perf_counter() - start
+    timings = [
+        RequestTiming(start=start, chunks=[c.first_token_at or start], end=c.finished_at or start,
+                      output_tokens=len(c.token_ids))
+        for c in completions
+    ]
+    return timings, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--model", default="", help="HF folder (default: embedded model)")
+    parser.add_argument("--url", default="", help="an already running mesh")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    model_dir = resolve_model_dir(args.model)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(FIRST_ORDINARY_TOKEN, vocab) for _ in range(args.prompt_len)]
+               for _ in range(args.requests)]
+    print(f"{args.requests} concurrent requests, prompt {args.prompt_len} tokens, "
+          f"{args.max_tokens} output tokens each, model {model_dir.name}")
+
+    if args.url:
+        mesh_timings, mesh_wall = anyio.run(drive_mesh, args.url, prompts, args.max_tokens)
+    else:
+        with started_mesh(args.model, ["--device", "cpu"]) as url:
+            mesh_timings, mesh_wall = anyio.run(drive_mesh, url, prompts, args.max_tokens)
+    mesh = summarize("mesh", mesh_timings, mesh_wall)
+    local_timings, local_wall = run_in_process(args.model, prompts, args.max_tokens)
+    local = summarize("in-process", local_timings, local_wall)
+    ratio = mesh["throughput_tok_s"] / local["throughput_tok_s"]
+    print(f"throughput ratio mesh / in-process: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
