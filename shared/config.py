@@ -8,6 +8,8 @@ compose.yaml in containers); a service never guesses one.
 from __future__ import annotations
 
 import os
+import socket
+import zlib
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -32,8 +34,20 @@ class ProcessConfig(msgspec.Struct, frozen=True):
     """Settings every service process reads."""
 
     replica: int = 0
+    # Under `docker compose --scale` every container of a service gets the same
+    # environment; with this set, the replica id comes from the container's
+    # hostname, which is unique and survives a container restart.
+    replica_from_hostname: bool = False
     heartbeat_s: float = 0.5
     log_level: str = "info"
+    # Written every heartbeat with the service's readiness; container healthchecks
+    # read it (`python -m shared.healthcheck`). Empty: not written.
+    health_file: str = ""
+
+    def replica_id(self) -> int:
+        if not self.replica_from_hostname:
+            return self.replica
+        return zlib.crc32(socket.gethostname().encode()) % 1_000_000
 
 
 def env_name(field: str) -> str:

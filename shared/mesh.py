@@ -246,7 +246,7 @@ class RouterEndpoint(_Endpoint[Body]):
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind, report started, then receive and reap until cancelled."""
         try:
-            self.socket.bind(self.address)
+            self.socket.bind(bind_address(self.address))
         except zmq.ZMQError as e:
             raise OSError(f"cannot bind {self.address}: {e}") from e
         try:
@@ -417,6 +417,18 @@ class DealerEndpoint(_Endpoint[Body]):
                 self.rejections.record(envelope.sender, "unexpected Hello on a dealer")
                 continue
             await self._inbox_send.send(Received(None, envelope, body))
+
+
+def bind_address(address: str) -> str:
+    """Where a singleton binds for an address its replicas connect to.
+
+    In containers replicas connect to ``tcp://scheduler:5556`` (a service name), but
+    a socket binds interfaces, not names: bind every interface on that port.
+    """
+    if address.startswith("tcp://"):
+        _, _, port = address[len("tcp://"):].rpartition(":")
+        return f"tcp://*:{port}"
+    return address
 
 
 def new_context() -> zmq.asyncio.Context:

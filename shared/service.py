@@ -8,11 +8,14 @@ flushes spans on the way out.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import zmq.asyncio
@@ -63,6 +66,16 @@ async def _supervisor_link(runtime: ServiceRuntime) -> None:
                 log.warning("supervisor unreachable", reason=event.reason)
 
 
+async def _write_health(runtime: ServiceRuntime, path: Path) -> None:
+    """Keep a small JSON file current for container healthchecks."""
+    staging = path.with_suffix(".tmp")
+    while True:
+        staging.write_text(json.dumps({"ready": runtime.ready, "at": time.time(),
+                                       "heartbeat_s": runtime.process.heartbeat_s}))
+        staging.replace(path)
+        await anyio.sleep(runtime.process.heartbeat_s)
+
+
 async def _run(service: str, main: ServiceMain) -> None:
     process = load_config(ProcessConfig)
     addresses = load_config(MeshAddresses)
@@ -70,7 +83,7 @@ async def _run(service: str, main: ServiceMain) -> None:
     try:
         async with anyio.create_task_group() as tg:
             runtime = ServiceRuntime(
-                identity=Identity(service, process.replica),
+                identity=Identity(service, process.replica_id()),
                 process=process,
                 addresses=addresses,
                 zmq=ctx,
@@ -87,6 +100,8 @@ async def _run(service: str, main: ServiceMain) -> None:
             tg.start_soon(stop_on_signal)
             if addresses.supervisor_addr:
                 tg.start_soon(_supervisor_link, runtime)
+            if process.health_file:
+                tg.start_soon(_write_health, runtime, Path(process.health_file))
             log.info("starting", pid=os.getpid())
             await main(runtime)
             tg.cancel_scope.cancel()
@@ -97,8 +112,8 @@ async def _run(service: str, main: ServiceMain) -> None:
 def serve(service: str, main: ServiceMain) -> None:
     """Run ``main`` as the process for ``service`` until it returns or a signal."""
     process = load_config(ProcessConfig)
-    configure_logging(service, process.replica, process.log_level)
-    configure_telemetry(service, process.replica)
+    configure_logging(service, process.replica_id(), process.log_level)
+    configure_telemetry(service, process.replica_id())
     try:
         anyio.run(_run, service, main, backend="asyncio")
     except KeyboardInterrupt:
