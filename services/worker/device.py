@@ -1,0 +1,58 @@
+"""Which device and dtype the worker computes in, and how many KV blocks fit."""
+
+from __future__ import annotations
+
+import torch
+
+CPU_DEFAULT_KV_BLOCKS = 4096
+# Share of the device memory still free after loading weights that goes to KV
+# blocks; the rest is headroom for activations of the largest step.
+CUDA_KV_MEMORY_FRACTION = 0.8
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this torch build sees no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r} not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on the CPU, bfloat16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(
+            f"dtype {name!r} not supported; use auto, float32, bfloat16 or float16"
+        ) from None
+
+
+def default_num_kv_blocks(device: torch.device, bytes_per_block: int) -> int:
+    """CPU: a fixed pool. CUDA: a fraction of what is free once the weights are in."""
+    if device.type != "cuda":
+        return CPU_DEFAULT_KV_BLOCKS
+    free, _total = torch.cuda.mem_get_info(device)
+    blocks = int(free * CUDA_KV_MEMORY_FRACTION) // bytes_per_block
+    if blocks < 1:
+        raise RuntimeError(
+            f"no room for KV blocks on {device}: {free} bytes free, {bytes_per_block} per block"
+        )
+    return blocks

@@ -1,0 +1,235 @@
+"""``ModelRunner``: executes ``StepPlan``s on the model. Pure: no I/O, no asyncio, so a
+benchmark or a test drives it in process exactly as the worker service does.
+
+The runner keeps each request's state between steps (the protocol sends only
+deltas, see shared/protocol/step.py):
+
+    token_ids     prompt, then every sampled token (the last one is the next input)
+    num_computed  how many of token_ids have K/V in the cache
+    block_ids     the request's block table (append-only while it lives)
+
+``execute`` checks the whole plan before touching anything: an inconsistent plan
+is answered with an error result and leaves every request as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.worker.device import default_num_kv_blocks, resolve_device, resolve_dtype
+from services.worker.kv_cache import PagedKVCache
+from services.worker.models.llama import LlamaModel
+from services.worker.sampling import Sampler, validate_sampling
+from services.worker.step_batch import RequestState, blocks_for, build_step_batch
+from shared.protocol.common import WorkerDetails
+from shared.protocol.envelope import pack_i32, unpack_i32
+from shared.protocol.step import NewRequest, StepPlan, StepResult
+
+
+@dataclass(slots=True)
+class _CheckedPlan:
+    """A plan that passed every check, with its arrays unpacked."""
+
+    new: list[RequestState]
+    num_tokens: list[int]
+    block_owner: list[int]
+    block_ids: list[int]
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; its message goes back in ``StepResult.error``."""
+
+
+def _unpack(data: bytes, what: str) -> list[int]:
+    if len(data) % 4:
+        raise PlanError(f"{what}: {len(data)} bytes is not a whole number of int32")
+    return unpack_i32(data).tolist()
+
+
+class ModelRunner:
+    """Loads a model folder and runs steps of paged, batched inference on it."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        num_kv_blocks: int = 0,
+        block_size: int = 16,
+        max_model_len: int = 0,
+        seed: int | None = None,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = LlamaModel.load(self.model_dir, self.device, self.dtype)
+        config = self.model.config
+        limit = config.max_position_embeddings
+        if max_model_len > limit:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}"
+            )
+        self.max_model_len = max_model_len or limit
+        self.block_size = block_size
+        if num_kv_blocks <= 0:
+            per_block = PagedKVCache.bytes_per_block(
+                config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype
+            )
+            num_kv_blocks = default_num_kv_blocks(self.device, per_block)
+        self.num_kv_blocks = num_kv_blocks
+        self.kv_cache = self.model.new_kv_cache(num_kv_blocks, block_size)
+        self.sampler = Sampler(self.device, seed)
+        self.requests: dict[str, RequestState] = {}
+
+    def details(self) -> WorkerDetails:
+        config = self.model.config
+        return WorkerDetails(
+            model=self.model_dir.name,
+            num_kv_blocks=self.num_kv_blocks,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            vocab_size=config.vocab_size,
+            eos_token_ids=list(config.eos_token_ids),
+            device=str(self.device),
+        )
+
+    def reset(self) -> None:
+        """Forget every request (the scheduler that planned them is gone)."""
+        self.requests.clear()
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step. Results list, in plan order, the requests whose computed
+        count reached their token count; each sampled one token."""
+        try:
+            checked = self._check(plan)
+        except PlanError as e:
+            return StepResult(plan.step_id, [], b"", error=str(e))
+        for request_id in plan.finished:
+            self.requests.pop(request_id, None)
+        for state in checked.new:
+            self.requests[state.request_id] = state
+        states = [self.requests[request_id] for request_id in plan.request_ids]
+        for owner, block_id in zip(checked.block_owner, checked.block_ids, strict=True):
+            states[owner].block_ids.append(block_id)
+        if not states:
+            return StepResult(plan.step_id, [], b"")
+        sampled_ids, tokens = self._compute(states, checked.num_tokens)
+        return StepResult(plan.step_id, sampled_ids, pack_i32(tokens))
+
+    # -- checks -------------------------------------------------------------------
+
+    def _check_new(self, new: NewRequest, finished: set[str]) -> RequestState:
+        if new.request_id in self.requests and new.request_id not in finished:
+            raise PlanError(f"request {new.request_id!r} is already running")
+        token_ids = _unpack(new.token_ids, f"token_ids of {new.request_id!r}")
+        if not token_ids:
+            raise PlanError(f"request {new.request_id!r} has no tokens")
+        vocab = self.model.config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise PlanError(f"request {new.request_id!r} has token ids outside [0, {vocab})")
+        if len(token_ids) > self.max_model_len:
+            raise PlanError(
+                f"request {new.request_id!r} has {len(token_ids)} tokens, "
+                f"max_model_len is {self.max_model_len}"
+            )
+        if not 0 <= new.num_output_tokens < len(token_ids):
+            raise PlanError(
+                f"request {new.request_id!r}: num_output_tokens {new.num_output_tokens} "
+                f"with {len(token_ids)} tokens (the prompt needs at least one)"
+            )
+        reason = validate_sampling(new.sampling)
+        if reason is not None:
+            raise PlanError(f"request {new.request_id!r}: {reason}")
+        return RequestState(
+            request_id=new.request_id,
+            token_ids=token_ids,
+            num_computed=0,
+            block_ids=[],
+            sampling=new.sampling,
+            num_output_tokens=new.num_output_tokens,
+        )
+
+    def _check(self, plan: StepPlan) -> _CheckedPlan:
+        num_tokens = _unpack(plan.num_tokens, "num_tokens")
+        block_owner = _unpack(plan.block_owner, "block_owner")
+        block_ids = _unpack(plan.block_ids, "block_ids")
+        count = len(plan.request_ids)
+        if len(num_tokens) != count:
+            raise PlanError(f"{len(num_tokens)} num_tokens for {count} request_ids")
+        if len(block_owner) != len(block_ids):
+            raise PlanError(f"{len(block_owner)} block_owner for {len(block_ids)} block_ids")
+        if len(set(plan.request_ids)) != count:
+            raise PlanError("request_ids has duplicates")
+        finished = set(plan.finished)
+        new: dict[str, RequestState] = {}
+        for request in plan.new:
+            if request.request_id in new:
+                raise PlanError(f"request {request.request_id!r} is new twice")
+            new[request.request_id] = self._check_new(request, finished)
+        appended = [0] * count
+        for owner, block_id in zip(block_owner, block_ids, strict=True):
+            if not 0 <= owner < count:
+                raise PlanError(f"block_owner {owner} outside request_ids (0..{count - 1})")
+            if not 0 <= block_id < self.num_kv_blocks:
+                raise PlanError(
+                    f"block id {block_id} outside the pool (0..{self.num_kv_blocks - 1})"
+                )
+            appended[owner] += 1
+        for i, request_id in enumerate(plan.request_ids):
+            state = new.get(request_id)
+            if state is None and request_id not in finished:
+                state = self.requests.get(request_id)
+            if state is None:
+                raise PlanError(f"unknown request {request_id!r}")
+            n = num_tokens[i]
+            end = state.num_computed + n
+            if n < 1:
+                raise PlanError(f"request {request_id!r}: num_tokens {n} < 1")
+            if end > len(state.token_ids):
+                raise PlanError(
+                    f"request {request_id!r}: computing to {end} but only "
+                    f"{len(state.token_ids)} tokens are known"
+                )
+            if end > self.max_model_len:
+                raise PlanError(
+                    f"request {request_id!r}: position {end - 1} is beyond max_model_len "
+                    f"{self.max_model_len}"
+                )
+            have = len(state.block_ids) + appended[i]
+            need = blocks_for(end, self.block_size)
+            if have < need:
+                raise PlanError(
+                    f"request {request_id!r}: {end} positions need {need} blocks, "
+                    f"its block table has {have}"
+                )
+        return _CheckedPlan(list(new.values()), num_tokens, block_owner, block_ids)
+
+    # -- compute ------------------------------------------------------------------
+
+    def _compute(
+        self, states: list[RequestState], num_tokens: list[int]
+    ) -> tuple[list[str], list[int]]:
+        batch = build_step_batch(states, num_tokens, self.block_size, self.device)
+        samplers = batch.samplers
+        with torch.inference_mode():
+            hidden = self.model.forward(
+                batch.input_ids, batch.positions, batch.meta, self.kv_cache, batch.sample_rows
+            )
+            tokens = self.sampler.sample(
+                self.model.logits(hidden),
+                [states[i].sampling for i in samplers],
+                [states[i].num_output_tokens for i in samplers],
+            )
+        for state, n in zip(states, num_tokens, strict=True):
+            state.num_computed += n
+        for i, token in zip(samplers, tokens, strict=True):
+            states[i].token_ids.append(token)
+            states[i].num_output_tokens += 1
+        # Results in plan order, not the batch's decode-first order.
+        by_plan = sorted(zip(samplers, tokens, strict=True))
+        return [states[i].request_id for i, _ in by_plan], [t for _, t in by_plan]
