@@ -1,0 +1,170 @@
+"""One engine process: ``python -m services.tts.engine_proc``, started by a tts replica.
+
+Why a subprocess with a ZMQ PAIR (and not multiprocessing with a pipe): the wire
+stays msgspec (multiprocessing pickles, which the mesh never does), the replica's
+event loop reads the engine with zmq.asyncio like any other socket, and the engine
+can poll the same socket between audio buffers, which is how a cancel reaches a
+running synthesis without threads or signals. A process per engine because
+espeak-ng's library state is global; killing the process is the last resort when an
+engine stops answering.
+
+Protocol (``shared.protocol.speech``, bare msgpack frames): the engine connects,
+sends ``EngineReady``, then serves ``EngineSynthesize`` jobs one at a time, streaming
+``EngineAudio`` pieces of exactly ``piece_samples`` samples and a ``final`` one with
+the rest. ``EngineCancel`` for the running job ends it early (``cancelled``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+from collections import deque
+
+import msgspec
+import zmq
+
+from services.tts.engines.base import Engine, EngineError, load_engine
+from services.tts.resample import LinearResampler
+from shared.config import load_config
+from shared.logs import configure_logging, get_logger
+from shared.protocol.speech import (
+    EngineAudio,
+    EngineCancel,
+    EngineCommand,
+    EngineReady,
+    EngineSynthesize,
+)
+
+log = get_logger("meshserve.tts.engine")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class EngineProcessConfig(msgspec.Struct, frozen=True):
+    """Set by the replica that starts the process (env MESHSERVE_<FIELD>)."""
+
+    engine_addr: str = ""
+    engine: str = "espeak-ng"
+    engine_slot: int = 0
+    engine_parent_pid: int = 0
+    replica: int = 0
+    log_level: str = "info"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """No orphaned engines: the kernel kills this process when its parent exits."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent_pid and os.getppid() != parent_pid:
+        sys.exit("tts engine: parent exited before the engine started")
+
+
+class EngineServer:
+    """Serves one engine over a connected PAIR socket until the socket closes."""
+
+    def __init__(self, engine: Engine, socket: zmq.Socket[bytes]) -> None:
+        self.engine = engine
+        self.socket = socket
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(EngineCommand)
+        # Commands read while polling for a cancel, to be served afterwards.
+        self._pending: deque[EngineCommand] = deque()
+
+    def _send(self, message: EngineReady | EngineAudio) -> None:
+        self.socket.send(self._encoder.encode(message))
+
+    def _receive(self) -> EngineCommand:
+        return self._decoder.decode(self.socket.recv())
+
+    def serve_forever(self) -> None:
+        self._send(
+            EngineReady(
+                engine=self.engine.name,
+                sample_rate=self.engine.sample_rate,
+                models=self.engine.models(),
+                voices=self.engine.voices(),
+                pid=os.getpid(),
+            )
+        )
+        while True:
+            command = self._pending.popleft() if self._pending else self._receive()
+            if isinstance(command, EngineSynthesize):
+                self.run_job(command)
+            # An EngineCancel here is for a job that already ended: nothing to do.
+
+    def _cancel_requested(self, job_id: int) -> bool:
+        """Drain what arrived during synthesis; True if it cancels ``job_id``."""
+        cancelled = False
+        while self.socket.poll(0, zmq.POLLIN):
+            command = self._receive()
+            if isinstance(command, EngineCancel):
+                cancelled = cancelled or command.job_id == job_id
+            else:
+                self._pending.append(command)
+        return cancelled
+
+    def run_job(self, job: EngineSynthesize) -> None:
+        native = self.engine.sample_rate
+        resampler = (
+            LinearResampler(native, job.sample_rate)
+            if job.sample_rate and job.sample_rate != native
+            else None
+        )
+        piece_bytes = max(1, job.piece_samples) * 2
+        pending = bytearray()
+        cancelled = False
+
+        def sink(pcm: bytes) -> bool:
+            nonlocal cancelled
+            pending.extend(resampler.process(pcm) if resampler else pcm)
+            while len(pending) >= piece_bytes:
+                self._send(EngineAudio(job.job_id, bytes(pending[:piece_bytes]), final=False))
+                del pending[:piece_bytes]
+            if self._cancel_requested(job.job_id):
+                cancelled = True
+                return False
+            return True
+
+        try:
+            self.engine.synthesize(job.text, job.voice, job.speed, sink)
+        except EngineError as e:
+            log.warning("synthesis failed", job_id=job.job_id, error=str(e))
+            self._send(EngineAudio(job.job_id, b"", final=True, error=str(e)))
+            return
+        if cancelled:
+            self._send(EngineAudio(job.job_id, b"", final=True, cancelled=True))
+            return
+        if resampler is not None:
+            pending.extend(resampler.flush())
+        self._send(EngineAudio(job.job_id, bytes(pending), final=True))
+
+
+def main() -> None:
+    config = load_config(EngineProcessConfig)
+    _die_with_parent(config.engine_parent_pid)
+    configure_logging("tts", config.replica, config.log_level)
+    if not config.engine_addr:
+        sys.exit("tts engine: MESHSERVE_ENGINE_ADDR is not set (started outside a tts replica?)")
+    engine = load_engine(config.engine)
+    engine.load()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    socket = ctx.socket(zmq.PAIR)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(config.engine_addr)
+    log.info("engine loaded", engine=engine.name, slot=config.engine_slot, pid=os.getpid())
+    try:
+        EngineServer(engine, socket).serve_forever()
+    finally:
+        socket.close(linger=0)
+        ctx.term()
+        engine.close()
+
+
+if __name__ == "__main__":
+    # Ctrl-C reaches the whole process group; the replica decides when engines stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

@@ -1,0 +1,421 @@
+"""The tts replica's actor: a thin shell around ``TtsScheduler`` and an ``EngineBackend``.
+
+It connects a DealerEndpoint to the api's speech ROUTER (hello with capacity =
+engines, ready once an engine is up), and serves one merged, bounded event stream:
+messages from the api, and audio and slot changes from the engines. Each event is
+turned into scheduler calls, and the scheduler's output into messages: audio and
+failures to the api, jobs and aborts to the engines.
+
+    api ─SpeechRequest/Cancel─▶ ┐                  ┌─▶ EngineSynthesize/Cancel ─▶ engines
+                                ├─ events ─ actor ─┤
+    engines ─EngineAudio/slot─▶ ┘                  └─▶ SpeechChunk/Failed ─▶ api
+
+An engine that does not confirm a cancel within ``cancel_grace_s`` is killed (its
+slot restarts). When the api goes away or restarts, every request is cancelled: a new
+api incarnation re-sends what it still wants.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from shutil import rmtree
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode
+
+from services.tts.chunking import split_text
+from services.tts.config import TtsConfig
+from services.tts.engine_pool import EngineProcessPool
+from services.tts.engines.base import BackendEvent, EngineBackend, SlotAudio, SlotLost, SlotReady
+from services.tts.scheduler import Admission, SchedulerOutput, SpeechJob, TtsScheduler
+from shared.config import load_config
+from shared.logs import get_logger
+from shared.mesh import DealerEndpoint, Received, UpstreamJoined, UpstreamLost
+from shared.protocol.common import Hello
+from shared.protocol.speech import (
+    EngineSynthesize,
+    SpeechCancel,
+    SpeechCatalog,
+    SpeechChunk,
+    SpeechFailed,
+    SpeechFromTts,
+    SpeechRequest,
+    SpeechStatus,
+    SpeechStatusRequest,
+    SpeechToTts,
+)
+from shared.service import ServiceRuntime
+from shared.telemetry import tracer
+
+log = get_logger("meshserve.tts")
+_tracer = tracer("meshserve.tts")
+
+EVENT_QUEUE = 1024
+MIN_SPEED, MAX_SPEED = 0.25, 4.0  # OpenAI's range
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
+
+ActorEvent = Received[SpeechToTts] | UpstreamJoined | UpstreamLost | BackendEvent
+
+
+@dataclass(slots=True)
+class _RequestTrace:
+    span: Span
+    context: Context  # the span's context, sent with every message about the request
+    sample_rate: int
+    submitted: float
+    samples: int = 0
+
+
+class TtsActor:
+    """One tts replica: api messages in, engine jobs out, audio back."""
+
+    def __init__(self, runtime: ServiceRuntime, config: TtsConfig, backend: EngineBackend) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.backend = backend
+        self.scheduler = TtsScheduler(backend.slots, config.max_queued_requests)
+        self.catalog: SpeechCatalog | None = None
+        self._voices: frozenset[str] = frozenset()
+        self._models: frozenset[str] = frozenset()
+        self._traces: dict[str, _RequestTrace] = {}
+        self._job_spans: dict[int, Span] = {}
+        self._abort_deadlines: dict[int, tuple[int, float]] = {}  # slot -> (job id, deadline)
+        self._announced = False
+        self.dealer: DealerEndpoint[SpeechToTts] = DealerEndpoint(
+            runtime.zmq,
+            runtime.addresses.speech_addr,
+            runtime.identity,
+            SpeechToTts,
+            heartbeat_s=runtime.process.heartbeat_s,
+            hello=self._hello,
+        )
+        runtime.capacity = backend.slots
+
+    @property
+    def ready(self) -> bool:
+        return self.catalog is not None and any(slot.ready for slot in self.scheduler.slots)
+
+    def _hello(self) -> Hello:
+        return self.runtime.identity.hello(ready=self.ready, capacity=self.backend.slots)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        send, receive = anyio.create_memory_object_stream[ActorEvent](EVENT_QUEUE)
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.backend.run, send.clone())
+            await tg.start(self.dealer.run)
+            tg.start_soon(self._forward_mesh, send)
+            task_status.started()
+            await self._serve(receive)
+
+    async def _forward_mesh(self, events: MemoryObjectSendStream[ActorEvent]) -> None:
+        async with events:
+            async for event in self.dealer.inbox:
+                await events.send(event)
+
+    async def _serve(self, events: MemoryObjectReceiveStream[ActorEvent]) -> None:
+        async with events:
+            while True:
+                event: ActorEvent | None = None
+                # Timing out on the stream (never on a socket recv) to enforce cancels.
+                with anyio.move_on_after(self._until_next_abort_deadline()):
+                    event = await events.receive()
+                if event is None:
+                    self._enforce_abort_deadlines()
+                else:
+                    await self._handle(event)
+
+    async def _handle(self, event: ActorEvent) -> None:
+        match event:
+            case Received(body=SpeechRequest() as request):
+                await self._on_request(request, event.context)
+            case Received(body=SpeechCancel(request_ids=ids, reason=reason)):
+                await self._cancel(ids, reason)
+            case Received(body=SpeechStatusRequest()):
+                await self._send(self.status(), event.context)
+            case SlotAudio(slot=slot, audio=audio):
+                job = self.scheduler.job_in(slot)
+                out = self.scheduler.on_audio(
+                    slot, audio.job_id, audio.pcm,
+                    final=audio.final, cancelled=audio.cancelled, error=audio.error,
+                )
+                if audio.final and job is not None and job.job_id == audio.job_id:
+                    self._end_job(job.job_id, cancelled=audio.cancelled, error=audio.error)
+                    self._abort_deadlines.pop(slot, None)
+                await self._apply(out)
+            case SlotReady(slot=slot, info=info):
+                self.scheduler.slot_ready(slot)
+                if self.catalog is None:
+                    self.catalog = SpeechCatalog(
+                        engine=info.engine,
+                        sample_rate=info.sample_rate,
+                        models=info.models,
+                        voices=info.voices,
+                        max_input_chars=self.config.max_input_chars,
+                    )
+                    self._voices = frozenset(v.name for v in info.voices)
+                    self._models = frozenset(info.models)
+                log.info("engine ready", slot=slot, pid=info.pid, engine=info.engine)
+                self.runtime.ready = self.ready
+                await self._announce()
+            case SlotLost(slot=slot, reason=reason):
+                job = self.scheduler.job_in(slot)
+                log.warning("engine lost", slot=slot, reason=reason)
+                if job is not None:
+                    self._end_job(job.job_id, cancelled=False, error=reason)
+                self._abort_deadlines.pop(slot, None)
+                out = self.scheduler.slot_lost(slot)
+                self.runtime.ready = self.ready
+                await self._apply(out)
+            case UpstreamJoined(restarted=restarted):
+                if restarted:
+                    # A new api incarnation: whatever we run for the old one has no reader.
+                    await self._cancel_everything("api restarted")
+                self._announced = False
+                await self._announce()
+            case UpstreamLost(reason=reason):
+                log.warning("api unreachable", reason=reason)
+                self._announced = False
+                await self._cancel_everything(f"api unreachable: {reason}")
+            case Received(body=body):
+                log.warning("unexpected message", type=type(body).__name__)
+        await self._dispatch()
+
+    # -------------------------------------------------------------- requests
+
+    def _invalid(self, request: SpeechRequest) -> str | None:
+        """Why ``request`` cannot be served, or None."""
+        if not request.request_id:
+            return "request_id is empty"
+        if not request.input.strip():
+            return "input is empty"
+        if len(request.input) > self.config.max_input_chars:
+            return f"input is longer than {self.config.max_input_chars} characters"
+        if request.voice not in self._voices:
+            return f"unknown voice {request.voice!r}; GET /v1/audio/voices lists them"
+        if request.model and request.model not in self._models:
+            return f"unknown model {request.model!r}; known: {sorted(self._models)}"
+        if not (MIN_SPEED <= request.speed <= MAX_SPEED) or math.isnan(request.speed):
+            return f"speed must be within {MIN_SPEED} and {MAX_SPEED}, got {request.speed}"
+        rate = request.sample_rate
+        if rate and not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            return f"sample_rate must be 0 or {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE}, got {rate}"
+        return None
+
+    async def _on_request(self, request: SpeechRequest, received: Context) -> None:
+        request_id = request.request_id
+        if self.catalog is None:
+            await self._fail(request_id, 503, "service_unavailable", "tts engines are starting",
+                             received)
+            return
+        problem = self._invalid(request)
+        chunks = split_text(request.input, self.config.max_chunk_chars) if problem is None else []
+        if problem is None and not chunks:
+            problem = "input has nothing to speak"
+        if problem is not None:
+            log.info("speech request rejected", request_id=request_id, reason=problem)
+            await self._fail(request_id, 400, "invalid_request_error", problem, received)
+            return
+        admission = self.scheduler.submit(request, [c.text for c in chunks], time.monotonic())
+        if admission is Admission.BUSY:
+            await self._fail(
+                request_id, 429, "server_busy",
+                f"tts replica {self.runtime.identity.replica} is serving its limit of "
+                f"{self.config.max_queued_requests} requests",
+                received,
+            )
+            return
+        if admission is not Admission.ADMITTED:
+            log.debug("speech request dropped", request_id=request_id, why=admission.name)
+            return
+        span = _tracer.start_span(
+            "tts.request",
+            context=received,
+            attributes={
+                "gen_ai.operation.name": "text_to_speech",
+                "gen_ai.request.model": request.model or self.catalog.engine,
+                "meshserve.speech.voice": request.voice,
+                "meshserve.speech.input_chars": len(request.input),
+                "meshserve.speech.chunks": len(chunks),
+            },
+        )
+        self._traces[request_id] = _RequestTrace(
+            span,
+            trace.set_span_in_context(span, received),
+            request.sample_rate or self.catalog.sample_rate,
+            time.monotonic(),
+        )
+
+    async def _cancel(self, request_ids: list[str], reason: str) -> None:
+        out = self.scheduler.cancel(request_ids)
+        for request_id in request_ids:
+            traced = self._traces.pop(request_id, None)
+            if traced is not None:
+                traced.span.add_event("cancelled", {"reason": reason})
+                traced.span.end()
+        await self._apply(out)
+
+    async def _cancel_everything(self, reason: str) -> None:
+        await self._cancel(list(self._traces), reason)
+
+    async def _fail(
+        self, request_id: str, status: int, code: str, message: str, ctx: Context
+    ) -> None:
+        await self._send(SpeechFailed(request_id, status, code, message), ctx)
+
+    # ------------------------------------------------------------ scheduling
+
+    async def _dispatch(self) -> None:
+        for job in self.scheduler.schedule():
+            await self._start_job(job)
+
+    async def _start_job(self, job: SpeechJob) -> None:
+        traced = self._traces.get(job.request_id)
+        rate = job.sample_rate or (self.catalog.sample_rate if self.catalog else 0)
+        self._job_spans[job.job_id] = _tracer.start_span(
+            "tts.synthesize",
+            context=traced.context if traced else None,
+            attributes={
+                "meshserve.speech.chunk": job.chunk_index,
+                "meshserve.speech.chunk_chars": len(job.text),
+                "meshserve.speech.engine_slot": job.slot,
+            },
+        )
+        await self.backend.start_job(
+            job.slot,
+            EngineSynthesize(
+                job_id=job.job_id,
+                text=job.text,
+                voice=job.voice,
+                speed=job.speed,
+                sample_rate=job.sample_rate,
+                piece_samples=max(1, rate * self.config.piece_ms // 1000),
+            ),
+        )
+
+    def _end_job(self, job_id: int, *, cancelled: bool, error: str | None) -> None:
+        span = self._job_spans.pop(job_id, None)
+        if span is None:
+            return
+        span.set_attribute("meshserve.speech.cancelled", cancelled)
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
+
+    async def _apply(self, out: SchedulerOutput) -> None:
+        for abort in out.aborts:
+            await self.backend.cancel_job(abort.slot, abort.job_id)
+            self._abort_deadlines[abort.slot] = (
+                abort.job_id, time.monotonic() + self.config.cancel_grace_s,
+            )
+        for release in out.releases:
+            traced = self._traces.get(release.request_id)
+            if traced is None:
+                continue
+            if release.seq == 0:
+                traced.span.add_event(
+                    "first_audio", {"time_to_first_audio_s": time.monotonic() - traced.submitted}
+                )
+            traced.samples += len(release.pcm) // 2
+            await self._send(
+                SpeechChunk(
+                    request_id=release.request_id,
+                    seq=release.seq,
+                    pcm=release.pcm,
+                    sample_rate=traced.sample_rate,
+                    final=release.final,
+                    sample_offset=release.sample_offset,
+                ),
+                traced.context,
+            )
+        for request_id in out.finished:
+            traced = self._traces.pop(request_id, None)
+            if traced is not None:
+                traced.span.set_attribute(
+                    "meshserve.speech.audio_seconds", traced.samples / traced.sample_rate
+                )
+                traced.span.end()
+        for failure in out.failures:
+            traced = self._traces.pop(failure.request_id, None)
+            log.warning("speech request failed", request_id=failure.request_id,
+                        reason=failure.message)
+            if traced is not None:
+                traced.span.set_status(Status(StatusCode.ERROR, failure.message))
+                traced.span.end()
+            await self._send(
+                SpeechFailed(failure.request_id, failure.status, failure.code, failure.message),
+                traced.context if traced else None,
+            )
+
+    def _until_next_abort_deadline(self) -> float:
+        if not self._abort_deadlines:
+            return math.inf
+        soonest = min(deadline for _, deadline in self._abort_deadlines.values())
+        return max(0.0, soonest - time.monotonic())
+
+    def _enforce_abort_deadlines(self) -> None:
+        now = time.monotonic()
+        for slot, (job_id, deadline) in list(self._abort_deadlines.items()):
+            if deadline > now:
+                continue
+            del self._abort_deadlines[slot]
+            job = self.scheduler.job_in(slot)
+            if job is not None and job.job_id == job_id:
+                # The fallback: the engine ignored the cancel, so its process goes.
+                self.backend.restart(slot, f"job {job_id} not stopped within "
+                                           f"{self.config.cancel_grace_s} s of its cancel")
+
+    # ------------------------------------------------------------------ mesh
+
+    async def _announce(self) -> None:
+        if self.catalog is not None and self.dealer.connected and not self._announced:
+            self._announced = True
+            await self._send(self.catalog, None)
+
+    async def _send(self, body: SpeechFromTts, ctx: Context | None) -> None:
+        await self.dealer.send(body, ctx)
+
+    def status(self) -> SpeechStatus:
+        stats = self.scheduler.stats()
+        return SpeechStatus(
+            engines=stats.slots,
+            engines_ready=stats.slots_ready,
+            engines_busy=stats.slots_busy,
+            requests=stats.requests,
+            queued_chunks=stats.queued_chunks,
+            running_chunks=stats.running_chunks,
+            completed=stats.completed,
+            cancelled=stats.cancelled,
+            cancelled_running=stats.cancelled_running,
+            busy_rejections=stats.busy_rejections,
+            engine_restarts=self.backend.restarts,
+            engine_pids=self.backend.pids(),
+        )
+
+
+async def main(runtime: ServiceRuntime) -> None:
+    config = load_config(TtsConfig)
+    if config.engines < 1:
+        raise ValueError(f"MESHSERVE_ENGINES must be at least 1, got {config.engines}")
+    # ipc paths must stay short (unix sockets: ~107 bytes), hence /tmp.
+    workdir = Path(tempfile.mkdtemp(prefix="ms-tts-", dir="/tmp"))
+    try:
+        pool = EngineProcessPool(
+            runtime.zmq,
+            engine=config.engine,
+            slots=config.engines,
+            workdir=workdir,
+            replica=runtime.identity.replica,
+            start_timeout_s=config.engine_start_timeout_s,
+            log_level=runtime.process.log_level,
+        )
+        await TtsActor(runtime, config, pool).run()
+    finally:
+        rmtree(workdir, ignore_errors=True)
