@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import msgspec
+
+
+class SupervisorConfig(msgspec.Struct, frozen=True):
+    """supervisor settings (env MESHSERVE_<FIELD>; `meshserve up` flags win)."""
+
+    run_dir: str = ""  # empty: /tmp/meshserve-<uid>; holds sockets, pid file, detached log
+    tokenizers: int = 1  # tokenizer replicas
+    workers: int = 1  # worker replicas
+    tts_replicas: int = 0  # tts replicas (0: no speech)
+    startup_timeout_s: float = 300.0  # every child healthy within this, or `up` fails
+    hello_timeout_s: float = 120.0  # a started child says hello within this, or is killed
+    stop_timeout_s: float = 5.0  # SIGTERM, then SIGKILL after this
+    restart_intensity: int = 5  # more restarts of one service than this ...
+    restart_period_s: float = 30.0  # ... within this window: give up, stop the mesh
+    backoff_initial_s: float = 0.1  # first restart delay, doubling per crash
+    backoff_max_s: float = 5.0  # restart delay cap
+    backoff_reset_s: float = 10.0  # healthy this long: the delay starts over

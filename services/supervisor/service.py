@@ -1,0 +1,508 @@
+"""The supervisor actor: starts the mesh, watches it, restarts, scales, stops it.
+
+    supervisor ── spawn ──▶ child processes (own process group, PDEATHSIG)
+    supervisor ◀── Hello(ready) every beat ── children   (health ROUTER)
+    supervisor ◀── status/restart/scale/down ── CLI      (control ROUTER)
+
+Each child slot has one task that owns its process: start it, wait for it to
+exit, then ask the ``RestartPolicy`` (one_for_one: only that child restarts).
+Everything else (heartbeat checks, operator commands, shutdown) acts on a child by
+setting its intent (``stopping`` / ``restarting``) and signalling its process;
+the slot's task sees the exit and does the rest, so there is one place where a
+process ends and one where it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import anyio
+import zmq.asyncio
+from anyio.abc import TaskGroup, TaskStatus
+
+from services.supervisor.children import Child, ChildState
+from services.supervisor.control import ControlRequest, ControlServer, control_address
+from services.supervisor.mesh_plan import (
+    AT_LEAST_ONE,
+    SCALABLE,
+    SINGLETONS,
+    START_ORDER,
+    STOP_ORDER,
+    MeshSettings,
+)
+from services.supervisor.process import service_command, signal_process, spawn_child
+from services.supervisor.restart_policy import GiveUp, RestartPolicy
+from shared.logs import get_logger
+from shared.mesh import Identity, Peer, PeerJoined, PeerLost, RouterEndpoint
+from shared.protocol.common import Rejected
+from shared.protocol.control import (
+    ControlReply,
+    MeshStatus,
+    RestartRequest,
+    ScaleRequest,
+    ShutdownRequest,
+    StatusRequest,
+)
+
+log = get_logger("meshserve.supervisor")
+
+ReadyCallback = Callable[[bool, str], None]
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A child record plus the I/O handles its task uses."""
+
+    child: Child
+    process: asyncio.subprocess.Process | None = None
+    # Set when the current process has been reaped; replaced at each start.
+    exited: anyio.Event = field(default_factory=anyio.Event)
+    # Ends a backoff wait early (a stop or an operator restart arrived).
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    # Set when the slot's task returned: the child will not start again.
+    done: anyio.Event = field(default_factory=anyio.Event)
+    peer: Peer | None = None  # the health ROUTER's Peer of the current process
+    kill_reason: str | None = None
+    # Every pid this slot ever ran: their late hellos are expected, not strangers.
+    past_pids: set[int] = field(default_factory=set)
+
+
+class Supervisor:
+    """One mesh. ``run`` returns the exit code: 0 after a requested shutdown,
+    1 when it gave up (restart intensity, startup deadline)."""
+
+    def __init__(
+        self,
+        settings: MeshSettings,
+        *,
+        command: Callable[[str], list[str]] = service_command,
+        on_ready: ReadyCallback | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.config = settings.supervisor
+        self.beat_s = settings.process.heartbeat_s
+        self.identity = Identity("supervisor", 0)
+        self.policy = RestartPolicy(
+            max_restarts=self.config.restart_intensity,
+            period_s=self.config.restart_period_s,
+            backoff_initial_s=self.config.backoff_initial_s,
+            backoff_max_s=self.config.backoff_max_s,
+            backoff_reset_s=self.config.backoff_reset_s,
+        )
+        self.exit_code = 0
+        self._command = command
+        self._on_ready = on_ready
+        # Off when embedded (tests): signal handlers belong to the main program.
+        self._handle_signals = handle_signals
+        self._ready_reported = False
+        self._slots: dict[tuple[str, int], _Slot] = {}
+        self._shutdown = anyio.Event()
+        self._shutdown_reason = ""
+        self._changed = anyio.Event()
+        self._operations = anyio.Lock()
+        self._children_tg: TaskGroup | None = None
+        self._health: RouterEndpoint[Rejected] | None = None
+        self._unknown_hellos: set[str] = set()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
+        ctx = zmq.asyncio.Context()
+        health: RouterEndpoint[Rejected] = RouterEndpoint(
+            ctx,
+            self.settings.addresses.supervisor_addr,
+            self.identity,
+            Rejected,
+            heartbeat_s=self.beat_s,
+        )
+        self._health = health
+        control = ControlServer(
+            ctx, control_address(self.settings.run_dir), self.identity, self._on_control
+        )
+        try:
+            async with anyio.create_task_group() as infra:
+                if self._handle_signals:
+                    await infra.start(self._watch_signals)
+                await infra.start(health.run)
+                await infra.start(control.run)
+                infra.start_soon(self._watch_hellos, health)
+                infra.start_soon(self._watch_liveness)
+                async with anyio.create_task_group() as children:
+                    self._children_tg = children
+                    log.info(
+                        "starting mesh",
+                        run_dir=str(self.settings.run_dir),
+                        model=self.settings.model,
+                        replicas=self.settings.replicas(),
+                    )
+                    for service in START_ORDER:
+                        for replica in range(self.settings.replicas()[service]):
+                            self._add_child(service, replica)
+                    infra.start_soon(self._watch_startup)
+                    task_status.started()
+                    await self._shutdown.wait()
+                    await self._stop_all()
+                infra.cancel_scope.cancel()
+        finally:
+            ctx.destroy(linger=0)
+            if not self._ready_reported:
+                self._report_ready(False, self._shutdown_reason or "supervisor stopped")
+        log.info("mesh stopped", exit_code=self.exit_code, reason=self._shutdown_reason)
+        return self.exit_code
+
+    def request_shutdown(self, reason: str, *, failed: bool = False) -> None:
+        """Idempotent: begin the ordered shutdown (the first reason wins)."""
+        if self._shutdown.is_set():
+            return
+        if failed:
+            self.exit_code = 1
+        self._shutdown_reason = reason
+        self._shutdown.set()
+        self._notify()
+
+    async def _watch_signals(self, *, task_status: TaskStatus[None]) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self._shutdown.is_set():
+                    log.info("shutting down", signal=name)
+                    self.request_shutdown(f"received {name}")
+                else:
+                    # A second Ctrl-C means "now": no more draining.
+                    log.warning("second signal: killing every child", signal=name)
+                    for slot in self._slots.values():
+                        slot.child.stopping = True
+                        slot.wake.set()
+                        if slot.process is not None:
+                            signal_process(slot.process, signal.SIGKILL)
+
+    async def _watch_startup(self) -> None:
+        deadline_s = self.config.startup_timeout_s
+        with anyio.move_on_after(deadline_s):
+            await self.wait_until(lambda: self._shutdown.is_set() or self.mesh_healthy())
+        if self._shutdown.is_set():
+            return
+        if self.mesh_healthy():
+            log.info("mesh healthy", api_url=self.settings.api_url)
+            self._report_ready(True, self.settings.api_url)
+            return
+        unhealthy = [f"{s.child.name} ({s.child.state})" for s in self._live_slots()
+                     if not s.child.healthy(time.monotonic(), self.beat_s)]
+        reason = f"mesh not healthy within {deadline_s:g} s: {', '.join(unhealthy)}"
+        log.error("startup failed", reason=reason)
+        self.request_shutdown(reason, failed=True)
+
+    def _report_ready(self, ok: bool, message: str) -> None:
+        if self._ready_reported:
+            return
+        self._ready_reported = True
+        if self._on_ready is not None:
+            self._on_ready(ok, message)
+
+    # ------------------------------------------------------------------ children
+
+    def _add_child(self, service: str, replica: int) -> _Slot:
+        assert self._children_tg is not None
+        slot = _Slot(Child(service, replica))
+        self._slots[(service, replica)] = slot
+        self._children_tg.start_soon(self._supervise, slot, name=f"child {service}/{replica}")
+        return slot
+
+    async def _supervise(self, slot: _Slot) -> None:
+        """Own one child's processes until it is stopped or its service gives up."""
+        child = slot.child
+        try:
+            while not child.stopping:
+                slot.exited = anyio.Event()
+                slot.wake = anyio.Event()
+                slot.kill_reason = None
+                env = self.settings.child_env(child.service, child.replica)
+                try:
+                    process = await spawn_child(self._command(child.service), env)
+                except OSError as e:
+                    log.error("cannot start child", child=child.name, error=str(e))
+                    code: int | None = None
+                else:
+                    slot.process = process
+                    child.spawned(process.pid, time.monotonic())
+                    slot.past_pids.add(process.pid)
+                    log.info("child started", child=child.name, pid=process.pid)
+                    self._notify()
+                    code = await process.wait()
+                    slot.exited.set()
+                slot.peer = None
+                child.exited()
+                self._notify()
+                if child.stopping:
+                    break
+                if child.restarting:
+                    child.restarts += 1
+                    log.info("child restarting on request", child=child.name, exit_code=code)
+                    continue
+                decision = self.policy.on_exit(child.service, child.replica, time.monotonic())
+                log.warning(
+                    "child exited",
+                    child=child.name,
+                    exit_code=code,
+                    reason=slot.kill_reason or "exited on its own",
+                )
+                if isinstance(decision, GiveUp):
+                    child.state = ChildState.FAILED
+                    log.error("giving up", service=decision.service, reason=decision.reason)
+                    self.request_shutdown(decision.reason, failed=True)
+                    return
+                child.state = ChildState.BACKOFF
+                child.restarts += 1
+                log.info("child restart scheduled", child=child.name, delay_s=decision.delay_s)
+                with anyio.move_on_after(decision.delay_s):
+                    await slot.wake.wait()
+            child.state = ChildState.STOPPED
+            log.info("child stopped", child=child.name)
+        finally:
+            slot.done.set()
+            self._notify()
+
+    async def _stop_child(self, slot: _Slot, *, restart: bool = False) -> None:
+        """SIGTERM the child's process, SIGKILL after the deadline, wait for its exit.
+        Without ``restart`` also wait until its task ended (it will not start again)."""
+        child = slot.child
+        if restart:
+            child.restarting = True
+        else:
+            child.stopping = True
+        slot.wake.set()
+        process, exited = slot.process, slot.exited
+        if process is not None and child.alive and signal_process(process, signal.SIGTERM):
+            with anyio.move_on_after(self.config.stop_timeout_s):
+                await exited.wait()
+            if not exited.is_set():
+                log.warning(
+                    "child did not stop in time; killing",
+                    child=child.name,
+                    timeout_s=self.config.stop_timeout_s,
+                )
+                signal_process(process, signal.SIGKILL)
+                await exited.wait()
+        if not restart:
+            await slot.done.wait()
+
+    async def _stop_all(self) -> None:
+        log.info("stopping mesh", reason=self._shutdown_reason)
+        for service in STOP_ORDER:
+            slots = [s for s in self._slots.values() if s.child.service == service]
+            async with anyio.create_task_group() as tg:
+                for slot in slots:
+                    tg.start_soon(self._stop_child, slot)
+
+    def _live_slots(self) -> list[_Slot]:
+        return [s for s in self._slots.values() if not s.done.is_set()]
+
+    def mesh_healthy(self) -> bool:
+        now = time.monotonic()
+        live = self._live_slots()
+        return bool(live) and all(s.child.healthy(now, self.beat_s) for s in live)
+
+    # -------------------------------------------------------------------- health
+
+    async def _watch_hellos(self, health: RouterEndpoint[Rejected]) -> None:
+        async for event in health.inbox:
+            if isinstance(event, PeerJoined):
+                self._match_peers()
+                self._notify()
+            elif isinstance(event, PeerLost):
+                for slot in self._slots.values():
+                    if slot.peer is event.peer:
+                        slot.peer = None
+            else:
+                log.warning("unexpected message on the health socket", kind=type(event).__name__)
+
+    def _match_peers(self) -> None:
+        """Attach each hello to the process that sent it (by pid): a hello from a
+        replica's previous process, or from a process we did not start, must not
+        make the current one look healthy."""
+        assert self._health is not None
+        for peer in list(self._health.peers.values()):
+            hello = peer.hello
+            slot = self._slots.get((hello.service, hello.replica))
+            if slot is not None and slot.peer is peer:
+                continue
+            if slot is not None and slot.child.pid == hello.pid:
+                slot.peer = peer
+                continue
+            key = f"{hello.service}/{hello.replica}:{hello.incarnation}"
+            stranger = slot is None or hello.pid not in slot.past_pids
+            if stranger and key not in self._unknown_hellos:
+                self._unknown_hellos.add(key)
+                log.warning(
+                    "hello from a process this supervisor did not start",
+                    child=f"{hello.service}/{hello.replica}",
+                    pid=hello.pid,
+                    expected_pid=slot.child.pid if slot else None,
+                )
+
+    async def _watch_liveness(self) -> None:
+        """Every beat: fold the latest hellos into the child records, kill the
+        unresponsive, reset backoffs of the proven, and wake health waiters.
+
+        Health is defined over time (hello within three beats), and the health
+        ROUTER refreshes a known peer silently, so this periodic pass is the
+        event source for health changes; it orders nothing."""
+        while True:
+            await anyio.sleep(self.beat_s)
+            self._match_peers()
+            now = time.monotonic()
+            for slot in self._slots.values():
+                child = slot.child
+                if slot.peer is not None:
+                    child.heard(slot.peer.hello.ready, slot.peer.last_seen)
+                healthy_for = child.update_health(now, self.beat_s)
+                if healthy_for:
+                    self.policy.on_healthy(child.service, child.replica, healthy_for)
+                problem = child.liveness_problem(now, self.beat_s, self.config.hello_timeout_s)
+                if problem and slot.kill_reason is None and slot.process is not None:
+                    slot.kill_reason = problem
+                    log.error("child unresponsive; killing it", child=child.name, reason=problem)
+                    signal_process(slot.process, signal.SIGKILL)
+            self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds; re-checked on every change of a child
+        (start, exit, hello) and every heartbeat. Bound it with a deadline."""
+        while not predicate():
+            await self._changed.wait()
+
+    # ------------------------------------------------------------------- control
+
+    async def _on_control(self, request: ControlRequest) -> MeshStatus | ControlReply:
+        match request:
+            case StatusRequest():
+                return self.status()
+            case ShutdownRequest():
+                self.request_shutdown("shutdown requested")
+                return ControlReply(ok=True, message="mesh stopping")
+            case RestartRequest():
+                return await self._restart(request)
+            case ScaleRequest():
+                return await self._scale(request)
+        return ControlReply(ok=False, message=f"unsupported request {type(request).__name__}")
+
+    def status(self) -> MeshStatus:
+        now = time.monotonic()
+        order = {service: i for i, service in enumerate(START_ORDER)}
+        slots = sorted(
+            self._slots.values(),
+            key=lambda s: (order.get(s.child.service, len(order)), s.child.replica),
+        )
+        return MeshStatus(
+            supervisor_pid=os.getpid(),
+            api_url=self.settings.api_url,
+            model=self.settings.model,
+            healthy=not self._shutdown.is_set() and self.mesh_healthy(),
+            children=[s.child.status(now, self.beat_s) for s in slots],
+        )
+
+    def _refuse_if_stopping(self) -> ControlReply | None:
+        if self._shutdown.is_set():
+            return ControlReply(ok=False, message=f"mesh is stopping: {self._shutdown_reason}")
+        return None
+
+    async def _wait_healthy(self, slots: list[_Slot], old_pids: set[int]) -> ControlReply | None:
+        """Wait until every slot runs a new, healthy process; an error reply if not."""
+        deadline_s = self.config.startup_timeout_s
+
+        def settled() -> bool:
+            now = time.monotonic()
+            return self._shutdown.is_set() or all(
+                s.child.healthy(now, self.beat_s) and s.child.pid not in old_pids for s in slots
+            )
+
+        with anyio.move_on_after(deadline_s):
+            await self.wait_until(settled)
+        if refused := self._refuse_if_stopping():
+            return refused
+        if not settled():
+            names = ", ".join(s.child.name for s in slots)
+            return ControlReply(ok=False, message=f"{names} not healthy within {deadline_s:g} s")
+        return None
+
+    async def _restart(self, request: RestartRequest) -> ControlReply:
+        async with self._operations:
+            if refused := self._refuse_if_stopping():
+                return refused
+            slots = [
+                s
+                for s in self._live_slots()
+                if s.child.service == request.service
+                and (request.replica is None or s.child.replica == request.replica)
+            ]
+            if not slots:
+                what = request.service + (
+                    f"/{request.replica}" if request.replica is not None else ""
+                )
+                known = sorted({f"{s.child.name}" for s in self._live_slots()})
+                return ControlReply(
+                    ok=False, message=f"no child {what}; running: {', '.join(known)}"
+                )
+            old = {s.child.pid for s in slots if s.child.pid is not None}
+            log.info("restart requested", children=[s.child.name for s in slots])
+            async with anyio.create_task_group() as tg:
+                for slot in slots:
+                    tg.start_soon(partial(self._stop_child, slot, restart=True))
+            if failed := await self._wait_healthy(slots, old):
+                return failed
+            summary = ", ".join(f"{s.child.name} (pid {s.child.pid})" for s in slots)
+            return ControlReply(ok=True, message=f"restarted {summary}")
+
+    async def _scale(self, request: ScaleRequest) -> ControlReply:
+        service, wanted = request.service, request.replicas
+        if service in SINGLETONS:
+            return ControlReply(
+                ok=False, message=f"{service} is a singleton and cannot be scaled"
+            )
+        if service not in SCALABLE:
+            return ControlReply(
+                ok=False,
+                message=f"unknown service {service!r}; scalable: {', '.join(sorted(SCALABLE))}",
+            )
+        minimum = 1 if service in AT_LEAST_ONE else 0
+        if wanted < minimum:
+            return ControlReply(ok=False, message=f"{service} needs at least {minimum} replica")
+        async with self._operations:
+            if refused := self._refuse_if_stopping():
+                return refused
+            current = sorted(
+                (s for s in self._live_slots() if s.child.service == service),
+                key=lambda s: s.child.replica,
+            )
+            if wanted > len(current):
+                next_id = current[-1].child.replica + 1 if current else 0
+                missing = range(wanted - len(current))
+                added = [self._add_child(service, next_id + i) for i in missing]
+                log.info("scaling up", service=service, replicas=wanted)
+                if failed := await self._wait_healthy(added, set()):
+                    return failed
+            elif wanted < len(current):
+                removed = current[wanted:]
+                log.info("scaling down", service=service, replicas=wanted)
+                async with anyio.create_task_group() as tg:
+                    for slot in removed:
+                        tg.start_soon(self._stop_child, slot)
+                for slot in removed:
+                    del self._slots[(service, slot.child.replica)]
+                    self.policy.forget(service, slot.child.replica)
+                self._notify()
+            return ControlReply(ok=True, message=f"{service} has {wanted} replica(s)")
+
+
