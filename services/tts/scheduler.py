@@ -19,7 +19,9 @@ Policy:
   engine confirms, so an engine is never handed two jobs. Ids cancelled before they
   arrived are remembered (bounded) and their request is dropped on arrival.
 - A job lost with its engine is re-queued (``max_attempts``); audio already released
-  or held for a chunk is not repeated by the retry (synthesis is deterministic).
+  or held for a chunk is not repeated by the retry, which is spliced in at the same
+  sample offset (espeak-ng repeats itself to within a few samples, so the seam is off
+  by well under a millisecond).
 """
 
 from __future__ import annotations

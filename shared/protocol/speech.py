@@ -12,8 +12,8 @@ engines are up)::
 Ownership: the api holds every request until it ends, and the client's position in
 it (samples delivered). A tts replica that dies loses nothing the api cannot redo: the
 api re-sends the ``SpeechRequest`` to another replica and drops the samples it already
-delivered, using ``SpeechChunk.sample_offset`` (synthesis is deterministic, so the
-replayed audio is the same). A cancelled request gets no answer.
+delivered, using ``SpeechChunk.sample_offset`` (synthesis repeats itself, espeak-ng to
+within a few samples, so the seam is inaudible). A cancelled request gets no answer.
 
 Audio is always signed 16-bit little-endian mono PCM in ``bytes`` (never a list of
 ints); ``sample_rate`` travels with every chunk.
