@@ -10,5 +10,12 @@ class ApiConfig(msgspec.Struct, frozen=True):
     port: int = 8000
     model: str = ""  # Hugging Face folder; empty: the embedded default
     served_model_name: str = ""  # empty: derived from the model folder
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # no news from the mesh this long: abort, HTTP 504
     max_tokens_default: int = 16  # OpenAI's completions default
+    # Chat without max_tokens generates until the context limit, as vLLM does: the
+    # cap is far above any context length, and the scheduler finishes the request
+    # with "length" at max_model_len.
+    chat_max_tokens_default: int = 1 << 20
+    max_n: int = 16  # largest `n` (choices per request) accepted
+    max_inflight: int = 4096  # in-flight sub-requests; beyond it HTTP 429
+    shutdown_grace_s: float = 5.0  # open HTTP connections get this long to finish

@@ -1,0 +1,283 @@
+"""The Starlette app: OpenAI's routes over the api actor.
+
+Every failure is an OpenAI error body with a 4xx/5xx status, including routing
+errors and bugs (a 500 with a message, never a traceback). A generation request
+owns its flight from ``submit`` until the response is fully sent or the client is
+gone; ``ApiActor.release`` runs in every case (shielded from cancellation), which
+is what aborts an abandoned request in the mesh.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from services.api.config import ApiConfig
+from services.api.disconnect import cancelled_on_disconnect, wait_for_disconnect
+from services.api.errors import ApiError, from_decode_error
+from services.api.generation_plan import GenerationPlan, plan_chat, plan_completion
+from services.api.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    decode_body,
+)
+from services.api.render import ResponseCollector, StreamRenderer, usage_of
+from services.api.requests import ChoiceUpdate, Flight
+from services.api.service import ApiActor
+from services.api.spans import RequestSpan, context_from_headers
+from shared.logs import get_logger
+
+log = get_logger("meshserve.api.http")
+
+_json = msgspec.json.Encoder()
+
+
+def json_response(payload: msgspec.Struct, status: int = 200) -> Response:
+    return Response(_json.encode(payload), status_code=status, media_type="application/json")
+
+
+def error_response(error: ApiError) -> Response:
+    return Response(error.encode(), status_code=error.status, media_type="application/json")
+
+
+class EventStream(Response):
+    """A ``text/event-stream`` response that stops as soon as the client goes away
+    and then always calls ``on_close(disconnected)``, even when the client left
+    before the first byte (an async generator that never started would not run
+    its own ``finally``)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        on_close: Callable[[bool], Awaitable[None]],
+    ) -> None:
+        self.events = events
+        self.on_close = on_close
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        disconnected = False
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    nonlocal disconnected
+                    await wait_for_disconnect(receive)
+                    disconnected = True
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": self.raw_headers})
+                async for chunk in self.events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.events, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                await self.on_close(disconnected)
+
+
+class OpenAIRoutes:
+    """Handlers of the OpenAI-compatible routes."""
+
+    def __init__(self, actor: ApiActor, config: ApiConfig, served_model: str) -> None:
+        self.actor = actor
+        self.config = config
+        self.served_model = served_model
+        self.created = int(time.time())
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ]
+
+    async def models(self, request: Request) -> Response:
+        return json_response(ModelList(data=[self._card()]))
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name != self.served_model:
+            raise ApiError(404, f"The model `{name}` does not exist.",
+                           code="model_not_found", param="model")
+        return json_response(self._card())
+
+    async def health(self, request: Request) -> Response:
+        report = self.actor.health_report()
+        return json_response(report, 200 if report.status == "ok" else 503)
+
+    async def completions(self, request: Request) -> Response:
+        body = await _decode(request, CompletionRequest)
+        plan = plan_completion(
+            body, served_model=self.served_model, config=self.config,
+            response_id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
+        )
+        return await self._generate(request, plan)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await _decode(request, ChatCompletionRequest)
+        plan = plan_chat(
+            body, served_model=self.served_model, config=self.config,
+            response_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+        )
+        return await self._generate(request, plan)
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.served_model, created=self.created,
+                         root=self.config.model or self.served_model)
+
+    async def _generate(self, request: Request, plan: GenerationPlan) -> Response:
+        span = RequestSpan(plan, context_from_headers(request.headers), request.url.path)
+        flight = Flight(plan, span.context)
+        try:
+            await self.actor.submit(flight)
+        except ApiError as error:
+            await self.actor.release(flight)
+            span.fail(error)
+            span.end()
+            raise
+        log.info("request submitted", request_id=plan.response_id, n=len(plan.requests),
+                 stream=plan.stream)
+        if plan.stream:
+            return EventStream(self._stream(flight, span), self._closer(flight, span))
+        try:
+            return await self._respond(request, flight, span)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.actor.release(flight)
+            span.end()
+
+    def _closer(self, flight: Flight, span: RequestSpan) -> Callable[[bool], Awaitable[None]]:
+        async def close(disconnected: bool) -> None:
+            if disconnected and not flight.finished:
+                log.info("client disconnected", request_id=flight.plan.response_id)
+                span.client_gone()
+            await self.actor.release(flight)
+            span.end()
+
+        return close
+
+    async def _updates(
+        self, flight: Flight, span: RequestSpan
+    ) -> AsyncIterator[list[ChoiceUpdate]]:
+        """What the flight produces until it is finished; raises its ApiError."""
+        timeout = self.config.request_timeout_s
+        while not flight.finished:
+            with anyio.move_on_after(timeout) as waited:
+                await flight.wait()
+            if waited.cancelled_caught:
+                raise ApiError(504, f"no progress from the mesh in {timeout:g}s; the "
+                               "request was aborted", code="timeout")
+            updates = flight.take()
+            if any(update.text for update in updates):
+                span.first_token()
+            yield updates
+
+    async def _stream(self, flight: Flight, span: RequestSpan) -> AsyncIterator[bytes]:
+        renderer = StreamRenderer(flight.plan)
+        try:
+            for event in renderer.opening():
+                yield event
+            async for updates in self._updates(flight, span):
+                for event in renderer.updates(updates):
+                    yield event
+        except ApiError as error:
+            log.info("request failed", request_id=flight.plan.response_id,
+                     status=error.status, code=error.code)
+            span.fail(error)
+            for event in renderer.failure(error):
+                yield event
+            return
+        span.succeed(flight)
+        for event in renderer.closing(usage_of(flight.prompt_tokens, flight.completion_tokens)):
+            yield event
+
+    async def _respond(self, request: Request, flight: Flight, span: RequestSpan) -> Response:
+        collector = ResponseCollector(flight.plan)
+        failure: ApiError | None = None
+        async with cancelled_on_disconnect(request.receive) as watch:
+            try:
+                async for updates in self._updates(flight, span):
+                    collector.add(updates)
+            except ApiError as error:
+                failure = error
+        if watch.disconnected:
+            log.info("client disconnected", request_id=flight.plan.response_id)
+            span.client_gone()
+            # Nobody reads this; 499 is what proxies log for "client closed request".
+            return Response(status_code=499)
+        if failure is not None:
+            log.info("request failed", request_id=flight.plan.response_id,
+                     status=failure.status, code=failure.code)
+            span.fail(failure)
+            return error_response(failure)
+        span.succeed(flight)
+        usage = usage_of(flight.prompt_tokens, flight.completion_tokens)
+        return json_response(collector.render(usage))
+
+
+async def _decode(request: Request, kind: type[Any]) -> Any:
+    body = await request.body()
+    try:
+        return decode_body(body, kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise from_decode_error(e) from e
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return error_response(ApiError(exc.status_code, str(exc.detail), code=code))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", path=request.url.path, error=repr(exc))
+    return error_response(ApiError(500, "internal server error; see the api's log",
+                                   code="internal_error"))
+
+
+def build_app(
+    actor: ApiActor,
+    config: ApiConfig,
+    served_model: str,
+    extra_routes: list[BaseRoute] | None = None,
+) -> Starlette:
+    """The api's ASGI app; ``extra_routes`` lets other endpoints (speech) join it."""
+    routes = OpenAIRoutes(actor, config, served_model).routes() + list(extra_routes or [])
+    return Starlette(
+        routes=routes,
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+    )

@@ -1,0 +1,326 @@
+"""OpenAI request bodies -> the mesh's ``GenerateRequest``s, with every check that
+can be made without the model.
+
+Defaults follow vLLM's OpenAI server:
+
+- ``temperature`` 1.0, ``top_p`` 1.0, ``top_k`` off (0; ``-1`` means off too).
+- completions: ``max_tokens`` 16 (OpenAI's default, ``ApiConfig.max_tokens_default``).
+- chat: no ``max_tokens`` / ``max_completion_tokens`` means "until the context
+  limit": ``ApiConfig.chat_max_tokens_default`` is a cap far above any context
+  length, and the scheduler ends the request with ``length`` at ``max_model_len``.
+  ``max_completion_tokens`` wins over the deprecated ``max_tokens``.
+- ``n`` > 1 fans out into sub-requests ``<id>-<i>`` (``seed + i`` when seeded, so
+  the choices differ but each is reproducible); ``n == 1`` keeps the response id.
+
+Everything meshserve does not implement (logprobs, echo, penalties, tools, ...) is
+a 400 naming the parameter, rather than a response that silently ignores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+
+from services.api.config import ApiConfig
+from services.api.errors import ApiError, bad_request
+from services.api.openai_schema import (
+    ChatCompletionRequest,
+    ChatMessageIn,
+    CompletionRequest,
+    SamplingFields,
+)
+from shared.protocol.envelope import pack_i32
+from shared.protocol.generation import (
+    ChatMessage,
+    DetokenizeSpec,
+    GenerateRequest,
+    SamplingParams,
+)
+
+Operation = Literal["text_completion", "chat"]
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationPlan:
+    """One HTTP request, validated: what to send to the mesh and how to answer."""
+
+    operation: Operation
+    response_id: str
+    model: str
+    created: int
+    stream: bool
+    include_usage: bool
+    requests: list[GenerateRequest]  # one per choice, in choice order
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.requests[0].sampling
+
+    def span_attributes(self) -> dict[str, str | int | float | bool]:
+        """The OTel GenAI request attributes of this request's server span."""
+        sampling = self.sampling
+        return {
+            "gen_ai.operation.name": self.operation,
+            "gen_ai.request.model": self.model,
+            "gen_ai.request.max_tokens": sampling.max_tokens,
+            "gen_ai.request.temperature": sampling.temperature,
+            "gen_ai.request.top_p": sampling.top_p,
+            "gen_ai.request.choice.count": len(self.requests),
+            "gen_ai.response.id": self.response_id,
+            "meshserve.stream": self.stream,
+        }
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """Unknown model -> 404 ``model_not_found``, as OpenAI answers."""
+    if requested is not None and requested != served:
+        raise ApiError(
+            404,
+            f"The model `{requested}` does not exist. This server serves `{served}`.",
+            code="model_not_found",
+            param="model",
+        )
+
+
+def plan_completion(
+    body: CompletionRequest,
+    *,
+    served_model: str,
+    config: ApiConfig,
+    response_id: str,
+    created: int,
+) -> GenerationPlan:
+    check_model(body.model, served_model)
+    if body.echo:
+        raise bad_request("`echo` is not supported", "echo")
+    if body.logprobs is not None:
+        raise bad_request("`logprobs` is not supported", "logprobs")
+    if body.suffix is not None:
+        raise bad_request("`suffix` is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("`best_of` other than `n` is not supported", "best_of")
+    max_tokens = body.max_tokens if body.max_tokens is not None else config.max_tokens_default
+    sampling = _sampling(body, max_tokens, "max_tokens", config)
+    prompt, prompt_ids = _prompt(body.prompt)
+
+    def request(request_id: str, params: SamplingParams) -> GenerateRequest:
+        return GenerateRequest(
+            request_id=request_id,
+            sampling=params,
+            detokenize=_detokenize(body),
+            prompt=prompt,
+            prompt_token_ids=prompt_ids,
+            priority=body.priority,
+        )
+
+    return GenerationPlan(
+        operation="text_completion",
+        response_id=response_id,
+        model=served_model,
+        created=created,
+        stream=body.stream,
+        include_usage=_include_usage(body),
+        requests=_fan_out(response_id, body.n, sampling, request),
+    )
+
+
+def plan_chat(
+    body: ChatCompletionRequest,
+    *,
+    served_model: str,
+    config: ApiConfig,
+    response_id: str,
+    created: int,
+) -> GenerationPlan:
+    check_model(body.model, served_model)
+    if body.logprobs or body.top_logprobs:
+        raise bad_request("`logprobs` is not supported", "logprobs")
+    if body.tools:
+        raise bad_request("`tools` are not supported", "tools")
+    if body.tool_choice not in (None, "none"):
+        raise bad_request("`tool_choice` is not supported", "tool_choice")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise bad_request(
+            f"`response_format` {body.response_format.type!r} is not supported; only 'text'",
+            "response_format",
+        )
+    if body.max_completion_tokens is not None:
+        max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+    elif body.max_tokens is not None:
+        max_tokens, param = body.max_tokens, "max_tokens"
+    else:
+        max_tokens, param = config.chat_max_tokens_default, "max_tokens"
+    sampling = _sampling(body, max_tokens, param, config)
+    messages = _messages(body.messages)
+
+    def request(request_id: str, params: SamplingParams) -> GenerateRequest:
+        return GenerateRequest(
+            request_id=request_id,
+            sampling=params,
+            detokenize=_detokenize(body),
+            messages=messages,
+            add_generation_prompt=body.add_generation_prompt,
+            priority=body.priority,
+        )
+
+    return GenerationPlan(
+        operation="chat",
+        response_id=response_id,
+        model=served_model,
+        created=created,
+        stream=body.stream,
+        include_usage=_include_usage(body),
+        requests=_fan_out(response_id, body.n, sampling, request),
+    )
+
+
+def sub_request_id(response_id: str, index: int, n: int) -> str:
+    return response_id if n == 1 else f"{response_id}-{index}"
+
+
+def _fan_out(
+    response_id: str,
+    n: int,
+    sampling: SamplingParams,
+    request: Callable[[str, SamplingParams], GenerateRequest],
+) -> list[GenerateRequest]:
+    out = []
+    for i in range(n):
+        params = sampling
+        if sampling.seed is not None and i > 0:
+            params = msgspec.structs.replace(sampling, seed=sampling.seed + i)
+        out.append(request(sub_request_id(response_id, i, n), params))
+    return out
+
+
+def _sampling(
+    body: SamplingFields, max_tokens: int, max_tokens_param: str, config: ApiConfig
+) -> SamplingParams:
+    if not 1 <= body.n <= config.max_n:
+        raise bad_request(f"`n` must be between 1 and {config.max_n}, got {body.n}", "n")
+    if max_tokens < 1:
+        raise bad_request(f"`{max_tokens_param}` must be at least 1, got {max_tokens}",
+                          max_tokens_param)
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature < 0:
+        raise bad_request(f"`temperature` must be >= 0, got {temperature}", "temperature")
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if not 0 < top_p <= 1:
+        raise bad_request(f"`top_p` must be in (0, 1], got {top_p}", "top_p")
+    top_k = 0 if body.top_k is None or body.top_k == -1 else body.top_k
+    if top_k < 0:
+        raise bad_request(f"`top_k` must be -1 (off), 0 (off) or positive, got {top_k}", "top_k")
+    if not 0 <= body.min_tokens <= max_tokens:
+        raise bad_request(
+            f"`min_tokens` must be between 0 and `{max_tokens_param}` ({max_tokens}), "
+            f"got {body.min_tokens}",
+            "min_tokens",
+        )
+    if body.presence_penalty:
+        raise bad_request("`presence_penalty` is not supported", "presence_penalty")
+    if body.frequency_penalty:
+        raise bad_request("`frequency_penalty` is not supported", "frequency_penalty")
+    if body.logit_bias:
+        raise bad_request("`logit_bias` is not supported", "logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("`stream_options` is only allowed when `stream` is true",
+                          "stream_options")
+    stop_token_ids = list(body.stop_token_ids or [])
+    if any(not 0 <= t <= _INT32_MAX for t in stop_token_ids):
+        raise bad_request("`stop_token_ids` must be non-negative token ids", "stop_token_ids")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=body.seed,
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+        stop_token_ids=stop_token_ids,
+    )
+
+
+def _detokenize(body: SamplingFields) -> DetokenizeSpec:
+    if body.stop is None:
+        stop: list[str] = []
+    elif isinstance(body.stop, str):
+        stop = [body.stop]
+    else:
+        stop = list(body.stop)
+    if any(s == "" for s in stop):
+        raise bad_request("`stop` strings must not be empty", "stop")
+    return DetokenizeSpec(
+        stop=stop,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
+    )
+
+
+def _include_usage(body: SamplingFields) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _prompt(prompt: str | list[int | str | list[int]]) -> tuple[str | None, bytes | None]:
+    """(text, packed ids): exactly one is set."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if not prompt:
+        raise bad_request("`prompt` must not be empty", "prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return None, _token_ids(prompt)  # type: ignore[arg-type]
+    if len(prompt) > 1:
+        raise bad_request(
+            "batched prompts are not supported: send one prompt (a string or a list of "
+            "token ids) per request",
+            "prompt",
+        )
+    only = prompt[0]
+    if isinstance(only, str):
+        return only, None
+    if isinstance(only, list):
+        return None, _token_ids(only)
+    raise bad_request("`prompt` must be a string or a list of token ids", "prompt")
+
+
+def _token_ids(ids: list[int]) -> bytes:
+    if not ids:
+        raise bad_request("`prompt` must not be an empty list of token ids", "prompt")
+    if any(not 0 <= t <= _INT32_MAX for t in ids):
+        raise bad_request("`prompt` token ids must be non-negative 32-bit integers", "prompt")
+    return pack_i32(ids)
+
+
+def _messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
+    if not messages:
+        raise bad_request("`messages` must not be empty", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if message.role not in CHAT_ROLES:
+            raise bad_request(
+                f"unsupported role {message.role!r}; expected one of {sorted(CHAT_ROLES)}",
+                f"{param}.role",
+            )
+        content = message.content
+        if content is None:
+            raise bad_request("message `content` is required", f"{param}.content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"content part of type {part.type!r} is not supported; only "
+                        '{"type": "text", "text": ...}',
+                        f"{param}.content[{j}]",
+                    )
+                texts.append(part.text)
+            # vLLM joins text parts with newlines; so do we, to tokenize alike.
+            content = "\n".join(texts)
+        out.append(ChatMessage(role=message.role, content=content))
+    return out

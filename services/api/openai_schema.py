@@ -1,0 +1,198 @@
+"""The HTTP side's structs: OpenAI request bodies (plus vLLM's sampling extensions)
+and the response objects, field for field as OpenAI sends them.
+
+Request structs accept unknown fields (clients send what they like, e.g. ``user``)
+but type-check every field they know. Fields meshserve does not implement are
+declared anyway, so a request that relies on one gets a clear 400 from
+``generation_plan`` instead of silently different output.
+
+Response fields declared ``UNSET`` by default are omitted from the JSON, as OpenAI
+omits them (``usage`` on stream chunks unless ``stream_options.include_usage``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+# --- requests ---------------------------------------------------------------------
+
+
+class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
+    include_usage: bool = False
+
+
+class ContentPart(msgspec.Struct, frozen=True, kw_only=True):
+    """One part of a chat message's content; only ``{"type": "text"}`` is served."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessageIn(msgspec.Struct, frozen=True, kw_only=True):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
+    type: str
+
+
+class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
+    """What completions and chat share: sampling, stopping, streaming."""
+
+    model: str | None = None  # None: the served model (vLLM accepts that too)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extensions.
+    top_k: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    priority: int = 0
+
+
+class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
+    """``POST /v1/completions``. ``prompt``: a string or token ids; a list of
+    those (a batch) is accepted only when it holds a single prompt."""
+
+    prompt: str | list[int | str | list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessageIn]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    # vLLM's extension: False continues the last message instead of answering it.
+    add_generation_prompt: bool = True
+
+
+# --- responses --------------------------------------------------------------------
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    """A completions response, and (with ``finish_reason`` null) a stream chunk."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | UnsetType | None = UNSET
+
+
+class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(msgspec.Struct, frozen=True, kw_only=True):
+    role: str | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatChunkChoice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | UnsetType | None = UNSET
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "meshserve"
+    root: str
+
+
+class ModelList(msgspec.Struct, frozen=True, kw_only=True):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class HealthReport(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /health``: 200 when ``status == "ok"``, else 503 and what is missing."""
+
+    status: str
+    tokenizers: int
+    scheduler_connected: bool
+    workers: int
+    missing: list[str]
+
+
+T = TypeVar("T")
+
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+def decode_body(body: bytes, kind: type[T]) -> T:
+    """Decode a request body; raises msgspec's DecodeError / ValidationError."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    result: T = decoder.decode(body)
+    return result

@@ -1,0 +1,158 @@
+"""Response objects and server-sent events, built from what a flight produced.
+
+SSE framing is OpenAI's: every event is ``data: {json}\\n\\n``, a stream ends with
+``data: [DONE]\\n\\n``, and an error after the headers went out is an event
+``data: {"error": {...}}`` (the ``openai`` client raises it as ``APIError``)
+followed by ``[DONE]``. Chat streams open with a ``{"role": "assistant"}`` delta per
+choice. With ``stream_options.include_usage`` every chunk carries ``"usage": null``
+and one last chunk with no choices carries the usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+from msgspec import UNSET
+
+from services.api.errors import ApiError
+from services.api.generation_plan import GenerationPlan
+from services.api.openai_schema import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    Usage,
+)
+from services.api.requests import ChoiceUpdate
+
+DONE = b"data: [DONE]\n\n"
+
+_encoder = msgspec.json.Encoder()
+
+
+def sse_event(payload: msgspec.Struct) -> bytes:
+    return b"data: " + _encoder.encode(payload) + b"\n\n"
+
+
+def sse_error(error: ApiError) -> bytes:
+    return sse_event(error.body())
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+class StreamRenderer:
+    """The SSE events of one streamed response, in order."""
+
+    def __init__(self, plan: GenerationPlan) -> None:
+        self.plan = plan
+        # Present-but-null on every chunk when usage was asked for, absent otherwise.
+        self._chunk_usage = None if plan.include_usage else UNSET
+
+    def opening(self) -> list[bytes]:
+        """Chat opens with the assistant role for every choice; completions with nothing."""
+        if self.plan.operation != "chat":
+            return []
+        return [
+            self._chat_chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant",
+                                                                           content=""))])
+            for i in range(len(self.plan.requests))
+        ]
+
+    def updates(self, updates: Sequence[ChoiceUpdate]) -> list[bytes]:
+        events = []
+        for update in updates:
+            if not update.text and update.finish_reason is None:
+                continue
+            if self.plan.operation == "chat":
+                delta = ChatDelta(content=update.text) if update.text else ChatDelta()
+                events.append(self._chat_chunk([ChatChunkChoice(
+                    index=update.index, delta=delta, finish_reason=update.finish_reason
+                )]))
+            else:
+                events.append(sse_event(Completion(
+                    id=self.plan.response_id,
+                    created=self.plan.created,
+                    model=self.plan.model,
+                    choices=[CompletionChoice(index=update.index, text=update.text,
+                                              finish_reason=update.finish_reason)],
+                    usage=self._chunk_usage,
+                )))
+        return events
+
+    def closing(self, usage: Usage) -> list[bytes]:
+        """The usage chunk (when asked for) and ``[DONE]``."""
+        if not self.plan.include_usage:
+            return [DONE]
+        if self.plan.operation == "chat":
+            last = self._chat_chunk([], usage)
+        else:
+            last = sse_event(Completion(
+                id=self.plan.response_id, created=self.plan.created, model=self.plan.model,
+                choices=[], usage=usage,
+            ))
+        return [last, DONE]
+
+    def failure(self, error: ApiError) -> list[bytes]:
+        return [sse_error(error), DONE]
+
+    def _chat_chunk(
+        self, choices: list[ChatChunkChoice], usage: Usage | None = None
+    ) -> bytes:
+        return sse_event(ChatCompletionChunk(
+            id=self.plan.response_id,
+            created=self.plan.created,
+            model=self.plan.model,
+            choices=choices,
+            usage=usage if usage is not None else self._chunk_usage,
+        ))
+
+
+class ResponseCollector:
+    """Gathers a non-streamed response's text per choice, then renders it."""
+
+    def __init__(self, plan: GenerationPlan) -> None:
+        self.plan = plan
+        self._texts: list[list[str]] = [[] for _ in plan.requests]
+        self._finish: list[str | None] = [None for _ in plan.requests]
+
+    def add(self, updates: Sequence[ChoiceUpdate]) -> None:
+        for update in updates:
+            self._texts[update.index].append(update.text)
+            if update.finish_reason is not None:
+                self._finish[update.index] = update.finish_reason
+
+    def render(self, usage: Usage) -> Completion | ChatCompletion:
+        texts = ["".join(parts) for parts in self._texts]
+        if self.plan.operation == "chat":
+            return ChatCompletion(
+                id=self.plan.response_id,
+                created=self.plan.created,
+                model=self.plan.model,
+                choices=[
+                    ChatChoice(index=i, message=AssistantMessage(content=text),
+                               finish_reason=self._finish[i])
+                    for i, text in enumerate(texts)
+                ],
+                usage=usage,
+            )
+        return Completion(
+            id=self.plan.response_id,
+            created=self.plan.created,
+            model=self.plan.model,
+            choices=[
+                CompletionChoice(index=i, text=text, finish_reason=self._finish[i])
+                for i, text in enumerate(texts)
+            ],
+            usage=usage,
+        )
