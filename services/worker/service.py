@@ -1,0 +1,176 @@
+"""The worker actor: a DEALER to the scheduler around one ``ModelRunner``.
+
+    scheduler ──StepPlan──▶ inbox ─▶ plan queue (bounded) ─▶ executor ─▶ thread: runner.execute
+    scheduler ◀─StepResult───────────────────────────────────────┘
+
+Plans run strictly in arrival order, one at a time, in a worker thread, so the
+event loop keeps heartbeating while torch computes; the scheduler runs a step or
+two ahead, and those plans wait in the queue. A full queue is answered at once
+with an error result ("busy"), never by blocking the inbox.
+
+A scheduler restart voids every request the worker holds (the new scheduler never
+heard of them): each queued plan carries the scheduler incarnation it came from,
+and the executor resets the runner before the first plan of a new incarnation and
+drops plans of an old one.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+import torch
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, StatusCode
+
+from services.worker.config import WorkerConfig
+from services.worker.runner import ModelRunner
+from shared.config import load_config
+from shared.logs import get_logger
+from shared.mesh import DealerEndpoint, Received, UpstreamJoined, UpstreamLost
+from shared.model_source import resolve_model_dir
+from shared.protocol.common import Rejected
+from shared.protocol.envelope import unpack_i32
+from shared.protocol.step import StepPlan, StepResult
+from shared.service import ServiceRuntime
+from shared.telemetry import tracer
+
+log = get_logger("meshserve.worker")
+_tracer = tracer("meshserve.worker")
+
+# Plans that may wait while one computes. The scheduler keeps a couple of steps in
+# flight; this is also the ``capacity`` the worker announces in its hello.
+PLAN_QUEUE_SIZE = 8
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedPlan:
+    plan: StepPlan
+    context: Context  # the trace context the plan arrived with
+    epoch: int  # which scheduler incarnation sent it
+
+
+def _num_tokens(plan: StepPlan) -> int:
+    """Tokens the plan computes (0 when its array is malformed; the runner says why)."""
+    return sum(unpack_i32(plan.num_tokens)) if len(plan.num_tokens) % 4 == 0 else 0
+
+
+class WorkerActor:
+    def __init__(self, runtime: ServiceRuntime, runner: ModelRunner) -> None:
+        self.runner = runner
+        details = runner.details()
+        self.endpoint: DealerEndpoint[StepPlan] = DealerEndpoint(
+            runtime.zmq,
+            runtime.addresses.scheduler_addr,
+            runtime.identity,
+            StepPlan,
+            heartbeat_s=runtime.process.heartbeat_s,
+            hello=lambda: runtime.identity.hello(capacity=PLAN_QUEUE_SIZE, worker=details),
+        )
+        plans_in, plans_out = anyio.create_memory_object_stream[QueuedPlan](PLAN_QUEUE_SIZE)
+        self._plans_in: MemoryObjectSendStream[QueuedPlan] = plans_in
+        self._plans_out: MemoryObjectReceiveStream[QueuedPlan] = plans_out
+        self._epoch = 0  # bumped when the scheduler comes back as a new incarnation
+        self._runner_epoch = 0
+        self.steps_run = 0
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.endpoint.run)
+            tg.start_soon(self._execute_plans)
+            async for event in self.endpoint.inbox:
+                await self._on_event(event)
+
+    async def _on_event(self, event: object) -> None:
+        match event:
+            case Received(body=StepPlan() as plan):
+                await self._enqueue(QueuedPlan(plan, event.context, self._epoch))
+            case Received(body=Rejected() as body):
+                log.warning("the scheduler rejected a message", reason=body.reason)
+            case Received(body=body, envelope=envelope):
+                self.endpoint.rejections.record(
+                    envelope.sender, f"{type(body).__name__} is not expected by a worker"
+                )
+            case UpstreamJoined(welcome=welcome, restarted=restarted):
+                if restarted:
+                    self._epoch += 1
+                    log.warning("scheduler restarted; dropping its requests",
+                                incarnation=welcome.incarnation)
+                else:
+                    log.info("scheduler reached", incarnation=welcome.incarnation)
+            case UpstreamLost(reason=reason):
+                log.warning("scheduler unreachable", reason=reason)
+
+    async def _enqueue(self, queued: QueuedPlan) -> None:
+        try:
+            self._plans_in.send_nowait(queued)
+        except anyio.WouldBlock:
+            reason = f"worker busy: {PLAN_QUEUE_SIZE} plans already queued"
+            self.endpoint.rejections.record("scheduler", f"step {queued.plan.step_id}: {reason}")
+            await self.endpoint.send(StepResult(queued.plan.step_id, [], b"", error=reason))
+
+    async def _execute_plans(self) -> None:
+        async for queued in self._plans_out:
+            if queued.epoch < self._epoch:
+                continue  # planned by a scheduler that no longer exists
+            if queued.epoch > self._runner_epoch:
+                self.runner.reset()
+                self._runner_epoch = queued.epoch
+            await self._execute(queued)
+
+    async def _execute(self, queued: QueuedPlan) -> None:
+        plan = queued.plan
+        # One span per step, linked to what it serves rather than parented by it.
+        origin = trace.get_current_span(queued.context).get_span_context()
+        links = [Link(origin)] if origin.is_valid else []
+        attributes = {
+            "meshserve.step_id": plan.step_id,
+            "meshserve.batch_size": len(plan.request_ids),
+            "meshserve.num_tokens": _num_tokens(plan),
+            "meshserve.new_requests": len(plan.new),
+        }
+        with _tracer.start_as_current_span(
+            "worker.step", links=links, attributes=attributes
+        ) as span:
+            result = await anyio.to_thread.run_sync(self.runner.execute, plan)
+            self.steps_run += 1
+            if queued.epoch < self._epoch:
+                # The scheduler restarted while this step ran; its step ids start
+                # over, so this result could be mistaken for one of the new ones.
+                return
+            if result.error is not None:
+                span.set_status(StatusCode.ERROR, result.error)
+                self.endpoint.rejections.record("scheduler", f"step {plan.step_id}: {result.error}")
+            else:
+                span.set_attribute("meshserve.sampled", len(result.request_ids))
+            await self.endpoint.send(result)
+
+
+def _load_runner(config: WorkerConfig) -> ModelRunner:
+    model_dir = resolve_model_dir(config.model)
+    return ModelRunner(
+        model_dir,
+        device=config.device,
+        dtype=config.dtype,
+        num_kv_blocks=config.num_kv_blocks,
+        block_size=config.block_size,
+        max_model_len=config.max_model_len,
+    )
+
+
+async def main(runtime: ServiceRuntime) -> None:
+    config = load_config(WorkerConfig)
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
+    log.info("loading model", model=config.model or "(embedded)", device=config.device)
+    # Off the event loop: loading takes seconds, and the supervisor link keeps beating.
+    runner = await anyio.to_thread.run_sync(functools.partial(_load_runner, config))
+    log.info("model loaded", **msgspec.structs.asdict(runner.details()),
+             dtype=str(runner.dtype).removeprefix("torch."))
+    runtime.capacity = PLAN_QUEUE_SIZE
+    runtime.ready = True
+    await WorkerActor(runtime, runner).run()
