@@ -39,7 +39,6 @@ from services.supervisor.mesh_plan import (
 )
 from services.supervisor.run_dir import kill_and_wait, pid_file, running_pid, wait_for_exit
 from shared.config import env_name, load_config
-from shared.embedded_model import SERVED_NAME, embedded_model_dir
 from shared.protocol.control import (
     ControlReply,
     MeshStatus,
@@ -326,6 +325,9 @@ def _remove_leftovers(run_dir: Path) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    # Imported here: the embedded model's module pulls in torch.
+    from shared.embedded_model import SERVED_NAME, embedded_model_dir
+
     settings = _settings(args)
     if not settings.model:
         # Show where the embedded model lives without generating it.

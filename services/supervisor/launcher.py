@@ -36,7 +36,6 @@ from services.supervisor.run_dir import (
     running_pid,
 )
 from services.supervisor.service import Supervisor
-from shared.embedded_model import SERVED_NAME, ensure_embedded_model
 from shared.logs import configure_logging, get_logger
 from shared.telemetry import configure_telemetry, shutdown_telemetry
 
@@ -85,6 +84,10 @@ def port_problem(host: str, port: int) -> str | None:
 def pin_model(settings: MeshSettings) -> MeshSettings:
     """Generate the embedded model once, here, so children never race to do it."""
     if not settings.model:
+        # Imported only when needed: it pulls in torch, which the supervisor
+        # otherwise never uses (and would carry in memory for the mesh's life).
+        from shared.embedded_model import SERVED_NAME, ensure_embedded_model
+
         return settings.with_model(ensure_embedded_model(), SERVED_NAME)
     if not (Path(settings.model) / "config.json").is_file():
         # Not fatal here: the services own model loading and say precisely what
