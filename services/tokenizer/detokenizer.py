@@ -34,6 +34,7 @@ REPLACEMENT_CHAR = "\ufffd"
 # Prompt ids decoded in front of the first output id: enough for any decoder's
 # look-behind (vLLM uses the same five), few enough to stay cheap.
 PROMPT_CONTEXT_IDS = 5
+MAX_IDS_PER_CHAR = 4  # a UTF-8 character is at most 4 bytes, so at most 4 byte tokens
 
 
 class IncrementalDecoder:
@@ -88,14 +89,26 @@ class IncrementalDecoder:
     def _release(self, *, final: bool) -> str:
         if self._read_offset == len(self._ids):
             return ""
-        window = self._ids[self._prefix_offset :]
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        text = self._decode(window)
-        if not final and (len(text) <= len(prefix_text) or text.endswith(REPLACEMENT_CHAR)):
-            return ""
+        end = len(self._ids)
+        text = self._decode(self._ids[self._prefix_offset : end])
+        if not final:
+            # Several new ids ending in an open character: release the complete
+            # text before it. A character spans at most 4 bytes, hence 4 ids.
+            backed_off = 0
+            while (
+                text.endswith(REPLACEMENT_CHAR)
+                and backed_off < MAX_IDS_PER_CHAR
+                and end - 1 > self._read_offset
+            ):
+                end -= 1
+                backed_off += 1
+                text = self._decode(self._ids[self._prefix_offset : end])
+            if len(text) <= len(prefix_text) or text.endswith(REPLACEMENT_CHAR):
+                return ""
         released = text[len(prefix_text) :]
         self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
+        self._read_offset = end
         # Released ids before the new prefix are never decoded again.
         if self._prefix_offset > 0:
             del self._ids[: self._prefix_offset]

@@ -84,6 +84,16 @@ def test_multibyte_characters_are_never_split(tokenizer: Tokenizer) -> None:
     assert "".join(pieces) + decoder.flush() == text
 
 
+def test_many_ids_at_once_release_the_text_before_an_open_character(
+    tokenizer: Tokenizer,
+) -> None:
+    ids = tokenizer.encode("abc 😀").ids
+    decoder = IncrementalDecoder(tokenizer)
+    assert decoder.push_many(ids[:-1]) == "abc "
+    assert decoder.pending_ids == 3
+    assert decoder.push_many(ids[-1:]) == "😀"
+
+
 def test_prompt_context_does_not_change_the_text(tokenizer: Tokenizer) -> None:
     prompt = tokenizer.encode("the prompt ends in 日本").ids
     ids = tokenizer.encode(" and the output 語 continues").ids

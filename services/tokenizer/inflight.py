@@ -1,0 +1,257 @@
+"""The requests one tokenizer replica detokenizes, as a pure state table.
+
+The actor (service.py) turns messages into calls on ``InflightRequests`` and sends
+what the returned ``Outcome`` says; nothing here does I/O, so every rule below is
+unit-tested without sockets.
+
+Rules:
+- A ``TokenOutput`` carries ``num_prior``, the output ids its request had before
+  it. Ids already seen (a duplicate after a retry) are skipped; a gap (ids this
+  replica never saw) cannot be detokenized and fails the request.
+- ``TextDelta.offset`` counts characters (code points) released before the delta.
+  A ``Reassign`` rebuilds the request from all its ids and releases its text again
+  from offset 0; the api drops what it already delivered.
+- A stop-string match ends the request here, before the scheduler knows: the
+  outcome lists it for an ``Abort(reason="stop")``. A finish reported by the
+  scheduler flushes whatever text was held back.
+- Ids of requests that ended here recently are expected stragglers (the scheduler
+  had already planned another step) and are ignored; other unknown ids are
+  reported so the actor can log them and tell the scheduler to stop them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer
+
+from services.tokenizer.detokenizer import RequestDetokenizer
+from shared.protocol.envelope import unpack_i32
+from shared.protocol.generation import (
+    DetokenizeSpec,
+    Reassign,
+    RequestFailed,
+    TextDelta,
+    TokenOutput,
+)
+
+# Ended requests remembered so their late outputs are recognised as stragglers.
+RECENTLY_ENDED = 8192
+
+
+class CorruptOutput(ValueError):
+    """Output ids that cannot be detokenized (bad packing, a gap, ids out of range)."""
+
+
+@dataclass(slots=True)
+class InflightRequest:
+    """One request's detokenization state. ``trace`` is the actor's opaque trace
+    context, kept so the request's finish joins its trace."""
+
+    request_id: str
+    prompt_tokens: int
+    detokenizer: RequestDetokenizer
+    trace: object = None
+    completion_tokens: int = 0
+    emitted_chars: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    request_id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    trace: object
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the actor must send after one message."""
+
+    deltas: list[TextDelta] = field(default_factory=list)  # one TextBatch to the api
+    stopped: list[str] = field(default_factory=list)  # Abort(reason="stop") to the scheduler
+    failed: list[RequestFailed] = field(default_factory=list)  # to the api
+    orphaned: list[str] = field(default_factory=list)  # Abort to the scheduler: no one reads them
+    unknown: list[str] = field(default_factory=list)  # never held here (subset of orphaned)
+    finished: list[Finished] = field(default_factory=list)  # ended normally, for telemetry
+    stragglers: int = 0  # outputs of recently ended requests, ignored
+
+
+class InflightRequests:
+    """Detokenization state of every request this replica holds. Pure, no I/O."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._requests: dict[str, InflightRequest] = {}
+        self._recently_ended: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._requests
+
+    def get(self, request_id: str) -> InflightRequest | None:
+        return self._requests.get(request_id)
+
+    def ids(self) -> list[str]:
+        return list(self._requests)
+
+    def admit(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        spec: DetokenizeSpec,
+        trace: object = None,
+    ) -> InflightRequest:
+        """Start holding a request that was just submitted."""
+        assert request_id not in self._requests, f"{request_id} admitted twice"
+        state = InflightRequest(
+            request_id=request_id,
+            prompt_tokens=len(prompt_ids),
+            detokenizer=RequestDetokenizer(self._tokenizer, prompt_ids, spec),
+            trace=trace,
+        )
+        self._requests[request_id] = state
+        self._recently_ended.pop(request_id, None)
+        return state
+
+    def drop(self, request_id: str) -> InflightRequest | None:
+        """Forget a request (aborted, failed upstream). Idempotent."""
+        state = self._requests.pop(request_id, None)
+        self._remember_ended(request_id)
+        return state
+
+    def drop_all(self) -> list[InflightRequest]:
+        """Forget every request (an upstream restarted and lost them)."""
+        states = list(self._requests.values())
+        for state in states:
+            self.drop(state.request_id)
+        return states
+
+    def apply(self, outputs: Sequence[TokenOutput]) -> Outcome:
+        """One ``TokenBatch``: new ids of some requests -> at most one delta each."""
+        outcome = Outcome()
+        for output in outputs:
+            state = self._requests.get(output.request_id)
+            if state is None:
+                if output.request_id in self._recently_ended:
+                    outcome.stragglers += 1
+                else:
+                    outcome.unknown.append(output.request_id)
+                    outcome.orphaned.append(output.request_id)
+                continue
+            try:
+                new_ids = self._new_ids(state, output)
+            except CorruptOutput as e:
+                self._fail(state, str(e), outcome)
+                continue
+            self._advance(state, new_ids, output.finish_reason, outcome)
+        return outcome
+
+    def reassign(self, message: Reassign, trace: object = None) -> Outcome:
+        """Take over a request from a replica that died: rebuild its state from all
+        its ids and release its whole text again, from offset 0."""
+        outcome = Outcome()
+        try:
+            prompt_ids = self._unpack(message.request_id, message.prompt_token_ids)
+            output_ids = self._unpack(message.request_id, message.output_token_ids)
+            self._check_range(message.request_id, output_ids)
+        except CorruptOutput as e:
+            self._requests.pop(message.request_id, None)
+            outcome.failed.append(_server_error(message.request_id, str(e)))
+            outcome.orphaned.append(message.request_id)
+            self._remember_ended(message.request_id)
+            return outcome
+        self._requests.pop(message.request_id, None)
+        state = self.admit(message.request_id, prompt_ids, message.detokenize, trace)
+        self._advance(state, output_ids, message.finish_reason, outcome, always_emit=True)
+        return outcome
+
+    def _advance(
+        self,
+        state: InflightRequest,
+        new_ids: Sequence[int],
+        finish_reason: str | None,
+        outcome: Outcome,
+        *,
+        always_emit: bool = False,
+    ) -> None:
+        detokenizer = state.detokenizer
+        text, consumed = detokenizer.push_many(new_ids)
+        state.completion_tokens += consumed
+        finish: str | None = None
+        if detokenizer.stopped:
+            finish = "stop"
+            if finish_reason is None:
+                # The scheduler does not know yet: it must stop generating.
+                outcome.stopped.append(state.request_id)
+        elif finish_reason is not None:
+            # Held-back text can no longer grow into a stop string or a character.
+            text += detokenizer.finish()
+            finish = "stop" if detokenizer.stopped else finish_reason
+        if text or finish is not None or always_emit:
+            outcome.deltas.append(
+                TextDelta(
+                    request_id=state.request_id,
+                    text=text,
+                    offset=state.emitted_chars,
+                    prompt_tokens=state.prompt_tokens,
+                    completion_tokens=state.completion_tokens,
+                    finish_reason=finish,
+                )
+            )
+            state.emitted_chars += len(text)
+        if finish is not None:
+            self.drop(state.request_id)
+            outcome.finished.append(
+                Finished(
+                    state.request_id,
+                    finish,
+                    state.prompt_tokens,
+                    state.completion_tokens,
+                    state.trace,
+                )
+            )
+
+    def _new_ids(self, state: InflightRequest, output: TokenOutput) -> Sequence[int]:
+        ids = self._unpack(output.request_id, output.token_ids)
+        already_seen = state.completion_tokens - output.num_prior
+        if already_seen < 0:
+            raise CorruptOutput(
+                f"output of {output.request_id} starts after output id {output.num_prior}, "
+                f"but this tokenizer has seen only {state.completion_tokens}"
+            )
+        new_ids = ids[already_seen:]
+        self._check_range(output.request_id, new_ids)
+        return new_ids
+
+    @staticmethod
+    def _unpack(request_id: str, packed: bytes) -> Sequence[int]:
+        if len(packed) % 4:
+            raise CorruptOutput(f"token ids of {request_id} are not packed int32")
+        return unpack_i32(packed)
+
+    def _check_range(self, request_id: str, ids: Sequence[int]) -> None:
+        if ids and not (min(ids) >= 0 and max(ids) < self._vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self._vocab_size)
+            raise CorruptOutput(f"token id {bad} of {request_id} is outside the vocabulary")
+
+    def _fail(self, state: InflightRequest, reason: str, outcome: Outcome) -> None:
+        self.drop(state.request_id)
+        outcome.failed.append(_server_error(state.request_id, reason))
+        outcome.orphaned.append(state.request_id)
+
+    def _remember_ended(self, request_id: str) -> None:
+        self._recently_ended[request_id] = None
+        self._recently_ended.move_to_end(request_id)
+        while len(self._recently_ended) > RECENTLY_ENDED:
+            self._recently_ended.popitem(last=False)
+
+
+def _server_error(request_id: str, reason: str) -> RequestFailed:
+    return RequestFailed(request_id, 500, "server_error", f"detokenization failed: {reason}")

@@ -1,0 +1,287 @@
+"""The tokenizer actor: encodes prompts for the scheduler and turns its token ids
+back into client text for the api.
+
+    api ──GenerateRequest, Abort──▶ tokenizer ──Submit, Abort──▶ scheduler
+    api ◀──TextBatch, RequestFailed── tokenizer ◀──TokenBatch, Reassign, RequestFailed── scheduler
+
+A thin shell: prompt encoding lives in ``PromptEncoder`` and per-request state in
+``InflightRequests``; this module only turns messages into calls on them and sends
+what they answer. Each upstream has one task reading its inbox. Every state change
+happens synchronously inside a call on ``InflightRequests``, so the only awaits are
+sends and the two tasks never see a half-updated request.
+
+Encoding runs inline in the event loop: a 600-token prompt takes well under a
+millisecond (measured ~0.4 ms for 520 tokens on the embedded tokenizer), less than
+a thread hop would add.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import anyio
+from anyio.abc import TaskStatus
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
+
+from services.tokenizer.config import TokenizerConfig
+from services.tokenizer.encoder import PromptEncoder, PromptError
+from services.tokenizer.inflight import Finished, InflightRequests, Outcome
+from shared.config import load_config
+from shared.logs import get_logger
+from shared.mesh import (
+    DealerEndpoint,
+    Received,
+    RejectionLog,
+    UpstreamJoined,
+    UpstreamLost,
+)
+from shared.model_source import resolve_model_dir
+from shared.protocol.common import Hello, Rejected
+from shared.protocol.envelope import pack_i32
+from shared.protocol.generation import (
+    Abort,
+    GenerateRequest,
+    Reassign,
+    RequestFailed,
+    Submit,
+    TextBatch,
+    TokenBatch,
+)
+from shared.service import ServiceRuntime
+from shared.telemetry import tracer
+
+log = get_logger("meshserve.tokenizer")
+_tracer = tracer("meshserve.tokenizer")
+
+# What each upstream may send this replica; anything else is rejected by the endpoint.
+FromApi = GenerateRequest | Abort
+FromScheduler = TokenBatch | Reassign | RequestFailed
+
+
+class TokenizerService:
+    """One tokenizer replica: a dealer to the api and one to the scheduler."""
+
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        config: TokenizerConfig,
+        encoder: PromptEncoder,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._tracer = tracer or _tracer
+        self._config = config
+        self._encoder = encoder
+        self.requests = InflightRequests(encoder.tokenizer, encoder.output_vocab_size)
+        # Messages that decode but make no sense (unknown ids, corrupt arrays):
+        # counted and logged at most once per window per sender, like the endpoints do.
+        self.rejections = RejectionLog(f"{runtime.identity.name} actor")
+        runtime.capacity = config.max_inflight
+        heartbeat_s = runtime.process.heartbeat_s
+        self.api: DealerEndpoint[FromApi] = DealerEndpoint(
+            runtime.zmq, runtime.addresses.api_addr, runtime.identity, FromApi,
+            heartbeat_s=heartbeat_s, hello=self._hello,
+        )
+        self.scheduler: DealerEndpoint[FromScheduler] = DealerEndpoint(
+            runtime.zmq, runtime.addresses.scheduler_addr, runtime.identity, FromScheduler,
+            heartbeat_s=heartbeat_s, hello=self._hello,
+        )
+
+    def _hello(self) -> Hello:
+        # The api routes new requests only to replicas that say they are ready.
+        return self._runtime.identity.hello(
+            capacity=self._config.max_inflight, ready=self._runtime.ready
+        )
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect both upstreams and serve until cancelled."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.api.run)
+            await tg.start(self.scheduler.run)
+            tg.start_soon(self._serve_api)
+            tg.start_soon(self._serve_scheduler)
+            task_status.started()
+
+    def _update_ready(self) -> None:
+        ready = self.api.connected and self.scheduler.connected
+        if ready != self._runtime.ready:
+            log.info("readiness changed", ready=ready)
+        self._runtime.ready = ready
+
+    # ---- api side ---------------------------------------------------------
+
+    async def _serve_api(self) -> None:
+        async for event in self.api.inbox:
+            match event:
+                case Received(body=GenerateRequest() as request):
+                    await self._on_generate(request, event.context)
+                case Received(body=Abort() as abort):
+                    self._on_api_abort(abort)
+                case Received(body=Rejected() as rejected):
+                    log.warning("api rejected a message", reason=rejected.reason)
+                case UpstreamJoined(restarted=restarted):
+                    self._update_ready()
+                    if restarted:
+                        await self._on_api_restarted()
+                case UpstreamLost(reason=reason):
+                    log.warning("api unreachable", reason=reason)
+                    self._update_ready()
+
+    def _admission_failure(self) -> RequestFailed | None:
+        if len(self.requests) >= self._config.max_inflight:
+            return RequestFailed(
+                "", 429, "server_busy",
+                f"tokenizer {self._runtime.identity.name} holds max_inflight="
+                f"{self._config.max_inflight} requests; retry later",
+            )
+        if not self.scheduler.connected:
+            return RequestFailed("", 503, "server_error", "scheduler unavailable")
+        return None
+
+    async def _on_generate(self, request: GenerateRequest, received_ctx: Context) -> None:
+        request_id = request.request_id
+        if request_id in self.requests:
+            # A re-sent request: this replica already submitted it.
+            self.rejections.record("api", f"duplicate GenerateRequest {request_id} ignored")
+            return
+        with self._tracer.start_as_current_span(
+            "tokenizer.encode", context=received_ctx, attributes={"gen_ai.request.id": request_id}
+        ) as span:
+            refusal = self._admission_failure()
+            if refusal is None:
+                try:
+                    prompt_ids = self._encoder.encode(request)
+                except PromptError as e:
+                    refusal = RequestFailed("", 400, "invalid_request_error", str(e))
+            if refusal is not None:
+                span.set_status(Status(StatusCode.ERROR, refusal.message))
+                log.info(
+                    "request refused", request_id=request_id,
+                    status=refusal.status, reason=refusal.message,
+                )
+                await self.api.send(
+                    RequestFailed(request_id, refusal.status, refusal.code, refusal.message)
+                )
+                return
+            span.set_attribute("gen_ai.usage.input_tokens", len(prompt_ids))
+            # Submit travels under the encode span so the scheduler's spans join the trace.
+            ctx = trace.set_span_in_context(span)
+            self.requests.admit(request_id, prompt_ids, request.detokenize, trace=ctx)
+            await self.scheduler.send(
+                Submit(
+                    request_id=request_id,
+                    prompt_token_ids=pack_i32(prompt_ids),
+                    sampling=request.sampling,
+                    detokenize=request.detokenize,
+                    priority=request.priority,
+                ),
+                ctx=ctx,
+            )
+
+    def _on_api_abort(self, abort: Abort) -> None:
+        # The api aborts the scheduler itself; here only the state goes.
+        for request_id in abort.request_ids:
+            state = self.requests.drop(request_id)
+            if state is not None:
+                self._finish_span(
+                    Finished(request_id, "abort", state.prompt_tokens,
+                             state.completion_tokens, state.trace)
+                )
+
+    async def _on_api_restarted(self) -> None:
+        # The new api knows none of the old requests: nobody will read their text.
+        lost = self.requests.drop_all()
+        if lost:
+            log.warning("api restarted, aborting its requests", requests=len(lost))
+            await self.scheduler.send(Abort([s.request_id for s in lost], reason="abort"))
+
+    # ---- scheduler side ---------------------------------------------------
+
+    async def _serve_scheduler(self) -> None:
+        async for event in self.scheduler.inbox:
+            match event:
+                case Received(body=TokenBatch() as batch):
+                    await self._send(self.requests.apply(batch.outputs), event.context)
+                case Received(body=Reassign() as reassign):
+                    log.info("request reassigned here", request_id=reassign.request_id)
+                    outcome = self.requests.reassign(reassign, trace=event.context)
+                    await self._send(outcome, event.context)
+                case Received(body=RequestFailed() as failed):
+                    self.requests.drop(failed.request_id)
+                    await self.api.send(failed, event.context)
+                case Received(body=Rejected() as rejected):
+                    log.warning("scheduler rejected a message", reason=rejected.reason)
+                case UpstreamJoined(restarted=restarted):
+                    self._update_ready()
+                    if restarted:
+                        await self._on_scheduler_restarted()
+                case UpstreamLost(reason=reason):
+                    # Requests are kept: a scheduler that comes back under the same
+                    # incarnation still has them; a restarted one is handled above.
+                    log.warning("scheduler unreachable", reason=reason, held=len(self.requests))
+                    self._update_ready()
+
+    async def _on_scheduler_restarted(self) -> None:
+        lost = self.requests.drop_all()
+        if lost:
+            log.warning("scheduler restarted, failing held requests", requests=len(lost))
+        for state in lost:
+            await self.api.send(
+                RequestFailed(state.request_id, 503, "server_error", "scheduler restarted"),
+                ctx=cast(Context | None, state.trace),
+            )
+
+    async def _send(self, outcome: Outcome, ctx: Context) -> None:
+        """Send what one scheduler message produced: all text in one TextBatch."""
+        if outcome.deltas:
+            await self.api.send(TextBatch(outcome.deltas), ctx)
+        for failed in outcome.failed:
+            # One line per failed request (the client sees each as an error), not
+            # rate-limited like stray ids, which a confused peer can send without end.
+            self.rejections.count += 1
+            log.warning(
+                "request failed: corrupt token output",
+                request_id=failed.request_id, reason=failed.message,
+            )
+            await self.api.send(failed, ctx)
+        if outcome.stopped:
+            await self.scheduler.send(Abort(outcome.stopped, reason="stop"), ctx)
+        if outcome.unknown:
+            self.rejections.record(
+                "scheduler",
+                f"token outputs for {len(outcome.unknown)} unknown request(s), "
+                f"e.g. {outcome.unknown[0]!r}; asking the scheduler to abort them",
+            )
+        if outcome.orphaned:
+            await self.scheduler.send(Abort(outcome.orphaned, reason="abort"), ctx)
+        for finished in outcome.finished:
+            self._finish_span(finished)
+
+    def _finish_span(self, finished: Finished) -> None:
+        # One short span per request end, not per batch: per-token spans would
+        # outnumber the requests they describe by orders of magnitude.
+        span = self._tracer.start_span(
+            "tokenizer.finish",
+            context=cast(Context | None, finished.trace),
+            attributes={
+                "gen_ai.request.id": finished.request_id,
+                "gen_ai.response.finish_reasons": [finished.finish_reason],
+                "gen_ai.usage.input_tokens": finished.prompt_tokens,
+                "gen_ai.usage.output_tokens": finished.completion_tokens,
+            },
+        )
+        span.end()
+
+
+async def main(runtime: ServiceRuntime) -> None:
+    config = load_config(TokenizerConfig)
+    # The embedded model may have to be generated first (seconds): off the loop.
+    model_dir = await anyio.to_thread.run_sync(resolve_model_dir, config.model)
+    encoder = await anyio.to_thread.run_sync(PromptEncoder.from_folder, model_dir)
+    log.info(
+        "tokenizer loaded", model=str(model_dir), vocab_size=encoder.vocab_size,
+        chat_template=encoder.chat_template is not None, max_inflight=config.max_inflight,
+    )
+    await TokenizerService(runtime, config, encoder).run()
