@@ -2,7 +2,8 @@
 back into client text for the api.
 
     api ──GenerateRequest, Abort──▶ tokenizer ──Submit, Abort──▶ scheduler
-    api ◀──TextBatch, RequestFailed── tokenizer ◀──TokenBatch, Reassign, RequestFailed── scheduler
+    api ◀──TextBatch, RequestFailed── tokenizer ◀──TokenBatch, Reassign, RequestFailed,
+                                                   Abort── scheduler
 
 A thin shell: prompt encoding lives in ``PromptEncoder`` and per-request state in
 ``InflightRequests``; this module only turns messages into calls on them and sends
@@ -57,7 +58,9 @@ _tracer = tracer("meshserve.tokenizer")
 
 # What each upstream may send this replica; anything else is rejected by the endpoint.
 FromApi = GenerateRequest | Abort
-FromScheduler = TokenBatch | Reassign | RequestFailed
+# An Abort from the scheduler means "no longer yours" (e.g. ownership moved to the
+# replica that re-submitted the request after a failover): drop the state, no reply.
+FromScheduler = TokenBatch | Reassign | RequestFailed | Abort
 
 
 class TokenizerService:
@@ -104,11 +107,15 @@ class TokenizerService:
             tg.start_soon(self._serve_scheduler)
             task_status.started()
 
-    def _update_ready(self) -> None:
+    async def _update_ready(self) -> None:
         ready = self.api.connected and self.scheduler.connected
-        if ready != self._runtime.ready:
-            log.info("readiness changed", ready=ready)
+        if ready == self._runtime.ready:
+            return
+        log.info("readiness changed", ready=ready)
         self._runtime.ready = ready
+        # Tell the api now rather than at the next beat: it routes on this flag.
+        if self.api.connected:
+            await self.api.say_hello()
 
     # ---- api side ---------------------------------------------------------
 
@@ -118,16 +125,17 @@ class TokenizerService:
                 case Received(body=GenerateRequest() as request):
                     await self._on_generate(request, event.context)
                 case Received(body=Abort() as abort):
-                    self._on_api_abort(abort)
+                    # The api aborts the scheduler itself; here only the state goes.
+                    self._drop(abort.request_ids, "abort")
                 case Received(body=Rejected() as rejected):
                     log.warning("api rejected a message", reason=rejected.reason)
                 case UpstreamJoined(restarted=restarted):
-                    self._update_ready()
+                    await self._update_ready()
                     if restarted:
                         await self._on_api_restarted()
                 case UpstreamLost(reason=reason):
                     log.warning("api unreachable", reason=reason)
-                    self._update_ready()
+                    await self._update_ready()
 
     def _admission_failure(self) -> RequestFailed | None:
         if len(self.requests) >= self._config.max_inflight:
@@ -180,13 +188,12 @@ class TokenizerService:
                 ctx=ctx,
             )
 
-    def _on_api_abort(self, abort: Abort) -> None:
-        # The api aborts the scheduler itself; here only the state goes.
-        for request_id in abort.request_ids:
+    def _drop(self, request_ids: list[str], reason: str) -> None:
+        for request_id in request_ids:
             state = self.requests.drop(request_id)
             if state is not None:
                 self._finish_span(
-                    Finished(request_id, "abort", state.prompt_tokens,
+                    Finished(request_id, reason, state.prompt_tokens,
                              state.completion_tokens, state.trace)
                 )
 
@@ -211,17 +218,19 @@ class TokenizerService:
                 case Received(body=RequestFailed() as failed):
                     self.requests.drop(failed.request_id)
                     await self.api.send(failed, event.context)
+                case Received(body=Abort() as abort):
+                    self._drop(abort.request_ids, "abort")
                 case Received(body=Rejected() as rejected):
                     log.warning("scheduler rejected a message", reason=rejected.reason)
                 case UpstreamJoined(restarted=restarted):
-                    self._update_ready()
+                    await self._update_ready()
                     if restarted:
                         await self._on_scheduler_restarted()
                 case UpstreamLost(reason=reason):
                     # Requests are kept: a scheduler that comes back under the same
                     # incarnation still has them; a restarted one is handled above.
                     log.warning("scheduler unreachable", reason=reason, held=len(self.requests))
-                    self._update_ready()
+                    await self._update_ready()
 
     async def _on_scheduler_restarted(self) -> None:
         lost = self.requests.drop_all()

@@ -426,23 +426,27 @@ async def test_failures_are_forwarded_and_bad_prompts_refused(
         await peers.barrier()  # nothing was submitted
 
 
-async def test_api_abort_drops_the_request(
+async def test_aborts_drop_the_request(
     ipc_dir: Path, model_dir: Path, encoder: PromptEncoder
 ) -> None:
     async with tokenizer_mesh(ipc_dir, model_dir) as peers:
-        for request_id in ("gone", "kept"):
+        for request_id in ("gone", "moved", "kept"):
             await peers.generate(generate_request(request_id, prompt="p"))
             await peers.submitted()
         await peers.api.send(peers.tokenizer(), Abort(["gone"]))
+        # The scheduler gave "moved" to another replica: no longer this one's.
+        await peers.scheduler.send(peers.scheduler_side(), Abort(["moved"], reason="reassigned"))
+        # Handled before these outputs (the api abort: the barrier's Submit proves it).
+        await peers.barrier()
         ids = encoder.encode_text("hello")
-        # Same socket, in order: the abort is handled before these outputs arrive.
         await peers.tokens(
             TokenOutput("gone", pack_i32(ids), 0, 1),
+            TokenOutput("moved", pack_i32(ids), 0, 1),
             TokenOutput("kept", pack_i32(ids), 0, 1, "length"),
         )
         batch = (await peers.expect(peers.api, TextBatch)).body
         assert [d.request_id for d in batch.deltas] == ["kept"]
-        await peers.barrier()  # a straggler, not an unknown id: no Abort
+        await peers.barrier()  # stragglers, not unknown ids: no Abort
 
 
 async def test_garbage_and_wrong_messages_are_rejected_and_service_keeps_serving(
