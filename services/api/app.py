@@ -27,6 +27,7 @@ from services.api.config import ApiConfig
 from services.api.disconnect import cancelled_on_disconnect, wait_for_disconnect
 from services.api.errors import ApiError, from_decode_error
 from services.api.generation_plan import GenerationPlan, plan_chat, plan_completion
+from services.api.metrics import ApiMetrics
 from services.api.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -98,14 +99,25 @@ class EventStream(Response):
                 await self.on_close(disconnected)
 
 
-class OpenAIRoutes:
-    """Handlers of the OpenAI-compatible routes."""
+MetricsSource = Callable[[], str]
 
-    def __init__(self, actor: ApiActor, config: ApiConfig, served_model: str) -> None:
+
+class OpenAIRoutes:
+    """Handlers of the OpenAI-compatible routes, /health and /metrics."""
+
+    def __init__(
+        self,
+        actor: ApiActor,
+        config: ApiConfig,
+        served_model: str,
+        metrics_sources: list[MetricsSource] | None = None,
+    ) -> None:
         self.actor = actor
         self.config = config
         self.served_model = served_model
         self.created = int(time.time())
+        self.metrics = ApiMetrics(served_model)
+        self.metrics_sources = list(metrics_sources or [])
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -114,7 +126,21 @@ class OpenAIRoutes:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.render_metrics, methods=["GET"]),
         ]
+
+    async def render_metrics(self, request: Request) -> Response:
+        gauges = self.actor.gauges()
+        text = self.metrics.render(gauges.scheduler, gauges.tokenizers, gauges.inflight,
+                                   gauges.rejected_messages)
+        text += "".join(source() for source in self.metrics_sources)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def api_error(self, request: Request, exc: Exception) -> Response:
+        """Errors raised before a response started (validation, admission)."""
+        assert isinstance(exc, ApiError)
+        self.metrics.request_failed(exc.status, exc.code)
+        return error_response(exc)
 
     async def models(self, request: Request) -> Response:
         return json_response(ModelList(data=[self._card()]))
@@ -176,6 +202,7 @@ class OpenAIRoutes:
             if disconnected and not flight.finished:
                 log.info("client disconnected", request_id=flight.plan.response_id)
                 span.client_gone()
+                self.metrics.client_disconnected()
             await self.actor.release(flight)
             span.end()
 
@@ -206,15 +233,24 @@ class OpenAIRoutes:
                 for event in renderer.updates(updates):
                     yield event
         except ApiError as error:
-            log.info("request failed", request_id=flight.plan.response_id,
-                     status=error.status, code=error.code)
-            span.fail(error)
+            self._failed(flight, span, error)
             for event in renderer.failure(error):
                 yield event
             return
-        span.succeed(flight)
+        self._succeeded(flight, span)
         for event in renderer.closing(usage_of(flight.prompt_tokens, flight.completion_tokens)):
             yield event
+
+    def _succeeded(self, flight: Flight, span: RequestSpan) -> None:
+        span.succeed(flight)
+        self.metrics.request_succeeded(flight.finish_reasons(), flight.prompt_tokens,
+                                       flight.completion_tokens, span.ttft_s, span.elapsed_s())
+
+    def _failed(self, flight: Flight, span: RequestSpan, error: ApiError) -> None:
+        log.info("request failed", request_id=flight.plan.response_id,
+                 status=error.status, code=error.code, message=error.message)
+        span.fail(error)
+        self.metrics.request_failed(error.status, error.code)
 
     async def _respond(self, request: Request, flight: Flight, span: RequestSpan) -> Response:
         collector = ResponseCollector(flight.plan)
@@ -228,14 +264,13 @@ class OpenAIRoutes:
         if watch.disconnected:
             log.info("client disconnected", request_id=flight.plan.response_id)
             span.client_gone()
+            self.metrics.client_disconnected()
             # Nobody reads this; 499 is what proxies log for "client closed request".
             return Response(status_code=499)
         if failure is not None:
-            log.info("request failed", request_id=flight.plan.response_id,
-                     status=failure.status, code=failure.code)
-            span.fail(failure)
+            self._failed(flight, span, failure)
             return error_response(failure)
-        span.succeed(flight)
+        self._succeeded(flight, span)
         usage = usage_of(flight.prompt_tokens, flight.completion_tokens)
         return json_response(collector.render(usage))
 
@@ -246,11 +281,6 @@ async def _decode(request: Request, kind: type[Any]) -> Any:
         return decode_body(body, kind)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise from_decode_error(e) from e
-
-
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return error_response(exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -270,13 +300,15 @@ def build_app(
     config: ApiConfig,
     served_model: str,
     extra_routes: list[BaseRoute] | None = None,
+    metrics_sources: list[MetricsSource] | None = None,
 ) -> Starlette:
-    """The api's ASGI app; ``extra_routes`` lets other endpoints (speech) join it."""
-    routes = OpenAIRoutes(actor, config, served_model).routes() + list(extra_routes or [])
+    """The api's ASGI app. ``extra_routes`` lets other endpoints (speech) join it;
+    each of ``metrics_sources`` appends exposition lines to /metrics."""
+    openai_routes = OpenAIRoutes(actor, config, served_model, metrics_sources)
     return Starlette(
-        routes=routes,
+        routes=openai_routes.routes() + list(extra_routes or []),
         exception_handlers={
-            ApiError: _api_error,
+            ApiError: openai_routes.api_error,
             HTTPException: _http_error,
             Exception: _unexpected,
         },

@@ -20,6 +20,7 @@ requests fail with 503.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import anyio
 import zmq
@@ -64,6 +65,16 @@ TOKENIZER = "tokenizer"
 # What each socket may carry towards the api; anything else is rejected by the endpoint.
 FromTokenizer = TextBatch | RequestFailed
 FromScheduler = SchedulerStatus | RequestFailed
+
+
+@dataclass(frozen=True, slots=True)
+class MeshGauges:
+    """What /metrics reports of the mesh, as the api sees it."""
+
+    scheduler: SchedulerStatus | None
+    tokenizers: int
+    inflight: int
+    rejected_messages: int
 
 
 class ApiActor:
@@ -116,6 +127,14 @@ class ApiActor:
             flight.fail(error)
 
     # --- what HTTP handlers call --------------------------------------------------
+
+    def gauges(self) -> MeshGauges:
+        return MeshGauges(
+            scheduler=self.health.fresh_status(time.monotonic()),
+            tokenizers=len(self._tokenizer_candidates()),
+            inflight=len(self.registry),
+            rejected_messages=self.tokenizers.rejections.count + self.scheduler.rejections.count,
+        )
 
     def health_report(self) -> HealthReport:
         return self.health.report(len(self._tokenizer_candidates()), time.monotonic())

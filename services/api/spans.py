@@ -48,6 +48,9 @@ class RequestSpan:
         self.ttft_s: float | None = None
         self._ended = False
 
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self._started
+
     def first_token(self) -> None:
         """Time to first token: the first text the client can be given."""
         if self.ttft_s is not None:

@@ -685,6 +685,14 @@ async def test_garbage_on_the_zmq_socket_is_rejected_and_http_keeps_working(
         assert results[0].status_code == 200
         assert results[0].json()["choices"][0]["text"] == "fine"
 
+        metrics = (await client.get(f"{mesh.url}/metrics")).text
+        assert f'vllm:request_success_total{{model_name="{SERVED}",finished_reason="stop"}} 1' \
+            in metrics.splitlines()
+        assert f'vllm:num_requests_running{{model_name="{SERVED}"}} 0' in metrics.splitlines()
+        rejected = next(line for line in metrics.splitlines()
+                        if line.startswith("meshserve:api_rejected_messages_total "))
+        assert int(rejected.split()[1]) >= 2  # the garbage and the unknown request
+
 
 class OtlpCollector(trace_service_pb2_grpc.TraceServiceServicer):
     """An OTLP/gRPC trace receiver: what the api exports lands in ``spans``."""
