@@ -30,7 +30,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.encoder import PromptEncoder
-from services.tokenizer.service import TokenizerService
+from services.tokenizer.service import LONG_PROMPT_CHARS, TokenizerService
 from shared.config import MeshAddresses, ProcessConfig
 from shared.embedded_model import ensure_embedded_model
 from shared.mesh import Identity, Received, RouterEndpoint
@@ -332,6 +332,13 @@ async def test_completion_and_chat_submit_the_reference_ids(
         ids = encoder.encode_text("12 tokens of")
         await peers.generate(generate_request("ids", prompt_token_ids=pack_i32(ids)))
         assert list(unpack_i32((await peers.submitted()).prompt_token_ids)) == ids
+
+        # Long enough to be encoded off the event loop.
+        long_prompt = "def long_function(argument):\n    return argument * 2\n" * 400
+        assert len(long_prompt) > LONG_PROMPT_CHARS
+        await peers.generate(generate_request("long", prompt=long_prompt))
+        submit = await peers.submitted()
+        assert list(unpack_i32(submit.prompt_token_ids)) == reference(long_prompt)["input_ids"]
 
 
 async def test_token_batches_become_text_equal_to_the_full_decode(

@@ -136,6 +136,24 @@ def test_bos_from_add_bos_token_flag(folder_copy: Callable[..., Path]) -> None:
     )
 
 
+def test_flagged_bos_is_added_even_if_the_text_starts_with_it(
+    folder_copy: Callable[..., Path],
+) -> None:
+    def edit(config: dict[str, Any]) -> None:
+        config["add_bos_token"] = True
+        config["add_eos_token"] = True
+        config["bos_token"] = "<|end_of_text|>"
+
+    folder = folder_copy(config_edit=edit)
+    encoder, hf = PromptEncoder.from_folder(folder), reference(folder)
+    hf.add_bos_token = True  # see test_bos_from_add_bos_token_flag
+    hf.add_eos_token = True
+    for prompt in ("<|end_of_text|>Hello", "Hello<|im_end|>", "x"):
+        got = encoder.encode_text(prompt)
+        assert got == hf(prompt)["input_ids"], prompt
+        assert got[0] == 0 and got[-1] == 2
+
+
 def _bos_post_processor(tokenizer: dict[str, Any]) -> None:
     tokenizer["post_processor"] = {
         "type": "TemplateProcessing",
