@@ -157,7 +157,7 @@ class OpenAIRoutes:
         return json_response(report, 200 if report.status == "ok" else 503)
 
     async def completions(self, request: Request) -> Response:
-        body = await _decode(request, CompletionRequest)
+        body = await _decode(request, CompletionRequest, self.config.max_request_bytes)
         plan = plan_completion(
             body, served_model=self.served_model, config=self.config,
             response_id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
@@ -165,7 +165,8 @@ class OpenAIRoutes:
         return await self._generate(request, plan)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await _decode(request, ChatCompletionRequest)
+        body = await _decode(request, ChatCompletionRequest,
+                             self.config.max_request_bytes)
         plan = plan_chat(
             body, served_model=self.served_model, config=self.config,
             response_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
@@ -275,12 +276,29 @@ class OpenAIRoutes:
         return json_response(collector.render(usage))
 
 
-async def _decode(request: Request, kind: type[Any]) -> Any:
-    body = await request.body()
+async def _decode(request: Request, kind: type[Any], max_bytes: int) -> Any:
+    """Read and decode a JSON body, refusing one larger than ``max_bytes`` before
+    holding it all in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         return decode_body(body, kind)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise from_decode_error(e) from e
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {max_bytes} bytes",
+                    code="request_too_large")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -19,3 +19,4 @@ class ApiConfig(msgspec.Struct, frozen=True):
     max_n: int = 16  # largest `n` (choices per request) accepted
     max_inflight: int = 4096  # in-flight sub-requests; beyond it HTTP 429
     shutdown_grace_s: float = 5.0  # open HTTP connections get this long to finish
+    max_request_bytes: int = 16 << 20  # larger request bodies get HTTP 413

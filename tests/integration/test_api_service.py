@@ -309,7 +309,9 @@ def sse_payloads(body: str) -> list[Any]:
 
 
 async def test_health_models_and_request_errors(ipc_dir: Path) -> None:
-    async with api_mesh(ipc_dir, tokenizers=0) as mesh, httpx.AsyncClient() as client:
+    env = {"MESHSERVE_MAX_REQUEST_BYTES": "4096"}
+    async with api_mesh(ipc_dir, tokenizers=0, env=env) as mesh, \
+            httpx.AsyncClient() as client:
         with anyio.fail_after(WAIT_S):
             await mesh.scheduler.api_joined.wait()
         health = await client.get(f"{mesh.url}/health")
@@ -357,6 +359,11 @@ async def test_health_models_and_request_errors(ipc_dir: Path) -> None:
             await sdk.chat.completions.create(
                 model="gpt-9", messages=[{"role": "user", "content": "hi"}])
         assert raised.value.code == "model_not_found"
+
+        too_large = await client.post(f"{mesh.url}/v1/completions",
+                                      json={"model": SERVED, "prompt": "x" * 5000})
+        assert too_large.status_code == 413
+        assert too_large.json()["error"]["code"] == "request_too_large"
 
         no_route = await client.get(f"{mesh.url}/v1/nothing")
         assert no_route.status_code == 404 and "error" in no_route.json()
