@@ -111,10 +111,15 @@ def _cut_top_k_top_p(
 ) -> torch.Tensor:
     """Set logits outside each row's top-k, then outside its top-p nucleus, to -inf.
     The nucleus is the smallest prefix of tokens by probability whose mass reaches
-    top_p (the most likely token always stays)."""
+    top_p (the most likely token always stays). Ties at the k-th logit all stay."""
     device = scaled.device
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
     ks = torch.tensor(top_ks, device=device)
+    if all(p >= 1.0 for p in top_ps):
+        # Top-k alone needs only the k largest, not a sort of the whole vocabulary.
+        largest = scaled.topk(max(top_ks), dim=-1).values
+        kth = largest.gather(1, (ks - 1)[:, None])
+        return scaled.masked_fill(scaled < kth, float("-inf"))
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
     kth = sorted_logits.gather(1, (ks - 1)[:, None])
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     # top_p 1 keeps everything: use a bound the float32 cumsum cannot reach.

@@ -67,6 +67,11 @@ def test_top_p_keeps_the_smallest_prefix_reaching_its_mass() -> None:
         params = [SamplingParams(temperature=1.0, top_p=top_p, seed=s) for s in range(400)]
         seen = set(Sampler(CPU).sample(logits.expand(400, -1), params, [0] * 400))
         assert seen == support, top_p
+    # Both cuts: top-k first (keeps 0.5 and 0.3), then the nucleus of what is left.
+    both = [SamplingParams(temperature=1.0, top_k=2, top_p=0.99, seed=s) for s in range(400)]
+    assert set(Sampler(CPU).sample(logits.expand(400, -1), both, [0] * 400)) == {1, 3}
+    narrow = [SamplingParams(temperature=1.0, top_k=2, top_p=0.6, seed=s) for s in range(400)]
+    assert set(Sampler(CPU).sample(logits.expand(400, -1), narrow, [0] * 400)) == {1}
 
 
 def test_exponential_race_matches_the_distribution() -> None:
