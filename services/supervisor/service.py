@@ -256,7 +256,7 @@ class Supervisor:
                 )
                 if isinstance(decision, GiveUp):
                     child.state = ChildState.FAILED
-                    log.error("giving up", service=decision.service, reason=decision.reason)
+                    log.error("giving up", failed_service=decision.service, reason=decision.reason)
                     self.request_shutdown(decision.reason, failed=True)
                     return
                 child.state = ChildState.BACKOFF
@@ -490,12 +490,12 @@ class Supervisor:
                 next_id = current[-1].child.replica + 1 if current else 0
                 missing = range(wanted - len(current))
                 added = [self._add_child(service, next_id + i) for i in missing]
-                log.info("scaling up", service=service, replicas=wanted)
+                log.info("scaling up", scaled_service=service, replicas=wanted)
                 if failed := await self._wait_healthy(added, set()):
                     return failed
             elif wanted < len(current):
                 removed = current[wanted:]
-                log.info("scaling down", service=service, replicas=wanted)
+                log.info("scaling down", scaled_service=service, replicas=wanted)
                 async with anyio.create_task_group() as tg:
                     for slot in removed:
                         tg.start_soon(self._stop_child, slot)

@@ -197,3 +197,36 @@ def test_children_die_with_a_killed_supervisor_and_the_run_dir_is_reused(
         second.stop()
     assert second.process.returncode == 0
     assert not (run_dir / "supervisor.pid").exists()
+
+
+def test_config_prints_every_service_with_env_and_flags_applied(ipc_dir: Path) -> None:
+    env = {**os.environ, "MESHSERVE_MAX_NUM_SEQS": "7"}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.supervisor", "config", "--json", "--run-dir",
+         str(ipc_dir), "--port", "9123", "--device", "cpu", "--set", "block_size=32"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    config = json.loads(done.stdout)
+    assert set(config) == {
+        "process", "addresses", "supervisor", "api", "tokenizer", "scheduler", "kvcache",
+        "worker", "tts",
+    }
+    assert config["api"]["port"] == 9123 and config["worker"]["device"] == "cpu"
+    assert config["scheduler"]["max_num_seqs"] == 7
+    assert config["kvcache"]["block_size"] == 32 == config["worker"]["block_size"]
+    assert config["addresses"]["scheduler_addr"] == f"ipc://{ipc_dir}/scheduler.sock"
+    assert config["api"]["model"] == config["worker"]["model"] != ""
+
+    text = subprocess.run(
+        [sys.executable, "-m", "services.supervisor", "config", "--run-dir", str(ipc_dir)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert text.returncode == 0 and "[scheduler]" in text.stdout
+    assert "max_num_batched_tokens = 2048  # MESHSERVE_MAX_NUM_BATCHED_TOKENS" in text.stdout
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "services.supervisor", "config", "--set", "max_num_seqs=lots"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert bad.returncode == 1 and "max_num_seqs" in bad.stderr

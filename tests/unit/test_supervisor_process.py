@@ -48,7 +48,7 @@ import anyio
 from shared.service import serve
 
 async def main(runtime):
-    runtime.ready = True
+    runtime.ready = service not in os.environ.get("STAND_IN_UNREADY", "").split(",")
     await anyio.sleep_forever()
 
 serve(service, main)
@@ -203,6 +203,19 @@ async def test_a_service_that_cannot_start_makes_the_supervisor_give_up(ipc_dir:
     assert worker.state == "failed" and worker.restarts == 2
     assert all(c.pid is None for c in status.children)
     assert {c.state for c in status.children if c.service != "worker"} == {"stopped"}
+
+
+async def test_a_mesh_not_healthy_by_the_deadline_fails_naming_the_laggard(
+    ipc_dir: Path,
+) -> None:
+    settings = make_settings(ipc_dir, "startup_timeout_s=3", STAND_IN_UNREADY="worker")
+    async with supervised(settings, command=stand_in) as mesh:
+        with anyio.fail_after(DEADLINE_S):
+            await mesh.ready.wait()
+        ok, reason = mesh.outcome[0]
+        assert not ok and reason == "mesh not healthy within 3 s: worker/0 (starting)"
+    assert mesh.exit_code == 1
+    assert all(c.state == "stopped" for c in mesh.supervisor.status().children)
 
 
 async def test_operator_restart_and_scale_over_the_control_socket(ipc_dir: Path) -> None:
