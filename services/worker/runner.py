@@ -21,7 +21,9 @@ import torch
 
 from services.worker.device import default_num_kv_blocks, resolve_device, resolve_dtype
 from services.worker.kv_cache import PagedKVCache
+from services.worker.models.config import load_config
 from services.worker.models.llama import LlamaModel
+from services.worker.models.weights import load_weights
 from services.worker.sampling import Sampler, validate_sampling
 from services.worker.step_batch import RequestState, blocks_for, build_step_batch
 from shared.protocol.common import WorkerDetails
@@ -67,14 +69,16 @@ class ModelRunner:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = LlamaModel.load(self.model_dir, self.device, self.dtype)
-        config = self.model.config
+        config = load_config(self.model_dir)
         limit = config.max_position_embeddings
         if max_model_len > limit:
             raise ValueError(
                 f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}"
             )
         self.max_model_len = max_model_len or limit
+        weights = load_weights(self.model_dir, self.device, self.dtype)
+        # Rope tables cover max_model_len positions, not the model's whole range.
+        self.model = LlamaModel(config, weights, self.device, self.dtype, self.max_model_len)
         self.block_size = block_size
         if num_kv_blocks <= 0:
             per_block = PagedKVCache.bytes_per_block(
