@@ -255,6 +255,7 @@ async def api_mesh(
     child_env.update({
         "MESHSERVE_API_ADDR": f"ipc://{ipc_dir}/api.sock",
         "MESHSERVE_SCHEDULER_ADDR": f"ipc://{ipc_dir}/scheduler.sock",
+        "MESHSERVE_SPEECH_ADDR": f"ipc://{ipc_dir}/speech.sock",
         "MESHSERVE_PORT": str(port),
         "MESHSERVE_HEARTBEAT_S": str(HEARTBEAT_S),
         "MESHSERVE_SHUTDOWN_GRACE_S": "2",
