@@ -171,6 +171,7 @@ class TokenizerService:
             "tokenizer.encode", context=received_ctx, attributes={"gen_ai.request.id": request_id}
         ) as span:
             refusal = self._admission_failure()
+            prompt_ids: list[int] = []
             if refusal is None:
                 try:
                     if _prompt_chars(request) > LONG_PROMPT_CHARS:
