@@ -182,9 +182,11 @@ class OpenAIRoutes:
         flight = Flight(plan, span.context)
         try:
             await self.actor.submit(flight)
-        except ApiError as error:
-            await self.actor.release(flight)
-            span.fail(error)
+        except BaseException as error:
+            with anyio.CancelScope(shield=True):
+                await self.actor.release(flight)
+            if isinstance(error, ApiError):
+                span.fail(error)
             span.end()
             raise
         log.info("request submitted", request_id=plan.response_id, n=len(plan.requests),

@@ -183,6 +183,8 @@ class FlightRegistry:
         if flight.closed:
             return []
         flight.closed = True
+        if flight not in self._flights:
+            return []  # never opened (refused at admission): nothing reached the mesh
         self._flights.discard(flight)
         unfinished = []
         for choice in flight.choices:

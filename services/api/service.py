@@ -162,7 +162,7 @@ class ApiActor:
             return
         ids = [choice.request_id for choice in unfinished]
         if self.stopping:
-            # The sockets are closing; the scheduler sees the api leave anyway.
+            # The sockets are closing: nothing can be sent any more.
             log.info("not aborting: shutting down", request_ids=ids)
             return
         log.info("aborting", request_ids=ids)

@@ -167,6 +167,10 @@ def test_in_flight_bound_is_a_429() -> None:
         registry.open(make_flight(n=2, response_id="b"))
     assert (raised.value.status, raised.value.code) == (429, "server_busy")
     registry.open(make_flight(n=1, response_id="c"))
+    refused = make_flight(response_id="d")
+    with pytest.raises(ApiError):
+        registry.open(refused)
+    assert registry.close(refused) == []  # nothing reached the mesh: nothing to abort
 
 
 def test_held_by_and_outstanding_drive_failover_and_placement() -> None:
