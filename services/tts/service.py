@@ -44,6 +44,7 @@ from shared.protocol.speech import (
     EngineSynthesize,
     SpeechCancel,
     SpeechCatalog,
+    SpeechCatalogRequest,
     SpeechChunk,
     SpeechFailed,
     SpeechFromTts,
@@ -140,6 +141,9 @@ class TtsActor:
                 await self._cancel(ids, reason)
             case Received(body=SpeechStatusRequest()):
                 await self._send(self.status(), event.context)
+            case Received(body=SpeechCatalogRequest()):
+                self._announced = False
+                await self._announce()
             case SlotAudio(slot=slot, audio=audio):
                 job = self.scheduler.job_in(slot)
                 out = self.scheduler.on_audio(
@@ -163,7 +167,7 @@ class TtsActor:
                     self._voices = frozenset(v.name for v in info.voices)
                     self._models = frozenset(info.models)
                 log.info("engine ready", slot=slot, pid=info.pid, engine=info.engine)
-                self.runtime.ready = self.ready
+                await self._readiness_changed()
                 await self._announce()
             case SlotLost(slot=slot, reason=reason):
                 job = self.scheduler.job_in(slot)
@@ -172,7 +176,7 @@ class TtsActor:
                     self._end_job(job.job_id, cancelled=False, error=reason)
                 self._abort_deadlines.pop(slot, None)
                 out = self.scheduler.slot_lost(slot)
-                self.runtime.ready = self.ready
+                await self._readiness_changed()
                 await self._apply(out)
             case UpstreamJoined(restarted=restarted):
                 if restarted:
@@ -373,6 +377,13 @@ class TtsActor:
                                            f"{self.config.cancel_grace_s} s of its cancel")
 
     # ------------------------------------------------------------------ mesh
+
+    async def _readiness_changed(self) -> None:
+        """Tell the api (and the supervisor) at once, not at the next beat: the api
+        must see ``ready`` in our hello before the catalog that follows it."""
+        if self.runtime.ready != self.ready:
+            self.runtime.ready = self.ready
+            await self.dealer.say_hello()
 
     async def _announce(self) -> None:
         if self.catalog is not None and self.dealer.connected and not self._announced:

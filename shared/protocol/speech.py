@@ -7,7 +7,7 @@ engines are up)::
     api ──SpeechRequest──▶ tts        tts ──SpeechCatalog──▶ api   (on every join)
     api ──SpeechCancel───▶ tts        tts ──SpeechChunk*───▶ api   (last one final)
     api ──SpeechStatusRequest─▶ tts   tts ──SpeechFailed───▶ api   (instead of final)
-                                      tts ──SpeechStatus───▶ api
+    api ──SpeechCatalogRequest▶ tts   tts ──SpeechStatus───▶ api
 
 Ownership: the api holds every request until it ends, and the client's position in
 it (samples delivered). A tts replica that dies loses nothing the api cannot redo: the
@@ -113,6 +113,12 @@ class SpeechCatalog(msgspec.Struct, frozen=True, tag=True):
     max_input_chars: int = 0  # 0: no limit beyond the api's own
 
 
+class SpeechCatalogRequest(msgspec.Struct, frozen=True, tag=True):
+    """api -> tts: send your ``SpeechCatalog`` (the api lost track of the replica,
+    e.g. after reaping it for missed heartbeats, and it came back). A replica whose
+    engines are not up yet answers once they are."""
+
+
 class SpeechStatusRequest(msgspec.Struct, frozen=True, tag=True):
     """api -> tts: answer with a ``SpeechStatus``."""
 
@@ -134,7 +140,7 @@ class SpeechStatus(msgspec.Struct, frozen=True, tag=True):
     engine_pids: list[int] = []
 
 
-SpeechToTts = SpeechRequest | SpeechCancel | SpeechStatusRequest
+SpeechToTts = SpeechRequest | SpeechCancel | SpeechCatalogRequest | SpeechStatusRequest
 SpeechFromTts = SpeechChunk | SpeechFailed | SpeechCatalog | SpeechStatus
 
 
