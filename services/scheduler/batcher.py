@@ -54,6 +54,14 @@ class RequestFailure:
     failure: RequestFailed
 
 
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """A re-sent Submit moved a request to another tokenizer replica."""
+
+    request: Request
+    previous_owner: str
+
+
 @dataclass(eq=False, slots=True)
 class WorkerSlot:
     name: str
@@ -100,15 +108,15 @@ class Scheduler:
             lengths.append(self.config.max_model_len)
         return min(lengths) if lengths else 0
 
-    def submit(self, msg: Submit, owner: str, context: Context | None = None) -> Request | None:
+    def submit(self, msg: Submit, owner: str, context: Context | None = None) -> Takeover | None:
         """Queue a tokenized request. A duplicate id (a re-sent request after a
-        tokenizer failover) changes only who detokenizes it; the new owner is
-        returned so the actor can hand it the request's state."""
+        tokenizer failover) changes only who detokenizes it; the takeover is
+        returned so the actor can hand the new owner the request's state."""
         existing = self.requests.get(msg.request_id)
         if existing is not None:
             if existing.owner != owner:
-                existing.owner = owner
-                return existing
+                previous, existing.owner = existing.owner, owner
+                return Takeover(existing, previous)
             return None
         if msg.request_id in self._tombstone_set:
             return None

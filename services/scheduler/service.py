@@ -105,9 +105,14 @@ class SchedulerActor:
             self.router.rejections.record(peer.name, reason)
             await self.router.send(peer, Rejected(reason=reason))
             return
-        taken_over = self.scheduler.submit(body, owner=peer.name, context=event.context)
-        if taken_over is not None:
-            await self._reassign(taken_over, peer)
+        takeover = self.scheduler.submit(body, owner=peer.name, context=event.context)
+        if takeover is not None:
+            await self._reassign(takeover.request, peer)
+            # The api and the scheduler may pick different successors after a
+            # tokenizer died: the replica left behind must drop its state.
+            previous = self.peers_by_name.get(takeover.previous_owner)
+            if previous is not None:
+                await self.router.send(previous, Abort([body.request_id], reason="reassigned"))
         else:
             request = self.scheduler.requests.get(body.request_id)
             if request is not None and request.span is None:
