@@ -1,4 +1,4 @@
-"""The api process: the mesh actor and uvicorn in one task group.
+"""The api process: the text actor, the speech gateway and uvicorn in one task group.
 
 uvicorn runs *inside* the service's task group rather than owning the event
 loop, and without its signal handlers: ``shared/service.py`` turns SIGTERM/SIGINT
@@ -23,6 +23,7 @@ from starlette.types import ASGIApp
 from services.api.app import build_app
 from services.api.config import ApiConfig
 from services.api.service import ApiActor
+from services.api.speech import SpeechGateway, speech_routes
 from shared.config import load_config
 from shared.logs import get_logger
 from shared.model_source import served_model_name
@@ -102,8 +103,17 @@ async def main(runtime: ServiceRuntime) -> None:
     config = load_config(ApiConfig)
     served = served_model_name(config.model, config.served_model_name)
     actor = ApiActor(runtime, config)
-    app = build_app(actor, config, served)
+    speech = SpeechGateway(
+        runtime.zmq, runtime.addresses.speech_addr, runtime.identity,
+        heartbeat_s=runtime.process.heartbeat_s,
+    )
+    app = build_app(
+        actor, config, served,
+        extra_routes=speech_routes(speech, request_timeout_s=config.request_timeout_s),
+        metrics_sources=[speech.metrics.render],
+    )
     log.info("serving", model=served)
     async with anyio.create_task_group() as tg:
         await tg.start(actor.run)
+        await tg.start(speech.run)
         await tg.start(serve_http, app, config, actor.stop)

@@ -700,6 +700,11 @@ async def test_garbage_on_the_zmq_socket_is_rejected_and_http_keeps_working(
         rejected = next(line for line in metrics.splitlines()
                         if line.startswith("meshserve:api_rejected_messages_total "))
         assert int(rejected.split()[1]) >= 2  # the garbage and the unknown request
+        # The speech gateway shares the process, the app and /metrics.
+        assert "meshserve:speech_replicas_ready 0" in metrics.splitlines()
+        voices = await client.get(f"{mesh.url}/v1/audio/voices")
+        assert voices.status_code in (200, 503) and voices.headers["content-type"].startswith(
+            "application/json")
 
 
 class OtlpCollector(trace_service_pb2_grpc.TraceServiceServicer):
