@@ -19,7 +19,7 @@ Wiring into the api service (two lines and a metrics hook)::
     await tg.start(gateway.run)
     app = build_app(..., extra_routes=speech_routes(gateway,
                                                     request_timeout_s=config.request_timeout_s))
-    # /metrics: append gateway.metrics.render()
+    # /metrics: append gateway.metrics_text()
 
 HTTP behaviour, as OpenAI's: the body streams as it is synthesized (chunked), WAV
 with 0xFFFFFFFF RIFF/data sizes since the length is not known yet; ``pcm`` is raw
@@ -70,6 +70,7 @@ from shared.protocol.speech import (
     SpeechFromTts,
     SpeechRequest,
     SpeechStatus,
+    SpeechStatusRequest,
     SpeechVoice,
 )
 from shared.telemetry import tracer
@@ -285,7 +286,8 @@ class SpeechMetrics:
             if audio > 0:
                 self.real_time_factor.observe(elapsed / audio)
 
-    def render(self) -> str:
+    def render(self, replicas: dict[str, SpeechStatus] | None = None) -> str:
+        """Exposition text; ``replicas`` adds each tts replica's last status."""
         p = self.PREFIX
         lines = [f"# TYPE {p}requests_total counter"]
         lines += [
@@ -305,6 +307,15 @@ class SpeechMetrics:
             *self.request_duration.lines(f"{p}request_duration_seconds"),
             *self.real_time_factor.lines(f"{p}real_time_factor"),
         ]
+        gauges = ("engines", "engines_ready", "engines_busy", "requests", "queued_chunks",
+                  "running_chunks")
+        counters = ("completed", "cancelled", "cancelled_running", "busy_rejections",
+                    "engine_restarts")
+        statuses = sorted((replicas or {}).items())
+        for name in gauges + counters:
+            metric = f"{p}tts_{name}" + ("_total" if name in counters else "")
+            lines.append(f"# TYPE {metric} {'counter' if name in counters else 'gauge'}")
+            lines += [f'{metric}{{replica="{r}"}} {getattr(st, name)}' for r, st in statuses]
         return "\n".join(lines) + "\n"
 
 
@@ -320,6 +331,7 @@ class SpeechGateway:
         heartbeat_s: float,
         max_inflight: int = 1024,
         max_buffered_bytes: int = 64 << 20,
+        status_interval_s: float = 1.0,
     ) -> None:
         self.router: RouterEndpoint[SpeechFromTts] = RouterEndpoint(
             ctx, address, identity, SpeechFromTts, heartbeat_s=heartbeat_s
@@ -329,6 +341,7 @@ class SpeechGateway:
         self.max_inflight = max_inflight
         self.max_buffered_bytes = max_buffered_bytes
         self.metrics = SpeechMetrics()
+        self.status_interval_s = status_interval_s
         self.replica_ready = anyio.Event()  # set once any replica is ready (tests, health)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -337,6 +350,7 @@ class SpeechGateway:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.router.run)
                 tg.start_soon(self._serve)
+                tg.start_soon(self._poll_status)
                 log.info("speech gateway up", speech_addr=self.router.address)
                 task_status.started()
         finally:
@@ -450,7 +464,20 @@ class SpeechGateway:
         if error is not None:
             flight.fail(error)
 
+    def metrics_text(self) -> str:
+        """The speech part of the api's /metrics."""
+        statuses = {r.peer.name: r.status for r in self.replicas.values() if r.status}
+        return self.metrics.render(statuses)
+
     # --- the socket ------------------------------------------------------------------
+
+    async def _poll_status(self) -> None:
+        """Ask every replica for its status now and then (for /metrics); answers
+        arrive on the inbox like anything else."""
+        while True:
+            for replica in list(self.replicas.values()):
+                await self.router.send(replica.peer, SpeechStatusRequest())
+            await anyio.sleep(self.status_interval_s)
 
     async def _serve(self) -> None:
         async for event in self.router.inbox:

@@ -54,7 +54,7 @@ def build_app(gateway: SpeechGateway, request_timeout_s: float) -> Starlette:
         return PlainTextResponse("ok" if ready else "no tts replica", 200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(gateway.metrics_text(), media_type="text/plain; version=0.0.4")
 
     return Starlette(routes=[
         *speech_routes(gateway, request_timeout_s=request_timeout_s),
@@ -84,9 +84,8 @@ async def main(runtime: ServiceRuntime) -> None:
                 await server.serve()
 
         async def announce_ready() -> None:
-            await gateway.replica_ready.wait()
+            await gateway.replica_ready.wait()  # the gateway logs "tts replica ready"
             runtime.ready = True
-            log.info("tts replica ready")
 
         tg.start_soon(run_http)
         tg.start_soon(announce_ready)
