@@ -45,6 +45,7 @@ def configure_logging(service: str, replica: int, level: str = "info") -> None:
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
                 structlog.processors.JSONRenderer(),
             ],
             foreign_pre_chain=[*shared_processors, structlog.stdlib.add_logger_name],
