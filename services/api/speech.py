@@ -342,7 +342,7 @@ class SpeechGateway:
         self.max_buffered_bytes = max_buffered_bytes
         self.metrics = SpeechMetrics()
         self.status_interval_s = status_interval_s
-        self.replica_ready = anyio.Event()  # set once any replica is ready (tests, health)
+        self._replicas_changed = anyio.Event()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind, report started, then serve the replicas until cancelled."""
@@ -361,6 +361,11 @@ class SpeechGateway:
 
     def ready_replicas(self) -> list[TtsReplica]:
         return [r for r in self.replicas.values() if r.ready]
+
+    async def wait_for_replicas(self, count: int = 1) -> None:
+        """Until at least ``count`` replicas are ready (for readiness and tests)."""
+        while len(self.ready_replicas()) < count:
+            await self._replicas_changed.wait()
 
     def voices(self) -> list[SpeechVoice]:
         seen: dict[str, SpeechVoice] = {}
@@ -495,7 +500,11 @@ class SpeechGateway:
                     await self._replica_lost(peer, reason)
                 case Received(peer=Peer() as peer, body=body):
                     await self._on_message(peer, body)
-            self.metrics.ready_replicas = len(self.ready_replicas())
+            ready = len(self.ready_replicas())
+            if ready != self.metrics.ready_replicas:
+                self.metrics.ready_replicas = ready
+                self._replicas_changed.set()
+                self._replicas_changed = anyio.Event()
 
     async def _replica_lost(self, peer: Peer, reason: str) -> None:
         replica = self.replicas.pop(peer.identity, None)
@@ -519,8 +528,6 @@ class SpeechGateway:
                 if first:
                     log.info("tts replica ready", replica=peer.name, engine=body.engine,
                              voices=len(body.voices))
-                if replica.ready:
-                    self.replica_ready.set()
             case SpeechStatus():
                 replica.status = body
             case SpeechChunk() | SpeechFailed():

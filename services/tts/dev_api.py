@@ -84,7 +84,7 @@ async def main(runtime: ServiceRuntime) -> None:
                 await server.serve()
 
         async def announce_ready() -> None:
-            await gateway.replica_ready.wait()  # the gateway logs "tts replica ready"
+            await gateway.wait_for_replicas(1)  # the gateway logs "tts replica ready"
             runtime.ready = True
 
         tg.start_soon(run_http)

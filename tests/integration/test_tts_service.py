@@ -20,9 +20,17 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.tts.chunking import split_text
+from services.tts.config import TtsConfig
+from services.tts.engine_pool import EngineProcessPool
 from services.tts.engines.espeak import EspeakEngine
+from services.tts.service import TtsActor
+from shared.config import MeshAddresses, ProcessConfig
 from shared.mesh import Identity, Peer, PeerJoined, Received, RouterEndpoint
 from shared.protocol.speech import (
     SpeechCancel,
@@ -34,6 +42,7 @@ from shared.protocol.speech import (
     SpeechStatus,
     SpeechStatusRequest,
 )
+from shared.service import ServiceRuntime
 
 pytestmark = pytest.mark.anyio
 
@@ -103,7 +112,9 @@ class ApiSide:
     """The test's ROUTER at the speech address, recording everything tts replicas send."""
 
     router: RouterEndpoint[SpeechFromTts]
+    ctx: zmq.asyncio.Context
     messages: list[SpeechFromTts] = field(default_factory=list)
+    envelopes: list[Received[SpeechFromTts]] = field(default_factory=list)
     peers: dict[str, Peer] = field(default_factory=dict)
     _changed: anyio.Event = field(default_factory=anyio.Event)
 
@@ -113,6 +124,7 @@ class ApiSide:
                 self.peers[event.peer.name] = event.peer
             elif isinstance(event, Received):
                 self.messages.append(event.body)
+                self.envelopes.append(event)
             self._changed.set()
             self._changed = anyio.Event()
 
@@ -167,7 +179,7 @@ async def api_side(ipc_dir: Path) -> AsyncIterator[ApiSide]:
         ctx, f"ipc://{ipc_dir}/speech.sock", Identity("api", 0), SpeechFromTts,
         heartbeat_s=HEARTBEAT_S,
     )
-    side = ApiSide(router)
+    side = ApiSide(router, ctx)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(router.run)
@@ -384,3 +396,47 @@ async def test_stopping_the_replica_ends_its_engines(ipc_dir: Path) -> None:
             assert proc.wait(timeout=10) == 0
             # The replica kills and reaps its engines before it exits.
             assert not any(alive(pid) for pid in pids)
+
+
+async def test_spans_continue_the_callers_trace(ipc_dir: Path) -> None:
+    """The actor in this process (its engine still a real subprocess), with an
+    in-memory span exporter: request and chunk spans hang below the api's span, and
+    the audio carries the request span's context back."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with api_side(ipc_dir) as api, anyio.create_task_group() as tg:
+        runtime = ServiceRuntime(
+            identity=Identity("tts", 0),
+            process=ProcessConfig(heartbeat_s=HEARTBEAT_S),
+            addresses=MeshAddresses(speech_addr=f"ipc://{ipc_dir}/speech.sock"),
+            zmq=api.ctx,
+            tasks=tg,
+        )
+        workdir = ipc_dir / "engines"
+        workdir.mkdir()
+        pool = EngineProcessPool(runtime.zmq, engine="espeak-ng", slots=1, workdir=workdir,
+                                 replica=0)
+        tg.start_soon(TtsActor(runtime, TtsConfig(engines=1), pool).run)
+        peer = await api.ready_replica()
+        with trace.get_tracer("test").start_as_current_span("POST /v1/audio/speech") as parent:
+            await api.complete(peer, "traced", "First sentence. Second sentence.")
+        tg.cancel_scope.cancel()
+    trace_id = parent.get_span_context().trace_id
+    chunk_contexts = {trace.get_current_span(r.context).get_span_context().trace_id
+                      for r in api.envelopes if isinstance(r.body, SpeechChunk)}
+    assert chunk_contexts == {trace_id}
+    spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+    [request_span] = [s for s in spans if s.name == "tts.request"]
+    assert request_span.parent is not None
+    assert request_span.parent.span_id == parent.get_span_context().span_id
+    assert request_span.attributes["gen_ai.operation.name"] == "text_to_speech"
+    assert request_span.attributes["meshserve.speech.audio_seconds"] > 0.5
+    assert "first_audio" in [event.name for event in request_span.events]
+    chunk_spans = [s for s in spans if s.name == "tts.synthesize"]
+    assert len(chunk_spans) == 2
+    assert all(s.parent is not None and s.parent.span_id == request_span.context.span_id
+               for s in chunk_spans)
