@@ -81,6 +81,7 @@ _propagator = TraceContextTextMapPropagator()
 
 TTS = "tts"
 MAX_INPUT_CHARS = 4096  # OpenAI's limit
+MAX_BODY_BYTES = 1 << 20  # a 4096-character input in JSON is far below this
 DEFAULT_SAMPLE_RATE = 24000  # what OpenAI clients expect from `pcm`
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 RESPONSE_FORMATS = ("wav", "pcm")
@@ -602,6 +603,16 @@ def parse_speech_body(raw: bytes) -> SpeechBody:
     return body
 
 
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused (413) past ``MAX_BODY_BYTES`` before it is all read."""
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:
+            raise SpeechError(413, f"request body over {MAX_BODY_BYTES} bytes", "body_too_large")
+    return bytes(body)
+
+
 class SpeechSpan:
     """The server span of one speech request (OTel GenAI attributes where they fit)."""
 
@@ -715,7 +726,7 @@ class SpeechRoutes:
 
     async def speech(self, request: Request) -> Response:
         try:
-            body = parse_speech_body(await request.body())
+            body = parse_speech_body(await _read_body(request))
         except SpeechError as error:
             return error.response()
         span = SpeechSpan(body, dict(request.headers))

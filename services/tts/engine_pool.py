@@ -109,12 +109,17 @@ class EngineProcessPool:
             task_status.started()
 
     async def start_job(self, slot: int, job: EngineSynthesize) -> None:
-        engine = self._engines[slot]
+        engine = self._engines.get(slot)
+        if engine is None or engine.ready is None:
+            # The engine died after the actor last heard from it; its SlotLost is on
+            # the way and re-queues the job.
+            log.info("job for an engine that is gone", slot=slot, job_id=job.job_id)
+            return
         await engine.socket.send(self._encoder.encode(job))
 
     async def cancel_job(self, slot: int, job_id: int) -> None:
         engine = self._engines.get(slot)
-        if engine is not None:
+        if engine is not None and engine.ready is not None:
             await engine.socket.send(self._encoder.encode(EngineCancel(job_id)))
 
     def restart(self, slot: int, reason: str) -> None:
