@@ -78,3 +78,9 @@ def context_of(envelope: Envelope) -> Context:
     if envelope.tracestate:
         carrier["tracestate"] = envelope.tracestate
     return _propagator.extract(carrier)
+
+
+def span_context_of(traceparent: str) -> trace.SpanContext:
+    """The span context a W3C traceparent names (invalid when it names none)."""
+    return trace.get_current_span(_propagator.extract({"traceparent": traceparent})
+                                  ).get_span_context()

@@ -12,8 +12,11 @@ import time
 from collections import defaultdict
 
 import anyio
+import msgspec
+from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, set_span_in_context
 
 from services.scheduler.batcher import RequestFailure, RequestOutput, Scheduler
 from services.scheduler.config import SchedulerConfig
@@ -43,7 +46,7 @@ from shared.protocol.generation import (
 from shared.protocol.kv import KvLease, KvPoolClose, KvStats
 from shared.protocol.step import StepResult
 from shared.service import ServiceRuntime
-from shared.telemetry import tracer
+from shared.telemetry import inject_context, tracer
 
 log = get_logger("meshserve.scheduler")
 _tracer = tracer("meshserve.scheduler")
@@ -203,24 +206,37 @@ class SchedulerActor:
         slot = self.scheduler.workers.get(name)
         if peer is None or slot is None:
             return
+        step_context: Context | None = None
         while (plan := self.scheduler.plan(name)) is not None:
             batch = slot.inflight.get(plan.step_id, [])
-            links = [Link(r.span.get_span_context()) for r in batch
-                     if r.span is not None and r.span.is_recording()]
-            with _tracer.start_as_current_span("scheduler.step", links=links) as span:
-                span.set_attribute("meshserve.step.id", plan.step_id)
-                span.set_attribute("meshserve.step.batch_size", len(plan.request_ids))
-                for request in batch:
-                    if request.first_scheduled_at is None:
-                        request.first_scheduled_at = time.monotonic()
-                        if request.span is not None:
-                            request.span.add_event("scheduler.admitted")
+            now = time.monotonic()
+            for request in batch:
+                if request.first_scheduled_at is None:
+                    request.first_scheduled_at = now
+                    if request.span is not None:
+                        request.span.add_event("scheduler.admitted")
+            traced = [r.span for r in batch if r.span is not None and r.span.is_recording()]
+            if traced:
+                # A step serves many requests: it is parented by the oldest one (so
+                # that request's trace holds the whole path) and linked to all.
+                plan = msgspec.structs.replace(
+                    plan, trace_links=[inject_context(set_span_in_context(s))[0] for s in traced]
+                )
+            with _tracer.start_as_current_span(
+                "scheduler.step",
+                context=set_span_in_context(traced[0]) if traced else None,
+                links=[Link(s.get_span_context()) for s in traced],
+                attributes={"meshserve.step.id": plan.step_id,
+                            "meshserve.step.batch_size": len(plan.request_ids)},
+            ):
+                step_context = otel_context.get_current()
                 if not await self.router.send(peer, plan):
                     return
             await self._flush()  # requests failed at admission (too long)
         sync = slot.lease.sync_message()
         if sync is not None:
-            await self.kv.send(sync)
+            # The sync reports what the last step allocated: it belongs to that step.
+            await self.kv.send(sync, ctx=step_context)
 
     def _status(self) -> SchedulerStatus:
         return SchedulerStatus(

@@ -23,7 +23,6 @@ import anyio
 import msgspec
 import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, StatusCode
 
@@ -37,7 +36,7 @@ from shared.protocol.common import Rejected
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.step import StepPlan, StepResult
 from shared.service import ServiceRuntime
-from shared.telemetry import tracer
+from shared.telemetry import span_context_of, tracer
 
 log = get_logger("meshserve.worker")
 _tracer = tracer("meshserve.worker")
@@ -124,9 +123,9 @@ class WorkerActor:
 
     async def _execute(self, queued: QueuedPlan) -> None:
         plan = queued.plan
-        # One span per step, linked to what it serves rather than parented by it.
-        origin = trace.get_current_span(queued.context).get_span_context()
-        links = [Link(origin)] if origin.is_valid else []
+        # One span per step: a child of the scheduler's step span, linked to every
+        # request it serves.
+        links = [Link(ctx) for ctx in map(span_context_of, plan.trace_links) if ctx.is_valid]
         attributes = {
             "meshserve.step_id": plan.step_id,
             "meshserve.batch_size": len(plan.request_ids),
@@ -134,7 +133,7 @@ class WorkerActor:
             "meshserve.new_requests": len(plan.new),
         }
         with _tracer.start_as_current_span(
-            "worker.step", links=links, attributes=attributes
+            "worker.step", context=queued.context, links=links, attributes=attributes
         ) as span:
             result = await anyio.to_thread.run_sync(self.runner.execute, plan)
             self.steps_run += 1

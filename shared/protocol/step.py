@@ -41,6 +41,9 @@ class StepPlan(msgspec.Struct, frozen=True, tag=True, gc=False):
     block_owner: bytes  # packed int32
     block_ids: bytes  # packed int32
     finished: list[str]
+    # W3C traceparents of the requests in this step, so the worker's step span can
+    # link to each; empty when tracing is off.
+    trace_links: list[str] = []
 
 
 class StepResult(msgspec.Struct, frozen=True, tag=True, gc=False):

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import grpc
 import httpx
 import msgspec
 import openai
@@ -27,7 +26,6 @@ import zmq
 import zmq.asyncio
 from anyio.abc import Process, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from shared.mesh import (
     DealerEndpoint,
@@ -47,6 +45,7 @@ from shared.protocol.generation import (
     TextBatch,
     TextDelta,
 )
+from tests.otlp import attributes_of, otlp_receiver
 
 pytestmark = pytest.mark.anyio
 
@@ -707,93 +706,53 @@ async def test_garbage_on_the_zmq_socket_is_rejected_and_http_keeps_working(
             "application/json")
 
 
-class OtlpCollector(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace receiver: what the api exports lands in ``spans``."""
-
-    def __init__(self) -> None:
-        self.spans = Inbox()
-
-    async def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        for resource_spans in request.resource_spans:
-            resource = attributes_of(resource_spans.resource.attributes)
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    self.spans.put((resource, span))
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
-def attributes_of(key_values: Any) -> dict[str, Any]:
-    def value(any_value: Any) -> Any:
-        kind = any_value.WhichOneof("value")
-        if kind == "array_value":
-            return [value(v) for v in any_value.array_value.values]
-        return getattr(any_value, kind)
-
-    return {kv.key: value(kv.value) for kv in key_values}
-
-
 async def test_server_span_carries_genai_attributes(ipc_dir: Path) -> None:
-    collector = OtlpCollector()
-    server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-        "OTEL_BSP_SCHEDULE_DELAY": "50",
-    }
-    try:
-        async with api_mesh(ipc_dir, env=env) as mesh:
-            tokenizer = mesh.tokenizers[0]
-            async with anyio.create_task_group() as tg:
+    async with otlp_receiver() as (collector, env), api_mesh(ipc_dir, env=env) as mesh:
+        tokenizer = mesh.tokenizers[0]
+        async with anyio.create_task_group() as tg:
 
-                async def chat() -> None:
-                    await mesh.sdk.chat.completions.create(
-                        model=SERVED, messages=[{"role": "user", "content": "hi"}],
-                        max_tokens=5, temperature=0.5, top_p=0.9)
+            async def chat() -> None:
+                await mesh.sdk.chat.completions.create(
+                    model=SERVED, messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=5, temperature=0.5, top_p=0.9)
 
-                tg.start_soon(chat)
-                got = await tokenizer.generate.get()
-                await tokenizer.answer(got.body.request_id, ["a", "b"])
+            tg.start_soon(chat)
+            got = await tokenizer.generate.get()
+            await tokenizer.answer(got.body.request_id, ["a", "b"])
 
-            resource, span = await collector.spans.get()
-            assert resource["service.name"] == "api"
-            assert span.name == f"chat {SERVED}" and span.kind == 2  # SERVER
-            # The GenerateRequest was sent under this span.
-            assert got.envelope.traceparent.split("-")[1] == span.trace_id.hex()
-            assert got.envelope.traceparent.split("-")[2] == span.span_id.hex()
-            attributes = attributes_of(span.attributes)
-            assert attributes["gen_ai.operation.name"] == "chat"
-            assert attributes["gen_ai.request.model"] == SERVED
-            assert attributes["gen_ai.request.max_tokens"] == 5
-            assert attributes["gen_ai.request.temperature"] == 0.5
-            assert attributes["gen_ai.request.top_p"] == 0.9
-            assert attributes["gen_ai.usage.input_tokens"] == 3
-            assert attributes["gen_ai.usage.output_tokens"] == 2
-            assert attributes["gen_ai.response.finish_reasons"] == ["stop"]
-            assert attributes["meshserve.ttft_s"] > 0
-            assert [event.name for event in span.events] == ["gen_ai.first_token"]
-            assert span.status.code != 2  # not ERROR
+        resource, span = await collector.get()
+        assert resource["service.name"] == "api"
+        assert span.name == f"chat {SERVED}" and span.kind == 2  # SERVER
+        # The GenerateRequest was sent under this span.
+        assert got.envelope.traceparent.split("-")[1] == span.trace_id.hex()
+        assert got.envelope.traceparent.split("-")[2] == span.span_id.hex()
+        attributes = attributes_of(span.attributes)
+        assert attributes["gen_ai.operation.name"] == "chat"
+        assert attributes["gen_ai.request.model"] == SERVED
+        assert attributes["gen_ai.request.max_tokens"] == 5
+        assert attributes["gen_ai.request.temperature"] == 0.5
+        assert attributes["gen_ai.request.top_p"] == 0.9
+        assert attributes["gen_ai.usage.input_tokens"] == 3
+        assert attributes["gen_ai.usage.output_tokens"] == 2
+        assert attributes["gen_ai.response.finish_reasons"] == ["stop"]
+        assert attributes["meshserve.ttft_s"] > 0
+        assert [event.name for event in span.events] == ["gen_ai.first_token"]
+        assert span.status.code != 2  # not ERROR
 
-            async with anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as tg:
 
-                async def busy() -> None:
-                    with pytest.raises(openai.RateLimitError):
-                        await mesh.sdk.completions.create(model=SERVED, prompt="x")
+            async def busy() -> None:
+                with pytest.raises(openai.RateLimitError):
+                    await mesh.sdk.completions.create(model=SERVED, prompt="x")
 
-                tg.start_soon(busy)
-                request = (await tokenizer.generate.get()).body
-                await tokenizer.endpoint.send(
-                    RequestFailed(request.request_id, 429, "server_busy", "full"))
-            _resource, failed = await collector.spans.get()
-            assert failed.name == f"text_completion {SERVED}"
-            assert failed.status.code == 2  # ERROR
-            assert attributes_of(failed.attributes)["error.type"] == "server_busy"
-    finally:
-        await server.stop(None)
+            tg.start_soon(busy)
+            request = (await tokenizer.generate.get()).body
+            await tokenizer.endpoint.send(
+                RequestFailed(request.request_id, 429, "server_busy", "full"))
+        _resource, failed = await collector.get()
+        assert failed.name == f"text_completion {SERVED}"
+        assert failed.status.code == 2  # ERROR
+        assert attributes_of(failed.attributes)["error.type"] == "server_busy"
 
 
 async def test_sigterm_fails_in_flight_requests_and_exits_cleanly(ipc_dir: Path) -> None:
