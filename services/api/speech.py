@@ -19,7 +19,7 @@ Wiring into the api service (two lines and a metrics hook)::
     await tg.start(gateway.run)
     app = build_app(..., extra_routes=speech_routes(gateway,
                                                     request_timeout_s=config.request_timeout_s))
-    # /metrics: append gateway.metrics_text()
+    # /metrics: append gateway.metrics.render() (or gateway.metrics_text())
 
 HTTP behaviour, as OpenAI's: the body streams as it is synthesized (chunked), WAV
 with 0xFFFFFFFF RIFF/data sizes since the length is not known yet; ``pcm`` is raw
@@ -264,7 +264,10 @@ class SpeechMetrics:
 
     PREFIX = "meshserve:speech_"
 
-    def __init__(self) -> None:
+    def __init__(
+        self, replica_status: Callable[[], dict[str, SpeechStatus]] | None = None
+    ) -> None:
+        self.replica_status = replica_status  # each tts replica's last SpeechStatus
         self.requests: dict[str, int] = {}  # by outcome: ok | error | cancelled
         self.audio_seconds = 0.0
         self.input_chars = 0
@@ -287,8 +290,8 @@ class SpeechMetrics:
             if audio > 0:
                 self.real_time_factor.observe(elapsed / audio)
 
-    def render(self, replicas: dict[str, SpeechStatus] | None = None) -> str:
-        """Exposition text; ``replicas`` adds each tts replica's last status."""
+    def render(self) -> str:
+        """Exposition text, with each tts replica's last status."""
         p = self.PREFIX
         lines = [f"# TYPE {p}requests_total counter"]
         lines += [
@@ -312,7 +315,7 @@ class SpeechMetrics:
                   "running_chunks")
         counters = ("completed", "cancelled", "cancelled_running", "busy_rejections",
                     "engine_restarts")
-        statuses = sorted((replicas or {}).items())
+        statuses = sorted(self.replica_status().items()) if self.replica_status else []
         for name in gauges + counters:
             metric = f"{p}tts_{name}" + ("_total" if name in counters else "")
             lines.append(f"# TYPE {metric} {'counter' if name in counters else 'gauge'}")
@@ -341,7 +344,7 @@ class SpeechGateway:
         self.flights: dict[str, SpeechFlight] = {}
         self.max_inflight = max_inflight
         self.max_buffered_bytes = max_buffered_bytes
-        self.metrics = SpeechMetrics()
+        self.metrics = SpeechMetrics(self._replica_statuses)
         self.status_interval_s = status_interval_s
         self._replicas_changed = anyio.Event()
 
@@ -470,10 +473,12 @@ class SpeechGateway:
         if error is not None:
             flight.fail(error)
 
+    def _replica_statuses(self) -> dict[str, SpeechStatus]:
+        return {r.peer.name: r.status for r in self.replicas.values() if r.status}
+
     def metrics_text(self) -> str:
-        """The speech part of the api's /metrics."""
-        statuses = {r.peer.name: r.status for r in self.replicas.values() if r.status}
-        return self.metrics.render(statuses)
+        """The speech part of the api's /metrics (same as ``metrics.render()``)."""
+        return self.metrics.render()
 
     # --- the socket ------------------------------------------------------------------
 

@@ -1,9 +1,7 @@
-"""Speech end to end with the unmodified ``openai`` client: real uvicorn serving the
-speech routes (``python -m services.tts.dev_api``, the gateway the api mounts) and
-real tts replicas with espeak-ng engine processes, all as subprocesses of the test.
-
-Until the api service mounts the speech routes, this runs against the dev runner;
-the HTTP surface and the gateway are the same code.
+"""Speech end to end with the unmodified ``openai`` client: the real api service
+(``python -m services.api``, whose speech gateway the tts replicas join) and real tts
+replicas with espeak-ng engine processes, all subprocesses of the test. The text side
+of the mesh is not started: speech does not go through it.
 """
 
 from __future__ import annotations
@@ -54,6 +52,11 @@ def _env(ipc_dir: Path, **settings: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHSERVE_", "OTEL_"))}
     env.update(
         MESHSERVE_SPEECH_ADDR=f"ipc://{ipc_dir}/speech.sock",
+        # The api also binds for tokenizers and dials the scheduler (none here: the
+        # speech path does not use them).
+        MESHSERVE_API_ADDR=f"ipc://{ipc_dir}/api.sock",
+        MESHSERVE_SCHEDULER_ADDR=f"ipc://{ipc_dir}/scheduler.sock",
+        MESHSERVE_KVCACHE_ADDR=f"ipc://{ipc_dir}/kvcache.sock",
         MESHSERVE_HEARTBEAT_S=str(HEARTBEAT_S),
         PYTHONUNBUFFERED="1",
         PYTHONPATH=str(REPO_ROOT),
@@ -115,7 +118,7 @@ def speech_mesh(replicas: int = 1, engines: int = 2) -> Iterator[SpeechMesh]:
     with ExitStack() as stack:
         stack.callback(rmtree, ipc_dir, ignore_errors=True)
         api = subprocess.Popen(
-            [sys.executable, "-m", "services.tts.dev_api"], env=_env(ipc_dir, port=0),
+            [sys.executable, "-m", "services.api"], env=_env(ipc_dir, port=0),
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
