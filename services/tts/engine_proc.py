@@ -78,7 +78,8 @@ class EngineServer:
         self.socket.send(self._encoder.encode(message))
 
     def _receive(self) -> EngineCommand:
-        return self._decoder.decode(self.socket.recv())
+        command: EngineCommand = self._decoder.decode(self.socket.recv())
+        return command
 
     def serve_forever(self) -> None:
         self._send(

@@ -39,7 +39,7 @@ from services.tts.scheduler import Admission, SchedulerOutput, SpeechJob, TtsSch
 from shared.config import load_config
 from shared.logs import get_logger
 from shared.mesh import DealerEndpoint, Received, UpstreamJoined, UpstreamLost
-from shared.protocol.common import Hello
+from shared.protocol.common import Hello, Rejected
 from shared.protocol.speech import (
     EngineSynthesize,
     SpeechCancel,
@@ -188,6 +188,10 @@ class TtsActor:
                 log.warning("api unreachable", reason=reason)
                 self._announced = False
                 await self._cancel_everything(f"api unreachable: {reason}")
+            case Received(body=Rejected(reason=reason)):
+                # The api refused something of ours (most often: work sent while it had
+                # forgotten us); the dealer already said hello again.
+                log.warning("api rejected a message", reason=reason)
             case Received(body=body):
                 log.warning("unexpected message", type=type(body).__name__)
         await self._dispatch()
