@@ -120,14 +120,31 @@ def run_foreground(
         settings = pin_model(settings)
         supervisor = Supervisor(settings, command=command, on_ready=notify)
         try:
-            return anyio.run(supervisor.run, backend="asyncio")
+            code = anyio.run(supervisor.run, backend="asyncio")
         except KeyboardInterrupt:
             # Ctrl-C before the signal handlers were installed: nothing started yet,
             # or the children die with us (PDEATHSIG).
             return 130
+        except BaseExceptionGroup as group:
+            # A socket of the run dir could not be bound: say which and why.
+            unbound = group.subgroup(OSError)
+            if unbound is None:
+                raise
+            return _refuse("; ".join(str(e) for e in _leaves(unbound)), notify)
+        if code != 0:
+            # The JSON log said it already; a person at the terminal reads this line.
+            print(f"meshserve: {supervisor.stop_reason}", file=sys.stderr)
+        return code
     finally:
         lock.release()
         shutdown_telemetry()
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for e in group.exceptions:
+        leaves.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return leaves
 
 
 def _refuse(reason: str, notify: ReadyPipe | None) -> int:

@@ -71,7 +71,9 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     """Remove socket files (not the log); returns what was removed."""
     removed = []
     for path in socket_paths(run_dir):
-        with contextlib.suppress(FileNotFoundError):
+        # Not a file we can remove (a directory, say): binding it will fail with
+        # an error that names the path, which says more than this one would.
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
             path.unlink()
             removed.append(path)
     return removed

@@ -61,8 +61,6 @@ class _Slot:
 
     child: Child
     process: asyncio.subprocess.Process | None = None
-    # Set when the current process has been reaped; replaced at each start.
-    exited: anyio.Event = field(default_factory=anyio.Event)
     # Ends a backoff wait early (a stop or an operator restart arrived).
     wake: anyio.Event = field(default_factory=anyio.Event)
     # Set when the slot's task returned: the child will not start again.
@@ -157,6 +155,11 @@ class Supervisor:
         log.info("mesh stopped", exit_code=self.exit_code, reason=self._shutdown_reason)
         return self.exit_code
 
+    @property
+    def stop_reason(self) -> str:
+        """Why the mesh is stopping ("" while it runs)."""
+        return self._shutdown_reason
+
     def request_shutdown(self, reason: str, *, failed: bool = False) -> None:
         """Idempotent: begin the ordered shutdown (the first reason wins)."""
         if self._shutdown.is_set():
@@ -221,7 +224,6 @@ class Supervisor:
         child = slot.child
         try:
             while not child.stopping:
-                slot.exited = anyio.Event()
                 slot.wake = anyio.Event()
                 slot.kill_reason = None
                 env = self.settings.child_env(child.service, child.replica)
@@ -236,8 +238,11 @@ class Supervisor:
                     slot.past_pids.add(process.pid)
                     log.info("child started", child=child.name, pid=process.pid)
                     self._notify()
+                    if child.stopping:
+                        # The stop arrived while this process was being started,
+                        # so whoever stopped us could not signal it: do it here.
+                        await self._terminate(slot)
                     code = await process.wait()
-                    slot.exited.set()
                 slot.peer = None
                 child.exited()
                 self._notify()
@@ -267,6 +272,10 @@ class Supervisor:
             child.state = ChildState.STOPPED
             log.info("child stopped", child=child.name)
         finally:
+            # Cancelled from outside (not our ordered stop): leave no orphan behind,
+            # even where PDEATHSIG would only fire when this whole process exits.
+            if slot.process is not None:
+                signal_process(slot.process, signal.SIGKILL)
             slot.done.set()
             self._notify()
 
@@ -279,20 +288,27 @@ class Supervisor:
         else:
             child.stopping = True
         slot.wake.set()
-        process, exited = slot.process, slot.exited
-        if process is not None and child.alive and signal_process(process, signal.SIGTERM):
-            with anyio.move_on_after(self.config.stop_timeout_s):
-                await exited.wait()
-            if not exited.is_set():
-                log.warning(
-                    "child did not stop in time; killing",
-                    child=child.name,
-                    timeout_s=self.config.stop_timeout_s,
-                )
-                signal_process(process, signal.SIGKILL)
-                await exited.wait()
+        if child.alive:
+            await self._terminate(slot)
         if not restart:
             await slot.done.wait()
+
+    async def _terminate(self, slot: _Slot) -> None:
+        """SIGTERM the slot's current process; SIGKILL it after the stop deadline.
+        Returns once the process has exited."""
+        process = slot.process
+        if process is None or not signal_process(process, signal.SIGTERM):
+            return
+        with anyio.move_on_after(self.config.stop_timeout_s):
+            await process.wait()
+        if process.returncode is None:
+            log.warning(
+                "child did not stop in time; killing",
+                child=slot.child.name,
+                timeout_s=self.config.stop_timeout_s,
+            )
+            signal_process(process, signal.SIGKILL)
+            await process.wait()
 
     async def _stop_all(self) -> None:
         log.info("stopping mesh", reason=self._shutdown_reason)
