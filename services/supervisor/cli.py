@@ -90,7 +90,7 @@ def _add_mesh_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=_device, help="worker device: auto | cpu | cuda[:N]")
     parser.add_argument("--tokenizers", type=_count, help="tokenizer replicas (default 1)")
     parser.add_argument("--workers", type=_count, help="worker replicas (default 1)")
-    parser.add_argument("--tts", type=_count, help="tts replicas (default 0)")
+    parser.add_argument("--tts", type=_count, help="tts replicas (default 1; 0: no speech)")
     parser.add_argument(
         "--set",
         dest="settings",

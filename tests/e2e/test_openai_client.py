@@ -110,3 +110,16 @@ def test_status_lists_every_service(mesh: Mesh) -> None:
                 if c["healthy"] and c["pid"]}
     assert {("api", 0), ("scheduler", 0), ("kvcache", 0), ("tokenizer", 0),
             ("worker", 0)} <= services
+
+
+def test_speech_through_the_whole_mesh(client: OpenAI, mesh: Mesh) -> None:
+    """`meshserve up` starts a tts replica too: speech comes back as a real WAV."""
+    import io
+    import wave
+
+    assert any(c["service"] == "tts" and c["healthy"] for c in mesh.status()["children"])
+    audio = client.audio.speech.create(model="tts-1", voice="alloy",
+                                       input="The mesh speaks.", response_format="wav")
+    with wave.open(io.BytesIO(audio.content)) as wav:
+        assert wav.getnchannels() == 1
+        assert wav.getnframes() / wav.getframerate() > 0.3
