@@ -59,6 +59,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from services.api.metrics import Histogram
 from shared.logs import get_logger
 from shared.mesh import Identity, Peer, PeerJoined, PeerLost, Received, RouterEndpoint
 from shared.protocol.speech import (
@@ -227,31 +228,8 @@ class SpeechFlight:
             await self._changed.wait()
 
 
-@dataclass(slots=True)
-class Histogram:
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)  # cumulative, per bound
-    total: float = 0.0
-    count: int = 0
-
-    def observe(self, value: float) -> None:
-        if not self.counts:
-            self.counts = [0] * len(self.bounds)
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        counts = self.counts or [0] * len(self.bounds)
-        return [
-            f"# TYPE {name} histogram",
-            *(f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.bounds, counts, strict=True)),
-            f'{name}_bucket{{le="+Inf"}} {self.count}',
-            f"{name}_sum {self.total}",
-            f"{name}_count {self.count}",
-        ]
+def _histogram(histogram: Histogram, name: str) -> list[str]:
+    return [f"# TYPE {name} histogram", *histogram.lines(name, "")]
 
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -307,9 +285,9 @@ class SpeechMetrics:
             f"{p}requests_running {self.running}",
             f"# TYPE {p}replicas_ready gauge",
             f"{p}replicas_ready {self.ready_replicas}",
-            *self.time_to_first_audio.lines(f"{p}time_to_first_audio_seconds"),
-            *self.request_duration.lines(f"{p}request_duration_seconds"),
-            *self.real_time_factor.lines(f"{p}real_time_factor"),
+            *_histogram(self.time_to_first_audio, f"{p}time_to_first_audio_seconds"),
+            *_histogram(self.request_duration, f"{p}request_duration_seconds"),
+            *_histogram(self.real_time_factor, f"{p}real_time_factor"),
         ]
         gauges = ("engines", "engines_ready", "engines_busy", "requests", "queued_chunks",
                   "running_chunks")

@@ -10,10 +10,6 @@ take requests; ``/health`` answers 200 from then on.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-from collections.abc import Iterator
-
 import anyio
 import uvicorn
 from starlette.applications import Starlette
@@ -22,30 +18,13 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from services.api.config import ApiConfig
+from services.api.server import EmbeddedServer
 from services.api.speech import SpeechGateway, speech_routes
 from shared.config import load_config
 from shared.logs import get_logger
 from shared.service import ServiceRuntime, serve
 
 log = get_logger("meshserve.tts.dev_api")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers (the service runtime owns signals),
-    that says when it listens."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.listening = anyio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            self.listening.set()
 
 
 def build_app(gateway: SpeechGateway, request_timeout_s: float) -> Starlette:
@@ -69,7 +48,7 @@ async def main(runtime: ServiceRuntime) -> None:
         runtime.zmq, runtime.addresses.speech_addr, runtime.identity,
         heartbeat_s=runtime.process.heartbeat_s,
     )
-    server = _Server(uvicorn.Config(
+    server = EmbeddedServer(uvicorn.Config(
         build_app(gateway, config.request_timeout_s),
         host=config.host, port=config.port, log_config=None, lifespan="off",
         timeout_graceful_shutdown=1,
