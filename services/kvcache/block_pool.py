@@ -1,19 +1,34 @@
-"""One worker's paged KV block pool: who holds which block. Pure, no I/O.
+"""One worker's paged KV block pool and its prefix index. Pure, no I/O.
 
 Every block is in exactly one of three places:
 
     free ──lease()──▶ leased (held by the scheduler, unassigned)
-      ▲                  │ commit(request, blocks)
-      └──free_request()── owned[request]
+      ▲                  │ hold(request, blocks)
+      └──free_request()── held (ref count >= 1, by one or more requests)
 
-Free blocks sit in an O(1) deque. A finished request's blocks go back tail first,
-so the blocks holding a prompt's beginning are the last to be handed out again
-(the order prefix caching wants once blocks keep their contents).
+A block's contents may outlive its holders: once full, the scheduler commits the
+block's *chained hash* (hash of the parent block's hash, the block's token ids and
+extra keys such as a cache salt). A committed block that is freed keeps its hash and
+sits in the free list as a cached prefix; a request whose prompt starts with the same
+blocks holds it again instead of recomputing it. Eviction is lazy: a cached block
+loses its hash only when ``lease`` hands it out to be overwritten.
+
+The free list is an ``OrderedDict`` used as an O(1) LRU queue: ``lease`` takes from
+the front, ``free_request`` appends at the back, and a cache hit on a free block
+removes it from the middle in O(1). A finished request's blocks go back tail first,
+so the blocks holding a prompt's beginning (the ones other prompts share) are the
+last to be evicted.
+
+``hold`` covers three cases, which lets the scheduler allocate from its lease and
+share cached blocks without a round trip (see services/scheduler/block_lease.py):
+a leased block becomes held (an allocation); a held block gains a holder (sharing);
+a free cached block leaves the free list (a hit on an evicted-later-than-looked-up
+block is impossible: the scheduler only claims blocks its mirror still lists).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,10 +40,21 @@ class BlockPoolError(ValueError):
 @dataclass(frozen=True, slots=True)
 class PoolUsage:
     num_blocks: int
-    used_blocks: int
+    used_blocks: int  # held by at least one request
     leased_blocks: int
-    free_blocks: int
+    free_blocks: int  # cached ones included
     requests: int
+    cached_blocks: int  # free blocks that still hold a committed prefix
+    evictions: int  # cached blocks overwritten since the pool opened
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInfo:
+    """One block as ``kv dump`` shows it."""
+
+    block_id: int
+    ref_count: int
+    block_hash: int | None
 
 
 class BlockPool:
@@ -36,13 +62,25 @@ class BlockPool:
         if num_blocks <= 0:
             raise ValueError(f"a pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._leased: set[int] = set()
+        self._refs: list[int] = [0] * num_blocks
         self._owned: dict[str, list[int]] = {}
+        self._hash_of: dict[int, int] = {}  # block -> committed hash
+        self._index: dict[int, int] = {}  # committed hash -> block
+        self.evictions = 0
+        self._num_cached = 0  # free blocks with a hash (kept current: usage() is per step)
+
+    # -------------------------------------------------------------- leasing
 
     def lease(self, count: int) -> list[int]:
-        """Up to ``count`` free blocks, now leased (fewer when the pool runs low)."""
-        granted = [self._free.popleft() for _ in range(min(count, len(self._free)))]
+        """Up to ``count`` free blocks, now leased (fewer when the pool runs low).
+        Cached blocks handed out lose their hash: the scheduler will overwrite them."""
+        granted: list[int] = []
+        for _ in range(min(count, len(self._free))):
+            block, _ = self._free.popitem(last=False)
+            self._evict(block)
+            granted.append(block)
         self._leased.update(granted)
         return granted
 
@@ -50,44 +88,137 @@ class BlockPool:
         """Lease enough new blocks that ``target`` are leased in all."""
         return self.lease(max(0, target - len(self._leased)))
 
-    def check_leased(self, request_id: str, blocks: Iterable[int]) -> None:
-        missing = [b for b in blocks if b not in self._leased]
-        if missing:
-            raise BlockPoolError(f"{request_id}: blocks {missing[:8]} are not leased")
+    # -------------------------------------------------------------- holding
 
-    def commit(self, request_id: str, blocks: Iterable[int]) -> None:
-        """Leased blocks now belong to ``request_id`` (appended to its table)."""
+    def check_hold(self, request_id: str, blocks: Iterable[int]) -> None:
+        """Raise unless ``hold(request_id, blocks)`` is possible."""
+        for block in blocks:
+            if not 0 <= block < self.num_blocks:
+                raise BlockPoolError(f"{request_id}: block {block} outside the pool")
+            if block in self._leased or self._refs[block] > 0:
+                continue
+            if block not in self._hash_of:
+                raise BlockPoolError(
+                    f"{request_id}: block {block} is free and caches nothing; it is "
+                    "not leased"
+                )
+
+    def hold(self, request_id: str, blocks: Iterable[int], *, checked: bool = False) -> None:
+        """``request_id`` now holds ``blocks`` (appended to its table): leased blocks
+        are allocated, held or cached ones shared. ``checked``: the caller ran
+        ``check_hold`` already (before frees that do not change its verdict)."""
         blocks = list(blocks)
-        self.check_leased(request_id, blocks)
-        self._leased.difference_update(blocks)
+        if not checked:
+            self.check_hold(request_id, blocks)
+        for block in blocks:
+            if block in self._leased:
+                self._leased.discard(block)
+            elif self._refs[block] == 0:
+                del self._free[block]  # a cache hit on a free block
+                self._num_cached -= 1
+            self._refs[block] += 1
         self._owned.setdefault(request_id, []).extend(blocks)
 
     def free_request(self, request_id: str) -> int:
-        """Return a request's blocks to the free list; unknown ids free nothing
-        (frees are idempotent). Returns how many blocks were freed."""
+        """Drop a request's hold on its blocks; unknown ids free nothing (frees are
+        idempotent). Blocks nobody holds any more go to the free list tail first,
+        keeping their hash. Returns how many blocks became free."""
         blocks = self._owned.pop(request_id, None)
         if not blocks:
             return 0
-        self._free.extend(reversed(blocks))
-        return len(blocks)
+        freed = 0
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            assert self._refs[block] >= 0, f"block {block} freed more often than held"
+            if self._refs[block] == 0:
+                self._free[block] = None
+                freed += 1
+                if block in self._hash_of:
+                    self._num_cached += 1
+        return freed
+
+    # -------------------------------------------------------------- prefix index
+
+    def commit_hash(self, block: int, block_hash: int) -> bool:
+        """Record that ``block`` (held, or just freed) holds the full block whose
+        chained hash is ``block_hash``. A hash already cached in another block
+        stays there (this block is simply not indexed), and a leased block (handed
+        out again, to be overwritten) is not indexed either. Returns whether indexed."""
+        if not 0 <= block < self.num_blocks:
+            raise BlockPoolError(f"block {block} outside a pool of {self.num_blocks}")
+        if block in self._leased or block_hash in self._index or block in self._hash_of:
+            return False
+        self._index[block_hash] = block
+        self._hash_of[block] = block_hash
+        if self._refs[block] == 0:
+            self._num_cached += 1
+        return True
+
+    def uncache(self, blocks: Iterable[int]) -> None:
+        """Forget the hashes of ``blocks`` (their contents are not to be trusted,
+        e.g. the step that wrote them failed)."""
+        for block in blocks:
+            if 0 <= block < self.num_blocks:
+                self._evict(block, counted=False)
+
+    def lookup(self, block_hashes: Iterable[int]) -> list[int]:
+        """The blocks caching the longest prefix of ``block_hashes`` (a chain)."""
+        hits: list[int] = []
+        for block_hash in block_hashes:
+            block = self._index.get(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def hash_of(self, block: int) -> int | None:
+        return self._hash_of.get(block)
+
+    def _evict(self, block: int, counted: bool = True) -> None:
+        block_hash = self._hash_of.pop(block, None)
+        if block_hash is not None:
+            del self._index[block_hash]
+            if self._refs[block] == 0 and block not in self._leased:
+                self._num_cached -= 1
+            if counted:
+                self.evictions += 1
+
+    # -------------------------------------------------------------- restore, views
 
     def restore(self, owned: dict[str, list[int]], leased: Iterable[int]) -> None:
-        """Rebuild state another incarnation held (after a KV manager restart)."""
-        taken: set[int] = set(leased)
+        """Rebuild state another incarnation held (after a KV manager restart).
+        Requests may share blocks (prefix hits); a leased block is held by none."""
+        leased = set(leased)
+        refs = [0] * self.num_blocks
         for request_id, blocks in owned.items():
-            overlap = taken.intersection(blocks)
-            if overlap:
-                raise BlockPoolError(f"{request_id}: blocks {sorted(overlap)[:8]} held twice")
-            taken.update(blocks)
-        out_of_range = [b for b in taken if not 0 <= b < self.num_blocks]
+            for block in blocks:
+                if not 0 <= block < self.num_blocks:
+                    raise BlockPoolError(
+                        f"{request_id}: block {block} outside a pool of {self.num_blocks}")
+                if block in leased:
+                    raise BlockPoolError(f"{request_id}: block {block} is held and leased")
+                refs[block] += 1
+        out_of_range = [b for b in leased if not 0 <= b < self.num_blocks]
         if out_of_range:
             raise BlockPoolError(f"blocks {out_of_range[:8]} outside a pool of {self.num_blocks}")
-        self._leased = set(leased)
+        self._leased = leased
+        self._refs = refs
         self._owned = {r: list(b) for r, b in owned.items() if b}
-        self._free = deque(b for b in range(self.num_blocks) if b not in taken)
+        self._hash_of = {}
+        self._index = {}
+        self._num_cached = 0
+        self._free = OrderedDict.fromkeys(
+            b for b in range(self.num_blocks) if b not in leased and refs[b] == 0)
 
     def blocks_of(self, request_id: str) -> list[int]:
         return list(self._owned.get(request_id, ()))
+
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
+
+    def describe(self, request_id: str) -> list[BlockInfo]:
+        return [BlockInfo(b, self._refs[b], self._hash_of.get(b))
+                for b in self._owned.get(request_id, ())]
 
     def usage(self) -> PoolUsage:
         used = self.num_blocks - len(self._free) - len(self._leased)
@@ -97,4 +228,6 @@ class BlockPool:
             leased_blocks=len(self._leased),
             free_blocks=len(self._free),
             requests=len(self._owned),
+            cached_blocks=self._num_cached,
+            evictions=self.evictions,
         )

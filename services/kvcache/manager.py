@@ -7,7 +7,18 @@ from collections import defaultdict
 
 from services.kvcache.block_pool import BlockPool, BlockPoolError
 from shared.protocol.envelope import pack_i32, unpack_i32
-from shared.protocol.kv import KvLease, KvPoolClose, KvPoolOpen, KvStats, KvSync, KvUsage
+from shared.protocol.kv import (
+    KvBlockRow,
+    KvDump,
+    KvDumpRequest,
+    KvLease,
+    KvPoolClose,
+    KvPoolOpen,
+    KvStats,
+    KvSync,
+    KvUsage,
+    unpack_i64,
+)
 
 
 def _grouped(requests: list[str], owner: bytes, blocks: bytes) -> dict[str, list[int]]:
@@ -42,22 +53,37 @@ class KvManager:
         self.block_sizes.pop(msg.pool_id, None)
 
     def sync(self, msg: KvSync) -> KvLease:
-        """Apply what the scheduler allocated and freed, then top its lease up.
+        """Apply what the scheduler held, freed and committed, then top its lease up.
 
         Frees apply before allocations: a request preempted and re-admitted within
-        one sync interval frees its old blocks and commits new ones.
+        one sync interval frees its old blocks and holds new ones. Hashes apply
+        after allocations: a block may be allocated and fill within one interval.
         Raises BlockPoolError (state unchanged) for an impossible report.
         """
         pool = self.pools.get(msg.pool_id)
         if pool is None:
             raise BlockPoolError(f"unknown pool {msg.pool_id!r}")
         allocations = _grouped(msg.alloc_requests, msg.alloc_owner, msg.alloc_blocks)
+        commit_blocks = unpack_i32(msg.commit_blocks)
+        commit_hashes = unpack_i64(msg.commit_hashes)
+        if len(commit_blocks) != len(commit_hashes):
+            raise BlockPoolError(f"{len(commit_blocks)} blocks for {len(commit_hashes)} hashes")
+        outside = [b for b in (*commit_blocks, *unpack_i32(msg.uncache_blocks))
+                   if not 0 <= b < pool.num_blocks]
+        if outside:
+            raise BlockPoolError(f"blocks {outside[:8]} outside a pool of {pool.num_blocks}")
+        # Every check runs before anything changes. Holds are checked before the
+        # frees: freeing never removes a hash, so a hold that passes here (leased,
+        # held, or caching a prefix) is still possible after them.
         for request_id, blocks in allocations.items():
-            pool.check_leased(request_id, blocks)
+            pool.check_hold(request_id, blocks)
+        pool.uncache(unpack_i32(msg.uncache_blocks))
         for request_id in msg.freed_requests:
             pool.free_request(request_id)
         for request_id, blocks in allocations.items():
-            pool.commit(request_id, blocks)
+            pool.hold(request_id, blocks, checked=True)
+        for block, block_hash in zip(commit_blocks, commit_hashes, strict=True):
+            pool.commit_hash(block, block_hash)
         granted = pool.top_up(msg.lease_target)
         return self._lease(msg.pool_id, msg.seq, granted)
 
@@ -69,7 +95,17 @@ class KvManager:
         u = self.pools[pool_id].usage()
         return KvUsage(pool_id=pool_id, num_blocks=u.num_blocks, used_blocks=u.used_blocks,
                        leased_blocks=u.leased_blocks, free_blocks=u.free_blocks,
-                       requests=u.requests)
+                       requests=u.requests, cached_blocks=u.cached_blocks,
+                       evictions=u.evictions)
 
     def stats(self) -> KvStats:
         return KvStats(pools=[self.usage(p) for p in sorted(self.pools)])
+
+    def dump(self, msg: KvDumpRequest) -> KvDump:
+        """The request's block table in the pool that holds it."""
+        for pool_id in sorted(self.pools):
+            rows = self.pools[pool_id].describe(msg.request_id)
+            if rows:
+                return KvDump(msg.request_id, pool_id, [
+                    KvBlockRow(r.block_id, r.ref_count, r.block_hash, "device") for r in rows])
+        return KvDump(msg.request_id, "", [])

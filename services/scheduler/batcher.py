@@ -14,6 +14,17 @@ When a running request needs a block and the whole pool is exhausted, the
 lowest-priority, latest-admitted running request is preempted by recompute: it
 stops being scheduled, and once its in-flight steps have come back its blocks are
 freed and it re-enters the waiting queue with its outputs as part of its prompt.
+A step in which a running request went short of blocks admits nobody: the blocks
+it frees go to the running requests first (otherwise a victim could be re-admitted
+onto its own cached blocks at once, and the preemption would free nothing).
+
+Prefix caching (``enable_prefix_caching``): a request's full blocks are hashed in a
+chain (services/scheduler/prefix.py) and committed to the pool's prefix index as
+soon as their tokens are scheduled; admission looks the prompt up once in the
+lease's mirror of that index and starts the request after the longest cached
+prefix (whole blocks, never the last token, whose logits are needed). A hit may
+read blocks that an earlier request computes in this very step: the worker writes
+a step's K/V before any attention reads it.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from opentelemetry.context import Context
 
 from services.scheduler.block_lease import BlockLease
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.prefix import extend_block_hashes
 from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import pack_i32, unpack_i32
@@ -91,6 +103,8 @@ class Scheduler:
         self.outputs: list[RequestOutput] = []
         self.failures: list[RequestFailure] = []
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up (vLLM counts tokens)
+        self.prefix_cache_hits = 0  # of those, found cached
 
     # ----------------------------------------------------------------- requests
 
@@ -265,6 +279,9 @@ class Scheduler:
         block_owner: list[int] = []
         block_ids: list[int] = []
         new: list[NewRequest] = []
+        caching = self.config.enable_prefix_caching
+
+        starved = False  # a running request went short of blocks in this step
 
         def schedule(request: Request, count: int, blocks: list[int]) -> None:
             index = len(batch)
@@ -277,6 +294,8 @@ class Scheduler:
             if request.prefill_done:
                 request.num_sampling += 1
             request.inflight_steps += 1
+            if caching:
+                self._commit_full_blocks(slot, request)
 
         for request in list(slot.running.values()):
             if budget <= 0:
@@ -292,13 +311,14 @@ class Scheduler:
                 continue  # its last tokens are in flight
             blocks = self._blocks_for(slot, request, count)
             if blocks is None:
+                starved = True
                 if slot.lease.pool_exhausted:
                     self._preempt_one(slot, needing=request)
                 continue
             schedule(request, count, blocks)
             budget -= count
 
-        while budget > 0 and len(slot.running) < self.config.max_num_seqs:
+        while not starved and budget > 0 and len(slot.running) < self.config.max_num_seqs:
             request = self._peek_waiting()
             if request is None:
                 break
@@ -307,20 +327,30 @@ class Scheduler:
                 self._num_waiting -= 1
                 self._fail_too_long(request, slot)
                 continue
-            count = min(len(request.token_ids), budget, self.config.max_prefill_chunk)
-            blocks = self._blocks_for(slot, request, count)
+            hits = self._lookup(slot, request) if caching else []
+            cached = len(hits) * slot.lease.block_size
+            count = min(len(request.token_ids) - cached, budget, self.config.max_prefill_chunk)
+            needed = slot.lease.blocks_for(cached + count) - len(hits)
+            blocks = slot.lease.take(request.request_id, needed)
             if blocks is None:
                 break  # no KV room: it keeps its place at the head of the queue
             heapq.heappop(self._waiting)
             self._num_waiting -= 1
             self._admit(slot, request)
+            if caching:
+                slot.lease.share(request.request_id, hits)
+                self.prefix_cache_queries += len(request.token_ids)
+                self.prefix_cache_hits += cached
+            request.num_cached_tokens = cached
+            request.num_scheduled = cached
             new.append(NewRequest(
                 request_id=request.request_id,
                 token_ids=request.prefill_ids.tobytes(),
                 num_output_tokens=request.num_outputs,
                 sampling=request.sampling,
+                num_computed_tokens=cached,
             ))
-            schedule(request, count, blocks)
+            schedule(request, count, hits + blocks)
             budget -= count
 
         if not batch and not slot.finished:
@@ -337,6 +367,27 @@ class Scheduler:
             block_ids=pack_i32(block_ids),
             finished=finished,
         )
+
+    def _lookup(self, slot: WorkerSlot, request: Request) -> list[int]:
+        """Cached blocks for the longest prefix of the request's tokens, short of
+        its last token. Hashing is O(prompt) once per admission; the lookup is a
+        dict probe per block, whatever the cache holds."""
+        block_size = slot.lease.block_size
+        usable = (len(request.token_ids) - 1) // block_size
+        hashes = extend_block_hashes(request.block_hashes, request.token_ids, block_size,
+                                     usable)
+        return slot.lease.lookup(hashes[:usable])
+
+    def _commit_full_blocks(self, slot: WorkerSlot, request: Request) -> None:
+        """Index the request's blocks whose tokens are all known and scheduled."""
+        block_size = slot.lease.block_size
+        full = min(request.num_scheduled, len(request.token_ids)) // block_size
+        if full <= request.num_committed_blocks:
+            return
+        hashes = extend_block_hashes(request.block_hashes, request.token_ids, block_size, full)
+        for i in range(request.num_committed_blocks, full):
+            slot.lease.commit(request.block_ids[i], hashes[i])
+        request.num_committed_blocks = full
 
     def _blocks_for(self, slot: WorkerSlot, request: Request, count: int) -> list[int] | None:
         needed = slot.lease.blocks_for(request.num_scheduled + count) - len(request.block_ids)
@@ -404,6 +455,8 @@ class Scheduler:
             request.num_sampling -= 1
             prior = request.num_outputs
             request.token_ids.append(token)
+            if self.config.enable_prefix_caching:
+                self._commit_full_blocks(slot, request)
             status = request.finish_reason_after(token)
             if status is not None:
                 self._finish(request, status)
@@ -413,6 +466,14 @@ class Scheduler:
         self._finish_preemptions(slot)
 
     def _fail_step(self, slot: WorkerSlot, batch: list[Request], error: str) -> None:
+        # The step's K/V were never written: no block it was to fill may stay in
+        # the prefix cache, and a request that shares one (a hit in a later step)
+        # would read garbage, so it fails too.
+        spoiled = {b for request in batch for b in request.block_ids}
+        if spoiled:
+            slot.lease.uncache(sorted(spoiled))
+            batch = batch + [r for r in slot.running.values()
+                             if r not in batch and spoiled.intersection(r.block_ids)]
         for request in batch:
             if request.status.finished:
                 continue

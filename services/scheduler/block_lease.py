@@ -1,9 +1,21 @@
 """The scheduler's side of one worker's KV pool: free blocks leased ahead from the
-KV manager, and what was done with them since the last sync. Pure, no I/O.
+KV manager, a mirror of the pool's prefix index, and what was done since the last
+sync. Pure, no I/O.
 
-Planning takes blocks from the lease synchronously; the KV manager hears about it
-in the next ``KvSync`` (at most one in flight), whose answer tops the lease up
-while the worker computes. Planning therefore never waits on the KV manager.
+Planning takes blocks from the lease and looks prefixes up in the mirror
+synchronously; the KV manager hears about both in the next ``KvSync`` (at most one
+in flight), whose answer tops the lease up while the worker computes. Planning
+therefore never waits on the KV manager.
+
+The mirror is exact because the scheduler sees every change to the index: it
+commits every hash itself, and the KV manager evicts a cached block only by leasing
+it, so every block in a grant has lost its hash. One race remains: a sync already in
+flight may grant (evict) a cached block the scheduler has just shared with a request.
+Its contents are intact (nobody wrote it), so the grant skips it and the request's
+hold, when reported, turns the KV manager's leased block into a held one.
+
+Ref counts here count the live requests of this pool that hold a block; the KV
+manager's count the same holders once the next sync is applied.
 """
 
 from __future__ import annotations
@@ -11,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 
 from shared.protocol.envelope import pack_i32, unpack_i32
-from shared.protocol.kv import KvLease, KvPoolOpen, KvSync, KvUsage
+from shared.protocol.kv import KvLease, KvPoolOpen, KvSync, KvUsage, pack_i64
 
 
 class BlockLease:
@@ -21,9 +33,23 @@ class BlockLease:
         self.block_size = block_size
         self.target = min(target, num_blocks)
         self._free: deque[int] = deque()
-        # Allocations not yet reported, per request, in allocation order.
+        self.refs: list[int] = [0] * num_blocks
+        # The prefix index mirror: committed hash <-> block.
+        self._index: dict[int, int] = {}
+        self._hash_of: dict[int, int] = {}
+        # Since the last sync, per request in order: blocks taken from the lease,
+        # and cached blocks shared (prefix hits).
         self._unreported: dict[str, list[int]] = {}
+        self._unreported_shared: dict[str, list[int]] = {}
+        self._commits: dict[int, int] = {}  # block -> hash, not yet reported
+        self._uncache: list[int] = []
         self._freed: list[str] = []
+        # Blocks a grant handed us while a request held them (the race above): the
+        # KV manager counts them as leased until that request's hold arrives.
+        self._granted_held: set[int] = set()
+        # Blocks a single allocation wanted and the lease lacked: the next sync asks
+        # for at least that many, so a lease smaller than one chunk cannot stall.
+        self._shortfall = 0
         self._seq = 0
         self.sync_in_flight = False
         self.opened = False  # the KV manager granted the first lease
@@ -44,36 +70,102 @@ class BlockLease:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    # ------------------------------------------------------------ allocation
+
     def take(self, request_id: str, count: int) -> list[int] | None:
         """``count`` blocks for ``request_id``, or None (and nothing taken)."""
         if count > len(self._free):
+            self._shortfall = max(self._shortfall, count)
             return None
         taken = [self._free.popleft() for _ in range(count)]
+        for block in taken:
+            self.refs[block] = 1
         if taken:
             self._unreported.setdefault(request_id, []).extend(taken)
         return taken
 
+    def lookup(self, block_hashes: list[int]) -> list[int]:
+        """Blocks caching the longest prefix of this chain of block hashes."""
+        hits: list[int] = []
+        for block_hash in block_hashes:
+            block = self._index.get(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def share(self, request_id: str, blocks: list[int]) -> None:
+        """``request_id`` holds these cached blocks too (a prefix hit)."""
+        for block in blocks:
+            self.refs[block] += 1
+        if blocks:
+            self._unreported_shared.setdefault(request_id, []).extend(blocks)
+
+    def commit(self, block: int, block_hash: int) -> None:
+        """A held block is full (its tokens are scheduled): index it. A hash
+        already cached elsewhere stays there."""
+        if block_hash in self._index or block in self._hash_of:
+            return
+        self._index[block_hash] = block
+        self._hash_of[block] = block_hash
+        self._commits[block] = block_hash
+
+    def uncache(self, blocks: list[int]) -> None:
+        """Forget these blocks' hashes (the step that was to write them failed)."""
+        for block in blocks:
+            self._forget(block)
+            self._commits.pop(block, None)
+        self._uncache.extend(blocks)
+
+    def _forget(self, block: int) -> None:
+        block_hash = self._hash_of.pop(block, None)
+        if block_hash is not None:
+            del self._index[block_hash]
+
     def release(self, request_id: str, blocks: list[int]) -> None:
-        """A request gave up ``blocks`` (all it held). Blocks the KV manager has not
-        heard of go straight back to the lease; the rest are reported freed."""
+        """A request gave up ``blocks`` (all it held). Allocations the KV manager has
+        not heard of and nobody else holds go straight back to the lease (their
+        contents were never reported, so they lose their hash); the rest are
+        reported freed."""
+        for block in blocks:
+            self.refs[block] -= 1
+            assert self.refs[block] >= 0, f"block {block} released more often than held"
         unreported = self._unreported.pop(request_id, [])
-        self._free.extendleft(unreported)
-        if len(blocks) > len(unreported):
+        shared = self._unreported_shared.pop(request_id, [])
+        for block in reversed(unreported):
+            if self.refs[block] == 0:
+                self._forget(block)
+                self._commits.pop(block, None)
+                self._free.appendleft(block)
+            # else: another request shares it; its hold reports the block.
+        for block in shared:
+            if self.refs[block] == 0 and block in self._granted_held:
+                # Evicted to us while held; no hold will reach the KV manager now.
+                self._granted_held.discard(block)
+                self._free.appendleft(block)
+        if len(blocks) > len(unreported) + len(shared):
             self._freed.append(request_id)
+
+    # ------------------------------------------------------------ sync
 
     def sync_message(self) -> KvSync | None:
         """The next sync, if one is due and none is in flight."""
         if self.sync_in_flight or not self.opened:
             return None
-        if not self._unreported and not self._freed and len(self._free) >= self.target // 2:
+        if (not self._unreported and not self._unreported_shared and not self._freed
+                and not self._commits and not self._uncache
+                and len(self._free) >= max(self.target // 2, self._shortfall)):
             return None
-        requests = list(self._unreported)
+        held: dict[str, list[int]] = {}
+        for table in (self._unreported, self._unreported_shared):
+            for request_id, blocks in table.items():
+                held.setdefault(request_id, []).extend(blocks)
+        requests = list(held)
         owner: list[int] = []
         blocks: list[int] = []
         for index, request_id in enumerate(requests):
-            allocated = self._unreported[request_id]
-            owner.extend([index] * len(allocated))
-            blocks.extend(allocated)
+            owner.extend([index] * len(held[request_id]))
+            blocks.extend(held[request_id])
         self._seq += 1
         message = KvSync(
             pool_id=self.pool_id,
@@ -82,10 +174,20 @@ class BlockLease:
             alloc_owner=pack_i32(owner),
             alloc_blocks=pack_i32(blocks),
             freed_requests=self._freed,
-            lease_target=self.target,
+            lease_target=max(self.target, self._shortfall),
+            commit_blocks=pack_i32(self._commits.keys()),
+            commit_hashes=pack_i64(list(self._commits.values())),
+            uncache_blocks=pack_i32(self._uncache),
         )
         self._unreported = {}
+        self._unreported_shared = {}
+        self._commits = {}
+        self._uncache = []
         self._freed = []
+        self._shortfall = 0
+        # Reported holds resolve the grant race: those blocks are held at the KV
+        # manager once this sync applies.
+        self._granted_held.clear()
         self.sync_in_flight = True
         return message
 
@@ -94,14 +196,22 @@ class BlockLease:
             # The answer to a sync sent before a re-open (KV manager restart): its
             # blocks belong to the old incarnation's view; the re-open's answer counts.
             return
-        self._free.extend(unpack_i32(lease.block_ids))
+        for block in unpack_i32(lease.block_ids):
+            # A granted block was evicted: it caches nothing any more.
+            self._forget(block)
+            self._commits.pop(block, None)
+            if self.refs[block] > 0:
+                self._granted_held.add(block)
+            else:
+                self._free.append(block)
         self.usage = lease.usage
         self.sync_in_flight = False
         self.opened = True
 
     def open_message(self, held: dict[str, list[int]]) -> KvPoolOpen:
         """Open the pool at a (possibly new) KV manager with everything held now:
-        ``held`` maps each live request to its whole block table."""
+        ``held`` maps each live request to its whole block table. The new pool
+        caches nothing, so the mirror starts empty too."""
         requests = [r for r, b in held.items() if b]
         owner: list[int] = []
         blocks: list[int] = []
@@ -109,7 +219,15 @@ class BlockLease:
             owner.extend([index] * len(held[request_id]))
             blocks.extend(held[request_id])
         self._unreported = {}
+        self._unreported_shared = {}
+        self._commits = {}
+        self._uncache = []
         self._freed = []
+        self._index = {}
+        self._hash_of = {}
+        # Blocks granted while held are the pool's own again once it is rebuilt
+        # from what is held; the old lease stays ours.
+        self._granted_held.clear()
         self.sync_in_flight = True
         self._seq += 1
         return KvPoolOpen(
@@ -123,3 +241,7 @@ class BlockLease:
             leased_blocks=pack_i32(self._free),
             seq=self._seq,
         )
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._index)

@@ -13,3 +13,4 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     max_model_len: int = 0  # 0: the worker's
     lease_blocks: int = 256  # free KV blocks leased ahead from the KV manager
     steps_in_flight: int = 2  # plan step N+1 while the worker runs step N
+    enable_prefix_caching: bool = True  # share cached KV blocks of equal prompt prefixes

@@ -67,6 +67,11 @@ class Request:
     num_sampling: int = 0
     inflight_steps: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Chained hashes of token_ids' full blocks computed so far (prefix caching);
+    # they depend on tokens only, so they survive a preemption.
+    block_hashes: list[int] = field(default_factory=list)
+    num_committed_blocks: int = 0  # of block_ids, indexed in the prefix cache
+    num_cached_tokens: int = 0  # prefix-cache hit at the last admission
     sent_to_worker: bool = False
     num_preemptions: int = 0
     arrived_at: float = field(default_factory=time.monotonic)
@@ -116,5 +121,7 @@ class Request:
         self.num_sampling = 0
         self.inflight_steps = 0
         self.block_ids = []
+        self.num_committed_blocks = 0
+        self.num_cached_tokens = 0
         self.sent_to_worker = False
         self.num_preemptions += 1

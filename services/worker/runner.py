@@ -149,10 +149,16 @@ class ModelRunner:
         reason = validate_sampling(new.sampling)
         if reason is not None:
             raise PlanError(f"request {new.request_id!r}: {reason}")
+        if not 0 <= new.num_computed_tokens < len(token_ids):
+            raise PlanError(
+                f"request {new.request_id!r}: num_computed_tokens {new.num_computed_tokens} "
+                f"with {len(token_ids)} tokens (the last one must be computed)"
+            )
         return RequestState(
             request_id=new.request_id,
             token_ids=token_ids,
-            num_computed=0,
+            # A prefix-cache hit: the first blocks of its table already hold these.
+            num_computed=new.num_computed_tokens,
             block_ids=[],
             sampling=new.sampling,
             num_output_tokens=new.num_output_tokens,

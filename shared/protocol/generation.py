@@ -143,3 +143,9 @@ class SchedulerStatus(msgspec.Struct, frozen=True, tag=True):
     running: int
     waiting: int
     kv_usage: float = 0.0
+    # Counters since the scheduler started (vLLM's prefix cache counters count tokens).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    kv_cached_blocks: int = 0  # free blocks still caching a prefix, all pools
+    kv_evictions: int = 0

@@ -4,9 +4,21 @@ The KV manager owns the pools. So that no step waits on it, it *leases* free blo
 ids to the scheduler ahead of need; the scheduler allocates from its lease while it
 plans, and reports what it allocated and freed in at most one ``KvSync`` per step,
 whose answer (a lease top-up) arrives while the worker computes.
+
+Prefix caching rides on the same exchange. The scheduler keeps a mirror of each
+pool's prefix index (it commits every hash, and every block in a lease grant has
+lost its hash), so it looks prefixes up at admission without a round trip; what it
+did is reported in the next ``KvSync``: blocks a request holds (allocated from the
+lease or shared), hashes of blocks that filled, hashes to forget. The KV manager
+stays the authority: it decides which blocks to lease, i.e. which cached prefixes
+to evict (least recently freed first).
+
+Schema evolution: new fields go last, with defaults.
 """
 
 from __future__ import annotations
+
+from array import array
 
 import msgspec
 
@@ -40,7 +52,12 @@ class KvPoolClose(msgspec.Struct, frozen=True, tag=True):
 class KvSync(msgspec.Struct, frozen=True, tag=True, gc=False):
     """What the scheduler did with its lease since the last sync.
 
-    ``alloc_owner[j]`` indexes ``alloc_requests`` for block ``alloc_blocks[j]``.
+    ``alloc_owner[j]`` indexes ``alloc_requests`` for block ``alloc_blocks[j]``,
+    which that request now holds: a leased block (an allocation) or a block another
+    request holds or a free block caching a prefix (a prefix hit).
+
+    Applied in this order: ``uncache_blocks``, ``freed_requests``, allocations,
+    ``commit_blocks``/``commit_hashes`` (packed int64, one per block), lease top-up.
     """
 
     pool_id: str
@@ -50,6 +67,9 @@ class KvSync(msgspec.Struct, frozen=True, tag=True, gc=False):
     alloc_blocks: bytes  # packed int32
     freed_requests: list[str]
     lease_target: int
+    commit_blocks: bytes = b""  # packed int32
+    commit_hashes: bytes = b""  # packed int64, the chained hash of each block
+    uncache_blocks: bytes = b""  # packed int32
 
 
 class KvUsage(msgspec.Struct, frozen=True):
@@ -59,6 +79,8 @@ class KvUsage(msgspec.Struct, frozen=True):
     leased_blocks: int
     free_blocks: int
     requests: int
+    cached_blocks: int = 0  # free blocks still caching a prefix
+    evictions: int = 0  # cached prefixes overwritten
 
 
 class KvLease(msgspec.Struct, frozen=True, tag=True, gc=False):
@@ -76,3 +98,32 @@ class KvStatsRequest(msgspec.Struct, frozen=True, tag=True):
 
 class KvStats(msgspec.Struct, frozen=True, tag=True):
     pools: list[KvUsage]
+
+
+class KvDumpRequest(msgspec.Struct, frozen=True, tag=True):
+    """Ask for one request's blocks in every pool (``meshserve kv dump``)."""
+
+    request_id: str
+
+
+class KvBlockRow(msgspec.Struct, frozen=True, array_like=True):
+    block_id: int
+    ref_count: int
+    block_hash: int | None
+    tier: str  # "device" (the host tier is the worker's; see kv_cli)
+
+
+class KvDump(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+    pool_id: str  # "" when no pool holds the request
+    blocks: list[KvBlockRow]
+
+
+def pack_i64(values: list[int]) -> bytes:
+    return array("q", values).tobytes()
+
+
+def unpack_i64(data: bytes) -> array[int]:
+    unpacked = array("q")
+    unpacked.frombytes(data)
+    return unpacked

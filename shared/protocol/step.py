@@ -23,6 +23,10 @@ class NewRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
     token_ids: bytes  # packed int32: prompt, plus outputs so far after a preemption
     num_output_tokens: int  # how many of token_ids are outputs (seeded noise index)
     sampling: SamplingParams
+    # Tokens whose K/V the request's first blocks already hold (a prefix-cache hit):
+    # the worker starts computing there. Always a whole number of blocks, and less
+    # than len(token_ids) (the last token is computed again for its logits).
+    num_computed_tokens: int = 0
 
 
 class StepPlan(msgspec.Struct, frozen=True, tag=True, gc=False):

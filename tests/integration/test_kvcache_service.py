@@ -54,9 +54,12 @@ async def test_lease_commit_free_and_garbage(ipc_dir: Path) -> None:
                 assert lease.seq == 1 and lease.usage.used_blocks == 2
                 assert len(unpack_i32(lease.block_ids)) == 2
 
-                # Committing a block that was never leased is refused; state unchanged.
+                # Holding a free block that was never leased (and caches nothing) is
+                # refused; state unchanged. (Holding a held block is sharing: legal.)
+                granted = set(leased) | set(unpack_i32(lease.block_ids))
+                never_leased = min(set(range(8)) - granted)
                 await scheduler.send(KvSync("worker/0", 2, ["b"], pack_i32([0]),
-                                            pack_i32([leased[0]]), [], lease_target=4))
+                                            pack_i32([never_leased]), [], lease_target=4))
                 rejected = await expect(scheduler, Rejected)
                 assert "not leased" in rejected.reason
 

@@ -16,7 +16,7 @@ from shared.protocol.step import StepPlan, StepResult
 EOS = 2
 
 
-def make_scheduler(**overrides: int) -> Scheduler:
+def make_scheduler(**overrides: int | bool) -> Scheduler:
     settings = {"max_num_batched_tokens": 64, "max_prefill_chunk": 32, "lease_blocks": 16}
     settings.update(overrides)
     return Scheduler(SchedulerConfig(**settings))
@@ -35,10 +35,23 @@ def submit(s: Scheduler, rid: str, prompt_len: int, max_tokens: int = 4, priorit
                     DetokenizeSpec(), priority=priority), owner=owner)
 
 
+def prefix_keys(tokens: list[int]) -> list[int]:
+    """keys[p] identifies tokens[:p + 1]: what the K/V at position p depend on."""
+    keys, key = [], 0
+    for token in tokens:
+        key = hash((key, token))
+        keys.append(key)
+    return keys
+
+
 @dataclass
 class BookkeepingWorker:
     """Checks every plan the way a worker would and samples token 100 + k (k = the
-    request's output index), or EOS at ``eos_at`` outputs."""
+    request's output index), or EOS at ``eos_at`` outputs.
+
+    It also plays the KV cache: each slot it "writes" remembers which token prefix
+    its K/V would come from, and every position a step reads (a prefix-cache hit, a
+    chunk's context) must hold the reading request's own prefix."""
 
     block_size: int
     eos_at: dict[str, int] = field(default_factory=dict)
@@ -46,6 +59,12 @@ class BookkeepingWorker:
     computed: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, int] = field(default_factory=dict)
     blocks: dict[str, list[int]] = field(default_factory=dict)
+    slots: dict[int, int] = field(default_factory=dict)  # flat slot -> prefix key
+    cached_tokens: int = 0  # positions skipped thanks to num_computed_tokens
+
+    def slot(self, rid: str, position: int) -> int:
+        block = self.blocks[rid][position // self.block_size]
+        return block * self.block_size + position % self.block_size
 
     def execute(self, plan: StepPlan) -> StepResult:
         for rid in plan.finished:
@@ -54,17 +73,31 @@ class BookkeepingWorker:
         for new in plan.new:
             assert new.request_id not in self.tokens, "registered twice"
             self.tokens[new.request_id] = list(unpack_i32(new.token_ids))
-            self.computed[new.request_id] = 0
+            self.computed[new.request_id] = new.num_computed_tokens
+            self.cached_tokens += new.num_computed_tokens
             self.outputs[new.request_id] = new.num_output_tokens
             self.blocks[new.request_id] = []
         for owner, block in zip(unpack_i32(plan.block_owner), unpack_i32(plan.block_ids),
                                 strict=True):
             self.blocks[plan.request_ids[owner]].append(block)
+        counts = list(zip(plan.request_ids, unpack_i32(plan.num_tokens), strict=True))
+        # A step writes every K/V before any attention reads (as the real worker).
+        for rid, count in counts:
+            start = self.computed[rid]
+            assert start + count <= len(self.tokens[rid]), "computing unknown tokens"
+            assert len(self.blocks[rid]) * self.block_size >= start + count, "no KV slot"
+            keys = prefix_keys(self.tokens[rid][: start + count])
+            for p in range(start, start + count):
+                self.slots[self.slot(rid, p)] = keys[p]
+        for rid, count in counts:
+            end = self.computed[rid] + count
+            keys = prefix_keys(self.tokens[rid][:end])
+            for p in range(end):
+                assert self.slots.get(self.slot(rid, p)) == keys[p], (
+                    f"{rid} reads position {p} holding another prefix's K/V")
         sampled_ids, sampled = [], []
-        for rid, count in zip(plan.request_ids, unpack_i32(plan.num_tokens), strict=True):
+        for rid, count in counts:
             self.computed[rid] += count
-            assert self.computed[rid] <= len(self.tokens[rid]), "computing unknown tokens"
-            assert len(self.blocks[rid]) * self.block_size >= self.computed[rid], "no KV slot"
             if self.computed[rid] == len(self.tokens[rid]):
                 k = self.outputs[rid]
                 token = EOS if self.eos_at.get(rid) == k else 100 + k
@@ -125,7 +158,8 @@ def test_eos_stops_and_in_flight_token_is_discarded() -> None:
 
 
 def test_chunked_prefill_respects_budget_and_chunk() -> None:
-    s, kv = make_scheduler(max_num_batched_tokens=40, max_prefill_chunk=16), KvManager()
+    s, kv = make_scheduler(max_num_batched_tokens=40, max_prefill_chunk=16,
+                           enable_prefix_caching=False), KvManager()
     start(s, kv, details())
     submit(s, "long", prompt_len=50)
     submit(s, "short", prompt_len=10)
