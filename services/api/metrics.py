@@ -119,6 +119,21 @@ class ApiMetrics:
                    f"vllm:num_requests_waiting{{{labels}}} {scheduler.waiting}")
             metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent.",
                    f"vllm:kv_cache_usage_perc{{{labels}}} {scheduler.kv_usage}")
+            metric("vllm:prefix_cache_queries_total", "counter",
+                   "Prefix cache queries, in terms of number of queried tokens.",
+                   f"vllm:prefix_cache_queries_total{{{labels}}} "
+                   f"{scheduler.prefix_cache_queries}")
+            metric("vllm:prefix_cache_hits_total", "counter",
+                   "Prefix cache hits, in terms of number of cached tokens.",
+                   f"vllm:prefix_cache_hits_total{{{labels}}} {scheduler.prefix_cache_hits}")
+            metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions.",
+                   f"vllm:num_preemptions_total{{{labels}}} {scheduler.num_preemptions}")
+            metric("meshserve:kv_cached_blocks", "gauge",
+                   "Free KV blocks still caching a prefix (evictable).",
+                   f"meshserve:kv_cached_blocks{{{labels}}} {scheduler.kv_cached_blocks}")
+            metric("meshserve:kv_evictions_total", "counter",
+                   "Cached KV blocks evicted (overwritten) to make room.",
+                   f"meshserve:kv_evictions_total{{{labels}}} {scheduler.kv_evictions}")
         metric("vllm:prompt_tokens_total", "counter", "Prefill tokens processed.",
                f"vllm:prompt_tokens_total{{{labels}}} {self.prompt_tokens}")
         metric("vllm:generation_tokens_total", "counter", "Generation tokens processed.",

@@ -239,11 +239,18 @@ class SchedulerActor:
             await self.kv.send(sync, ctx=step_context)
 
     def _status(self) -> SchedulerStatus:
+        scheduler = self.scheduler
+        usages = [w.lease.usage for w in scheduler.workers.values() if w.lease.usage]
         return SchedulerStatus(
-            workers=len(self.scheduler.workers),
-            running=self.scheduler.num_running,
-            waiting=self.scheduler.num_waiting,
-            kv_usage=self.scheduler.kv_usage(),
+            workers=len(scheduler.workers),
+            running=scheduler.num_running,
+            waiting=scheduler.num_waiting,
+            kv_usage=scheduler.kv_usage(),
+            prefix_cache_queries=scheduler.prefix_cache_queries,
+            prefix_cache_hits=scheduler.prefix_cache_hits,
+            num_preemptions=scheduler.num_preemptions,
+            kv_cached_blocks=sum(u.cached_blocks for u in usages),
+            kv_evictions=sum(u.evictions for u in usages),
         )
 
     async def _report_status(self) -> None:

@@ -1,0 +1,111 @@
+"""Greedy output through the whole mesh is token-identical to transformers with the
+KV features in play: the prefix cache on (with hits, shown by /metrics) and off,
+``n=3`` choices that share their prompt's blocks, and a KV pool small enough that
+requests are preempted and recomputed."""
+
+from __future__ import annotations
+
+import random
+import re
+from functools import partial
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from shared.embedded_model import ensure_embedded_model
+from tests.e2e.mesh import start_mesh
+from tests.e2e.test_token_exact import MAX_TOKENS, complete_all, oracle
+
+CHUNKED = ["--set", "max_prefill_chunk=48", "--set", "max_num_batched_tokens=256",
+           "--set", "block_size=16"]
+
+
+def shared_prefix_prompts(seed: int = 11) -> list[list[int]]:
+    """Three system-prompt-like prefixes (some not block aligned), each followed by
+    several different questions, plus prompts that are a prefix of another."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(3, 2048) for _ in range(n)] for n in (40, 64, 130)]
+    prompts = []
+    for prefix in prefixes:
+        for n in (1, 7, 23):
+            prompts.append(prefix + [rng.randrange(3, 2048) for _ in range(n)])
+    prompts.append(prefixes[2][:100])
+    return prompts
+
+
+def metric(base_url: str, name: str) -> float:
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    match = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} missing from /metrics"
+    return float(match.group(1))
+
+
+async def complete_n(base_url: str, prompt: list[int], n: int) -> list[tuple[str, str]]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        response = await client.post("/v1/completions", json={
+            "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "n": n})
+        assert response.status_code == 200, response.text
+        choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+        return [(c["text"], c["finish_reason"]) for c in choices]
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[tuple[str, int, str]]:
+    return oracle(ensure_embedded_model(), shared_prefix_prompts())
+
+
+def test_prefix_cache_on_hits_and_matches_transformers(
+        tmp_path: Path, expected: list[tuple[str, int, str]]) -> None:
+    prompts = shared_prefix_prompts()
+    mesh = start_mesh(tmp_path, extra_args=CHUNKED)
+    try:
+        first = anyio.run(complete_all, mesh.base_url, prompts)
+        # Again: now every prefix is cached from the first round.
+        second = anyio.run(complete_all, mesh.base_url, prompts)
+        forks = anyio.run(partial(complete_n, mesh.base_url, prompts[5], 3))
+        hits = metric(mesh.base_url, "vllm:prefix_cache_hits_total")
+        queries = metric(mesh.base_url, "vllm:prefix_cache_queries_total")
+    finally:
+        mesh.stop()
+    assert first == expected
+    assert second == expected
+    text, _, finish = expected[5]
+    assert forks == [(text, finish)] * 3
+    # The second round alone hits every full block short of each last token.
+    assert hits >= sum((len(p) - 1) // 16 * 16 for p in prompts)
+    assert queries >= sum(len(p) for p in prompts)
+
+
+def test_prefix_cache_off_matches_transformers(
+        tmp_path: Path, expected: list[tuple[str, int, str]]) -> None:
+    prompts = shared_prefix_prompts()
+    mesh = start_mesh(tmp_path, extra_args=[*CHUNKED, "--set", "enable_prefix_caching=false"])
+    try:
+        got = anyio.run(complete_all, mesh.base_url, prompts)
+        forks = anyio.run(partial(complete_n, mesh.base_url, prompts[5], 3))
+        hits = metric(mesh.base_url, "vllm:prefix_cache_hits_total")
+    finally:
+        mesh.stop()
+    assert got == expected
+    text, _, finish = expected[5]
+    assert forks == [(text, finish)] * 3
+    assert hits == 0
+
+
+def test_small_pool_preempts_by_recompute_and_matches_transformers(
+        tmp_path: Path, expected: list[tuple[str, int, str]]) -> None:
+    # 24 blocks of 16 tokens: 384 slots for 11 requests of up to 154 + 24 tokens.
+    prompts = shared_prefix_prompts()
+    mesh = start_mesh(tmp_path, extra_args=[*CHUNKED, "--set", "num_kv_blocks=24",
+                                            "--set", "lease_blocks=4"])
+    try:
+        got = anyio.run(complete_all, mesh.base_url, prompts)
+        preemptions = metric(mesh.base_url, "vllm:num_preemptions_total")
+    finally:
+        mesh.stop()
+    assert got == expected
+    assert preemptions > 0
