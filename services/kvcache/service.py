@@ -11,14 +11,14 @@ from shared.config import load_config
 from shared.logs import get_logger
 from shared.mesh import PeerJoined, PeerLost, Received, RouterEndpoint
 from shared.protocol.common import Rejected
-from shared.protocol.kv import KvPoolClose, KvPoolOpen, KvStatsRequest, KvSync
+from shared.protocol.kv import KvDumpRequest, KvPoolClose, KvPoolOpen, KvStatsRequest, KvSync
 from shared.service import ServiceRuntime
 from shared.telemetry import tracer
 
 log = get_logger("meshserve.kvcache")
 _tracer = tracer("meshserve.kvcache")
 
-KvInbound = KvPoolOpen | KvPoolClose | KvSync | KvStatsRequest
+KvInbound = KvPoolOpen | KvPoolClose | KvSync | KvStatsRequest | KvDumpRequest
 
 
 async def main(runtime: ServiceRuntime) -> None:
@@ -64,3 +64,5 @@ def _handle(manager: KvManager, body: KvInbound, event: Received[KvInbound]) -> 
             return None
         case KvStatsRequest():
             return manager.stats()
+        case KvDumpRequest():
+            return manager.dump(body)

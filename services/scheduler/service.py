@@ -43,7 +43,7 @@ from shared.protocol.generation import (
     TokenBatch,
     TokenOutput,
 )
-from shared.protocol.kv import KvLease, KvPoolClose, KvStats
+from shared.protocol.kv import KvLease, KvPoolClose, KvStats, KvStatsRequest
 from shared.protocol.step import StepResult
 from shared.service import ServiceRuntime
 from shared.telemetry import inject_context, tracer
@@ -51,7 +51,8 @@ from shared.telemetry import inject_context, tracer
 log = get_logger("meshserve.scheduler")
 _tracer = tracer("meshserve.scheduler")
 
-SchedulerInbound = Submit | Abort | StepResult
+# KvStatsRequest: `meshserve kv stats` asks for the counters this actor keeps.
+SchedulerInbound = Submit | Abort | StepResult | KvStatsRequest
 KvInbound = KvLease | KvStats
 
 
@@ -89,6 +90,8 @@ class SchedulerActor:
                 self.scheduler.abort(body.request_ids)
                 await self._flush()
                 await self._pump_all()
+            case Received(peer=Peer() as peer, body=KvStatsRequest()):
+                await self.router.send(peer, self._status())
             case Received(peer=Peer() as peer, body=StepResult() as body):
                 self.scheduler.on_result(peer.name, body)
                 await self._flush()

@@ -7,6 +7,7 @@
     meshserve scale SVC=N            tokenizer | worker | tts
     meshserve down                   stop the mesh of the run dir, wait until it is gone
     meshserve config [--json]        effective settings of every service
+    meshserve kv stats|dump ID       KV cache figures (services/supervisor/kv_cli.py)
     meshserve --version
 
 Every command finds its mesh through the run dir (``--run-dir``,
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import msgspec
 
+from services.supervisor import kv_cli
 from services.supervisor.config import SupervisorConfig
 from services.supervisor.control import ControlClient, ControlTimeout
 from services.supervisor.mesh_plan import (
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print every service's effective settings")
     _add_mesh_flags(config)
     config.add_argument("--json", action="store_true", help="machine-readable output")
+    kv_cli.add_parser(commands, _add_run_dir)
     return parser
 
 
@@ -362,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_down(args)
             case "config":
                 return cmd_config(args)
+            case "kv":
+                run_dir = _run_dir(args)
+                if running_pid(run_dir) is None:
+                    raise CliError(f"no mesh is running in {run_dir}")
+                return kv_cli.main(args, run_dir)
     except CliError as e:
         print(f"meshserve: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ requests are preempted and recomputed."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from functools import partial
@@ -69,6 +70,8 @@ def test_prefix_cache_on_hits_and_matches_transformers(
         forks = anyio.run(partial(complete_n, mesh.base_url, prompts[5], 3))
         hits = metric(mesh.base_url, "vllm:prefix_cache_hits_total")
         queries = metric(mesh.base_url, "vllm:prefix_cache_queries_total")
+        stats = mesh.cli("kv", "stats", "--json")
+        missing = mesh.cli("kv", "dump", "no-such-request")
     finally:
         mesh.stop()
     assert first == expected
@@ -78,6 +81,11 @@ def test_prefix_cache_on_hits_and_matches_transformers(
     # The second round alone hits every full block short of each last token.
     assert hits >= sum((len(p) - 1) // 16 * 16 for p in prompts)
     assert queries >= sum(len(p) for p in prompts)
+    assert stats.returncode == 0, stats.stderr
+    figures = json.loads(stats.stdout)
+    assert figures["prefix_cache_hits"] >= hits and figures["prefix_cache_hit_rate"] > 0.3
+    assert figures["pools"][0]["cached_blocks"] > 0 and figures["pools"][0]["used_blocks"] == 0
+    assert missing.returncode == 1 and "no KV pool holds" in missing.stderr
 
 
 def test_prefix_cache_off_matches_transformers(

@@ -83,3 +83,45 @@ async def test_lease_commit_free_and_garbage(ipc_dir: Path) -> None:
         raw.close(linger=0)
         scheduler.close()
         ctx.destroy(linger=0)
+
+
+async def test_prefix_commit_share_dump_and_cli(ipc_dir: Path) -> None:
+    """Blocks held by two requests (a prefix hit), hashes committed, then
+    ``meshserve kv dump`` / ``kv stats`` code paths against the live service."""
+    from services.supervisor.kv_cli import _ask
+    from shared.protocol.kv import KvDump, KvDumpRequest, pack_i64
+
+    addr = mesh_addresses(ipc_dir).kvcache_addr
+    ctx = zmq.asyncio.Context()
+    scheduler = DealerEndpoint(ctx, addr, Identity("scheduler", 0), KvReplies | KvDump,
+                               heartbeat_s=0.1)
+    try:
+        with running_service("kvcache", ipc_dir):
+            async with anyio.create_task_group() as tg:
+                await tg.start(scheduler.run)
+                await expect(scheduler, UpstreamJoined)
+                await scheduler.send(KvPoolOpen("worker/0", num_blocks=8, block_size=16,
+                                                lease_target=4))
+                leased = list(unpack_i32((await expect(scheduler, KvLease)).block_ids))
+                # "a" allocates two blocks and fills them; "b" shares the first.
+                await scheduler.send(KvSync(
+                    "worker/0", 1, ["a", "b"], pack_i32([0, 0, 1]),
+                    pack_i32([leased[0], leased[1], leased[0]]), [], lease_target=4,
+                    commit_blocks=pack_i32(leased[:2]), commit_hashes=pack_i64([11, 22])))
+                lease = await expect(scheduler, KvLease)
+                assert lease.usage.used_blocks == 2
+                dump = await _ask(addr, KvDumpRequest("a"), KvDump)
+                assert isinstance(dump, KvDump) and dump.pool_id == "worker/0"
+                assert [(r.block_id, r.ref_count, r.block_hash, r.tier) for r in dump.blocks] == [
+                    (leased[0], 2, 11, "device"), (leased[1], 1, 22, "device")]
+                # Both end: the blocks stay cached (free, hash kept) until leased.
+                await scheduler.send(KvSync("worker/0", 2, [], b"", b"", ["a", "b"],
+                                            lease_target=4))
+                lease = await expect(scheduler, KvLease)
+                assert lease.usage.used_blocks == 0 and lease.usage.cached_blocks == 2
+                stats = await _ask(addr, KvStatsRequest(), KvStats)
+                assert isinstance(stats, KvStats) and stats.pools[0].cached_blocks == 2
+                tg.cancel_scope.cancel()
+    finally:
+        scheduler.close()
+        ctx.destroy(linger=0)

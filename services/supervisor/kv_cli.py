@@ -1,0 +1,130 @@
+"""`meshserve kv ...`: KV debugging utilities against a running mesh.
+
+    meshserve kv stats [--json]            usage per pool, cached blocks, hit rate,
+                                           evictions, preemptions
+    meshserve kv dump REQUEST_ID [--json]  block table: ids, hashes, ref counts, tier
+
+The CLI joins the mesh briefly as a ``cli`` replica: it says hello to the KV
+manager (and, for stats, the scheduler, which owns the hit and preemption
+counters), asks, and leaves. No torch import here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import anyio
+import msgspec
+import zmq.asyncio
+
+from services.supervisor.mesh_plan import mesh_addresses
+from shared.mesh import DealerEndpoint, Identity, Received, UpstreamJoined
+from shared.protocol.common import Rejected
+from shared.protocol.generation import SchedulerStatus
+from shared.protocol.kv import KvDump, KvDumpRequest, KvStats, KvStatsRequest
+
+ASK_TIMEOUT_S = 10.0
+
+
+class KvCliError(Exception):
+    pass
+
+
+def add_parser(commands: argparse._SubParsersAction, add_run_dir) -> None:  # type: ignore[type-arg,no-untyped-def]
+    kv = commands.add_parser("kv", help="KV cache statistics and request dumps")
+    sub = kv.add_subparsers(dest="kv_command", required=True, metavar="KV_COMMAND")
+    stats = sub.add_parser("stats", help="usage, cached blocks, hit rate, evictions, preemptions")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    add_run_dir(stats)
+    dump = sub.add_parser("dump", help="one request's block table")
+    dump.add_argument("request_id", metavar="REQUEST_ID")
+    dump.add_argument("--json", action="store_true", help="machine-readable output")
+    add_run_dir(dump)
+
+
+async def _ask(address: str, question: object, answer_type: type) -> object:
+    ctx = zmq.asyncio.Context()
+    endpoint: DealerEndpoint = DealerEndpoint(
+        ctx, address, Identity("cli", os.getpid()), answer_type | Rejected, heartbeat_s=0.5)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(endpoint.run)
+            with anyio.fail_after(ASK_TIMEOUT_S):
+                async for event in endpoint.inbox:
+                    if isinstance(event, UpstreamJoined):
+                        await endpoint.send(question)
+                    elif isinstance(event, Received):
+                        if isinstance(event.body, Rejected):
+                            raise KvCliError(f"{address} refused: {event.body.reason}")
+                        tg.cancel_scope.cancel()
+                        return event.body
+    except TimeoutError as e:
+        raise KvCliError(f"no answer from {address} within {ASK_TIMEOUT_S:g} s") from e
+    finally:
+        endpoint.close()
+        ctx.destroy(linger=0)
+    raise KvCliError(f"{address} closed")
+
+
+def _stats(run_dir: Path, as_json: bool) -> None:
+    addresses = mesh_addresses(run_dir)
+
+    async def both() -> tuple[KvStats, SchedulerStatus]:
+        kv = await _ask(addresses.kvcache_addr, KvStatsRequest(), KvStats)
+        scheduler = await _ask(addresses.scheduler_addr, KvStatsRequest(), SchedulerStatus)
+        assert isinstance(kv, KvStats) and isinstance(scheduler, SchedulerStatus)
+        return kv, scheduler
+
+    kv, scheduler = anyio.run(both)
+    queries = scheduler.prefix_cache_queries
+    hit_rate = scheduler.prefix_cache_hits / queries if queries else 0.0
+    if as_json:
+        print(msgspec.json.encode({
+            "pools": kv.pools, "kv_cache_usage_perc": scheduler.kv_usage,
+            "prefix_cache_queries": queries, "prefix_cache_hits": scheduler.prefix_cache_hits,
+            "prefix_cache_hit_rate": hit_rate, "preemptions": scheduler.num_preemptions,
+            "host_swap_bytes": 0, "swaps": 0,
+        }).decode())
+        return
+    print(f"kv usage {scheduler.kv_usage:.1%}  prefix cache hit rate {hit_rate:.1%} "
+          f"({scheduler.prefix_cache_hits}/{queries} tokens)  preemptions "
+          f"{scheduler.num_preemptions}  host swap: none (host tier not built)")
+    rows = [("POOL", "BLOCKS", "USED", "LEASED", "FREE", "CACHED", "EVICTIONS", "REQUESTS")]
+    for p in kv.pools:
+        rows.append((p.pool_id, str(p.num_blocks), str(p.used_blocks), str(p.leased_blocks),
+                     str(p.free_blocks), str(p.cached_blocks), str(p.evictions),
+                     str(p.requests)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _dump(run_dir: Path, request_id: str, as_json: bool) -> None:
+    answer = anyio.run(_ask, mesh_addresses(run_dir).kvcache_addr,
+                       KvDumpRequest(request_id), KvDump)
+    assert isinstance(answer, KvDump)
+    if as_json:
+        print(msgspec.json.encode(answer).decode())
+        return
+    if not answer.pool_id:
+        raise KvCliError(f"no KV pool holds request {request_id!r}")
+    print(f"request {request_id}  pool {answer.pool_id}  {len(answer.blocks)} blocks")
+    print("INDEX  BLOCK  REFS  TIER    HASH")
+    for i, row in enumerate(answer.blocks):
+        block_hash = f"{row.block_hash & (2**64 - 1):016x}" if row.block_hash is not None else "-"
+        print(f"{i:<5}  {row.block_id:<5}  {row.ref_count:<4}  {row.tier:<6}  {block_hash}")
+
+
+def main(args: argparse.Namespace, run_dir: Path) -> int:
+    try:
+        if args.kv_command == "stats":
+            _stats(run_dir, args.json)
+        elif args.kv_command == "dump":
+            _dump(run_dir, args.request_id, args.json)
+    except KvCliError as e:
+        print(f"meshserve: {e}", file=sys.stderr)
+        return 1
+    return 0
