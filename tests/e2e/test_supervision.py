@@ -27,7 +27,7 @@ from tests.e2e.mesh import (
 
 pytestmark = pytest.mark.slow
 
-SERVICES = ("kvcache", "scheduler", "api", "tokenizer", "worker")
+SERVICES = ("kvcache", "scheduler", "api", "tokenizer", "worker", "tts")
 
 
 def complete(mesh: Mesh) -> None:
