@@ -9,12 +9,20 @@ ENV PYTHONUNBUFFERED=1 \
     MESHSERVE_HEALTH_FILE=/tmp/meshserve-health.json
 
 WORKDIR /app
-COPY . /app
 
 # Extra pip arguments for builds without the public index (e.g. a local wheel
-# folder: --find-links /app/.wheels). Empty for a normal build.
+# folder: --find-links /wheels). Empty for a normal build.
 ARG PIP_EXTRA_ARGS=""
-RUN pip install $PIP_EXTRA_ARGS /app && rm -rf /app/.wheels
+
+# Dependencies first, from pyproject.toml alone: a code change then rebuilds only
+# the small layers below, not the torch install.
+COPY pyproject.toml /app/
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install $PIP_EXTRA_ARGS -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+COPY . /app
+RUN pip install $PIP_EXTRA_ARGS --no-deps /app
 
 # Generate the embedded default model at build time, so every container of the
 # mesh serves byte-identical weights and tokenizer.
