@@ -1,0 +1,109 @@
+"""compose.yaml against the compose spec (check-jsonschema's vendored schema) and
+the rules the schema cannot state: dependencies exist, healthy conditions have a
+healthcheck to wait on, scalable services can be scaled, one image for the mesh,
+and the cpu/gpu profiles."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+COMPOSE = Path(__file__).resolve().parents[2] / "compose.yaml"
+MESH = {"kvcache", "scheduler", "api", "tokenizer", "worker", "tts"}
+SCALABLE = {"tokenizer", "worker", "tts"}
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict[str, Any]]:
+    spec = yaml.safe_load(COMPOSE.read_text())
+    return spec["services"]
+
+
+def _check_jsonschema() -> str | None:
+    beside = Path(sys.executable).with_name("check-jsonschema")
+    return str(beside) if beside.exists() else shutil.which("check-jsonschema")
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    tool = _check_jsonschema()
+    if tool is None:
+        pytest.skip("check-jsonschema is not installed (test extra check-jsonschema==0.39.0)")
+    done = subprocess.run(
+        [tool, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    deps = service.get("depends_on", {})
+    if isinstance(deps, list):  # the short form: started, no condition
+        return {name: {"condition": "service_started"} for name in deps}
+    return deps
+
+
+def test_dependencies_exist_and_healthy_ones_have_healthchecks(
+        services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for target, how in _depends_on(service).items():
+            assert target in services, f"{name} depends on unknown service {target}"
+            assert target != name
+            if how.get("condition") == "service_healthy":
+                check = services[target].get("healthcheck")
+                assert check and not check.get("disable") and check.get("test"), (
+                    f"{name} waits for {target} to be healthy, which has no healthcheck")
+
+
+def test_dependencies_have_no_cycle(services: dict[str, dict[str, Any]]) -> None:
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"dependency cycle: {' -> '.join((*path, name))}"
+        if name in done:
+            return
+        for target in _depends_on(services[name]):
+            visit(target, (*path, name))
+        done.add(name)
+
+    for name in services:
+        visit(name, ())
+
+
+def test_scalable_services_have_no_fixed_host_ports_or_names(
+        services: dict[str, dict[str, Any]]) -> None:
+    for name in SCALABLE | {"worker-gpu"}:
+        service = services[name]
+        assert "container_name" not in service, name
+        for port in service.get("ports", []):
+            published = port.get("published") if isinstance(port, dict) else (
+                str(port).rsplit(":", 1)[0] if ":" in str(port) else None)
+            assert not published, f"{name} publishes host port {published}"
+
+
+def test_one_image_for_every_mesh_service(services: dict[str, dict[str, Any]]) -> None:
+    mesh = {name: s for name, s in services.items() if name in MESH or name == "worker-gpu"}
+    assert set(mesh) >= MESH
+    assert len({s.get("image") for s in mesh.values()}) == 1
+    for name, service in mesh.items():
+        base = name.removesuffix("-gpu")
+        assert service["command"] in ([f"services.{base}"], f"services.{base}"), name
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_cpu_and_gpu_profiles(services: dict[str, dict[str, Any]]) -> None:
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d.get("capabilities", []) for d in devices)
+    assert gpu["environment"]["MESHSERVE_DEVICE"].startswith("cuda")
+    cpu = services["worker"]
+    assert "cpu" in cpu.get("profiles", ["cpu"]) and cpu["environment"]["MESHSERVE_DEVICE"] == "cpu"
+    # Everything else runs in either profile.
+    for name, service in services.items():
+        if name not in ("worker", "worker-gpu"):
+            assert "profiles" not in service, name
