@@ -129,6 +129,7 @@ def test_status_restart_scale_and_down(supervisor: SupervisorProcess) -> None:
     assert state["api_url"] == f"http://127.0.0.1:{supervisor.port}"
     assert [(c["service"], c["replica"]) for c in state["children"]] == [
         ("kvcache", 0), ("scheduler", 0), ("api", 0), ("tokenizer", 0), ("worker", 0),
+        ("tts", 0),
     ]
     for child in state["children"]:
         assert child["pid"] > 0 and child["healthy"] and child["state"] == "running"
