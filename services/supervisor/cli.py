@@ -8,6 +8,7 @@
     meshserve down                   stop the mesh of the run dir, wait until it is gone
     meshserve config [--json]        effective settings of every service
     meshserve kv stats|dump ID       KV cache figures (services/supervisor/kv_cli.py)
+    meshserve trace ID [--jaeger URL]  a request's span tree (services/supervisor/trace_cli.py)
     meshserve --version
 
 Every command finds its mesh through the run dir (``--run-dir``,
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import msgspec
 
-from services.supervisor import kv_cli
+from services.supervisor import kv_cli, trace_cli
 from services.supervisor.config import SupervisorConfig
 from services.supervisor.control import ControlClient, ControlTimeout
 from services.supervisor.mesh_plan import (
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mesh_flags(config)
     config.add_argument("--json", action="store_true", help="machine-readable output")
     kv_cli.add_parser(commands, _add_run_dir)
+    trace_cli.add_parser(commands)
     return parser
 
 
@@ -370,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 if running_pid(run_dir) is None:
                     raise CliError(f"no mesh is running in {run_dir}")
                 return kv_cli.main(args, run_dir)
+            case "trace":
+                return trace_cli.cmd_trace(args)
     except CliError as e:
         print(f"meshserve: {e}", file=sys.stderr)
         return 1
