@@ -154,10 +154,10 @@ def summarize(name: str, timings: list[RequestTiming], wall: float) -> dict[str,
 
 
 def run_in_process(model: str, prompts: list[list[int]], max_tokens: int,
-                   torch_threads: int) -> tuple[list[RequestTiming], float]:
+                   torch_threads: int, device: str) -> tuple[list[RequestTiming], float]:
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
-    runner = ModelRunner(resolve_model_dir(model), device="cpu")
+    runner = ModelRunner(resolve_model_dir(model), device=device)
     engine = InProcessEngine(runner)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0.0))
@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--model", default="", help="HF folder (default: embedded model)")
     parser.add_argument("--url", default="", help="an already running mesh")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (both sides)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch threads of the worker and of the in-process run (0: torch's)")
     args = parser.parse_args()
@@ -205,11 +206,12 @@ def main() -> None:
     if args.url:
         mesh = drive(args.url)
     else:
-        mesh_args = ["--device", "cpu", "--set", f"torch_threads={args.torch_threads}"]
+        mesh_args = ["--device", args.device, "--tts", "0",
+                     "--set", f"torch_threads={args.torch_threads}"]
         with started_mesh(args.model, mesh_args) as url:
             mesh = drive(url)
     local_timings, local_wall = run_in_process(args.model, prompts, args.max_tokens,
-                                               args.torch_threads)
+                                               args.torch_threads, args.device)
     local = summarize("in-process", local_timings, local_wall)
     ratio = mesh["throughput_tok_s"] / local["throughput_tok_s"]
     print(f"throughput ratio mesh / in-process: {ratio:.3f}")

@@ -7,6 +7,7 @@ import torch
 CPU_DEFAULT_KV_BLOCKS = 4096
 # Share of the device memory still free after loading weights that goes to KV
 # blocks; the rest is headroom for activations of the largest step.
+MAX_AUTO_KV_BLOCKS = 262_144
 CUDA_KV_MEMORY_FRACTION = 0.8
 
 _DTYPES = {
@@ -50,7 +51,10 @@ def default_num_kv_blocks(device: torch.device, bytes_per_block: int) -> int:
     if device.type != "cuda":
         return CPU_DEFAULT_KV_BLOCKS
     free, _total = torch.cuda.mem_get_info(device)
-    blocks = int(free * CUDA_KV_MEMORY_FRACTION) // bytes_per_block
+    # A small model on a large card would get millions of blocks: more than any
+    # batch can use, and every pool structure (KV manager, scheduler mirror) pays
+    # for its size. Past this cap, memory is better left to the allocator.
+    blocks = min(int(free * CUDA_KV_MEMORY_FRACTION) // bytes_per_block, MAX_AUTO_KV_BLOCKS)
     if blocks < 1:
         raise RuntimeError(
             f"no room for KV blocks on {device}: {free} bytes free, {bytes_per_block} per block"
