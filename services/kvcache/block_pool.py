@@ -137,6 +137,26 @@ class BlockPool:
                     self._num_cached += 1
         return freed
 
+    def check_drop(self, request_id: str, block: int) -> None:
+        if block not in self._owned.get(request_id, ()):
+            raise BlockPoolError(f"{request_id}: drops block {block}, which it does not hold")
+
+    def drop(self, request_id: str, block: int) -> None:
+        """``request_id`` gives up its hold on one shared block (copy-on-write: it
+        writes into a copy instead). A block nobody holds any more goes to the free
+        list, keeping its hash. O(the request's table)."""
+        self.check_drop(request_id, block)
+        table = self._owned[request_id]
+        table.remove(block)
+        if not table:
+            del self._owned[request_id]
+        self._refs[block] -= 1
+        assert self._refs[block] >= 0, f"block {block} dropped more often than held"
+        if self._refs[block] == 0:
+            self._free[block] = None
+            if block in self._hash_of:
+                self._num_cached += 1
+
     # -------------------------------------------------------------- prefix index
 
     def commit_hash(self, block: int, block_hash: int) -> bool:

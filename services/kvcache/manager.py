@@ -55,6 +55,7 @@ class KvManager:
     def sync(self, msg: KvSync) -> KvLease:
         """Apply what the scheduler held, freed and committed, then top its lease up.
 
+        Copy-on-write drops apply first (they refer to holds reported earlier).
         Frees apply before allocations: a request preempted and re-admitted within
         one sync interval frees its old blocks and holds new ones. Hashes apply
         after allocations: a block may be allocated and fill within one interval.
@@ -77,7 +78,16 @@ class KvManager:
         # held, or caching a prefix) is still possible after them.
         for request_id, blocks in allocations.items():
             pool.check_hold(request_id, blocks)
+        drops = _grouped(msg.drop_requests, msg.drop_owner, msg.drop_blocks)
+        for request_id, blocks in drops.items():
+            for block in blocks:
+                pool.check_drop(request_id, block)
         pool.uncache(unpack_i32(msg.uncache_blocks))
+        # Drops before frees: a fork that copied a block and then ended drops it
+        # and frees the rest of its table in one sync.
+        for request_id, blocks in drops.items():
+            for block in blocks:
+                pool.drop(request_id, block)
         for request_id in msg.freed_requests:
             pool.free_request(request_id)
         for request_id, blocks in allocations.items():

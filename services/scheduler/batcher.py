@@ -24,7 +24,24 @@ soon as their tokens are scheduled; admission looks the prompt up once in the
 lease's mirror of that index and starts the request after the longest cached
 prefix (whole blocks, never the last token, whose logits are needed). A hit may
 read blocks that an earlier request computes in this very step: the worker writes
-a step's K/V before any attention reads it.
+a step's K/V before any attention reads it. ``Submit.cache_salt`` roots the hash
+chain, so requests under different salts never share a block.
+
+Copy-on-write forks (``Submit.n > 1``): one Submit becomes the choices
+``<id>-<i>``. Choice 0 (the leader) is queued and computes the prompt; the others
+wait in its ``pending_forks``. When the leader's whole prompt is scheduled, each
+fork takes over the leader's block table, all of it, the partial last block
+included (one ref-count increment per block, done once per fork: nothing here
+scans the cache), and starts at the prompt's last token, whose logits it needs
+for its own first sample. Whoever is about to write into a block that another
+live request holds (ref count > 1) gets a fresh block instead, and the plan tells
+the worker to copy the shared one into it first (``StepPlan.copy_src/copy_dst``).
+With n choices that is n - 1 copies of the prompt's last block, whatever the
+prompt length; every other prompt block stays shared until the choices end.
+
+    leader  [b0 b1 b2*]        b2* partial, ref 3     step N: prompt computed
+    fork 1  [b0 b1 b2*]  ─▶  [b0 b1 c1]  copy b2 -> c1 step N+1, before compute
+    fork 2  [b0 b1 b2*]  ─▶  [b0 b1 c2]  copy b2 -> c2 (leader then writes b2 alone)
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
 from opentelemetry.context import Context
 
 from services.scheduler.block_lease import BlockLease
@@ -48,6 +66,10 @@ from shared.protocol.kv import KvLease, KvPoolOpen
 from shared.protocol.step import NewRequest, StepPlan, StepResult
 
 TOMBSTONES = 65_536  # aborted ids remembered, so an abort that overtakes its Submit wins
+
+
+def _choice_ids(msg: Submit) -> list[str]:
+    return [msg.request_id] if msg.n <= 1 else [f"{msg.request_id}-{i}" for i in range(msg.n)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +127,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up (vLLM counts tokens)
         self.prefix_cache_hits = 0  # of those, found cached
+        self.fork_shared_blocks = 0  # blocks forks took over from their leader
+        self.cow_block_copies = 0  # blocks copied because a fork wrote a shared one
+        self._groups: dict[str, list[Request]] = {}  # Submit id -> its choices (n > 1)
 
     # ----------------------------------------------------------------- requests
 
@@ -122,18 +147,22 @@ class Scheduler:
             lengths.append(self.config.max_model_len)
         return min(lengths) if lengths else 0
 
-    def submit(self, msg: Submit, owner: str, context: Context | None = None) -> Takeover | None:
-        """Queue a tokenized request. A duplicate id (a re-sent request after a
-        tokenizer failover) changes only who detokenizes it; the takeover is
-        returned so the actor can hand the new owner the request's state."""
-        existing = self.requests.get(msg.request_id)
-        if existing is not None:
-            if existing.owner != owner:
-                previous, existing.owner = existing.owner, owner
-                return Takeover(existing, previous)
-            return None
+    def submit(self, msg: Submit, owner: str, context: Context | None = None) -> list[Takeover]:
+        """Queue a tokenized request (with ``n > 1``, its choices ``<id>-<i>``). A
+        duplicate id (a re-sent request after a tokenizer failover) changes only
+        who detokenizes it; the takeovers (one per live choice) are returned so the
+        actor can hand the new owner each request's state."""
+        existing = (self._groups[msg.request_id] if msg.request_id in self._groups
+                    else [r for r in (self.requests.get(msg.request_id),) if r is not None])
+        if existing:
+            takeovers = []
+            for request in existing:
+                if request.owner != owner and not request.status.finished:
+                    previous, request.owner = request.owner, owner
+                    takeovers.append(Takeover(request, previous))
+            return takeovers
         if msg.request_id in self._tombstone_set:
-            return None
+            return []
         prompt = unpack_i32(msg.prompt_token_ids)
         limit = self.max_model_len()
         error: str | None = None
@@ -144,31 +173,74 @@ class Scheduler:
                 f"the prompt has {len(prompt)} tokens; this model serves at most "
                 f"{limit} tokens in all (prompt and output)"
             )
+        elif msg.n < 1:
+            error = f"n must be at least 1, got {msg.n}"
         elif self._num_waiting >= self.config.max_waiting:
-            self.failures.append(RequestFailure(owner, RequestFailed(
-                msg.request_id, 429, "server_busy",
-                f"the waiting queue is full ({self.config.max_waiting} requests); retry later",
-            )))
-            return None
+            for request_id in _choice_ids(msg):
+                self.failures.append(RequestFailure(owner, RequestFailed(
+                    request_id, 429, "server_busy",
+                    f"the waiting queue is full ({self.config.max_waiting} requests); "
+                    "retry later",
+                )))
+            return []
         if error is not None:
-            self.failures.append(RequestFailure(
-                owner, RequestFailed(msg.request_id, 400, "invalid_request_error", error)
+            for request_id in _choice_ids(msg):
+                self.failures.append(RequestFailure(
+                    owner, RequestFailed(request_id, 400, "invalid_request_error", error)
+                ))
+            return []
+        arrival = next(self._arrivals)
+        choices = []
+        for i, request_id in enumerate(_choice_ids(msg)):
+            if request_id in self._tombstone_set:
+                continue  # an abort overtook the Submit
+            sampling = msg.sampling
+            if msg.n > 1 and sampling.seed is not None and i > 0:
+                sampling = msgspec.structs.replace(sampling, seed=sampling.seed + i)
+            choices.append(Request(
+                request_id=request_id,
+                prompt_len=len(prompt),
+                token_ids=array("i", prompt),
+                sampling=sampling,
+                detokenize=msg.detokenize,
+                priority=msg.priority,
+                arrival=arrival,
+                owner=owner,
+                context=context,
+                salt=msg.cache_salt,
+                group=msg.request_id if msg.n > 1 else None,
             ))
-            return None
-        request = Request(
-            request_id=msg.request_id,
-            prompt_len=len(prompt),
-            token_ids=prompt,
-            sampling=msg.sampling,
-            detokenize=msg.detokenize,
-            priority=msg.priority,
-            arrival=next(self._arrivals),
-            owner=owner,
-            context=context,
-        )
-        self.requests[request.request_id] = request
-        self._enqueue(request)
-        return None
+        if not choices:
+            return []
+        for request in choices:
+            self.requests[request.request_id] = request
+        if msg.n > 1:
+            self._groups[msg.request_id] = choices
+        leader = choices[0]
+        leader.pending_forks = choices[1:]
+        for fork in leader.pending_forks:
+            fork.fork_pending = True
+        self._enqueue(leader)
+        return []
+
+    def knows(self, msg: Submit) -> bool:
+        """Whether this Submit's id is live here (a re-sent request)."""
+        return msg.request_id in self._groups or msg.request_id in self.requests
+
+    def choices_of(self, msg: Submit) -> list[Request]:
+        """The live requests a Submit became (one, or its n choices)."""
+        if msg.request_id in self._groups:
+            return [r for r in self._groups[msg.request_id] if not r.status.finished]
+        request = self.requests.get(msg.request_id)
+        return [request] if request is not None else []
+
+    def ended_choices(self, msg: Submit) -> list[str]:
+        """Choice ids of a live n > 1 request that have ended (or never started)."""
+        group = self._groups.get(msg.request_id)
+        if group is None:
+            return []
+        live = {r.request_id for r in group if not r.status.finished}
+        return [rid for rid in _choice_ids(msg) if rid not in live]
 
     def _enqueue(self, request: Request) -> None:
         heapq.heappush(self._waiting, (request.priority, request.arrival, request))
@@ -198,13 +270,25 @@ class Scheduler:
             self.outputs.append(RequestOutput(request, [], request.num_outputs, "abort"))
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        if request.status == RequestStatus.WAITING:
+        if request.status == RequestStatus.WAITING and not request.fork_pending:
             self._num_waiting -= 1
         request.status = status
         self.requests.pop(request.request_id, None)
         slot = self.workers.get(request.worker) if request.worker else None
         if slot is not None:
             self._release(slot, request)
+        if request.pending_forks:
+            # It ended before its prompt was scheduled: the next live choice leads.
+            forks = [f for f in request.pending_forks if not f.status.finished]
+            request.pending_forks = []
+            if forks:
+                leader, leader.pending_forks = forks[0], forks[1:]
+                leader.fork_pending = False
+                self._enqueue(leader)
+        if request.group is not None:
+            group = self._groups.get(request.group, [])
+            if all(r.status.finished for r in group):
+                self._groups.pop(request.group, None)
 
     def _release(self, slot: WorkerSlot, request: Request) -> None:
         slot.running.pop(request.request_id, None)
@@ -281,18 +365,42 @@ class Scheduler:
         new: list[NewRequest] = []
         caching = self.config.enable_prefix_caching
 
+        copy_src: list[int] = []
+        copy_dst: list[int] = []
+        replace_owner: list[int] = []
+        replace_index: list[int] = []
+        replace_block: list[int] = []
+
         starved = False  # a running request went short of blocks in this step
 
-        def schedule(request: Request, count: int, blocks: list[int]) -> None:
+        def schedule(request: Request, count: int, blocks: list[int],
+                     copies: list[tuple[int, int, int]] | None = None) -> None:
+            copies = copies or []
             index = len(batch)
             batch.append(request)
             num_tokens.append(count)
-            block_owner.extend([index] * len(blocks))
-            block_ids.extend(blocks)
+            if request.table_sent:
+                for position, _src, dst in copies:
+                    replace_owner.append(index)
+                    replace_index.append(position)
+                    replace_block.append(dst)
+                sent = blocks
+            else:
+                # A fork's first step: the worker gets its whole table (copies
+                # already in place).
+                sent = request.block_ids + blocks
+                request.table_sent = True
+            for _, src, dst in copies:
+                copy_src.append(src)
+                copy_dst.append(dst)
+            block_owner.extend([index] * len(sent))
+            block_ids.extend(sent)
             request.block_ids.extend(blocks)
             request.num_scheduled += count
             if request.prefill_done:
                 request.num_sampling += 1
+                if request.pending_forks:
+                    new.extend(self._fork(slot, request))
             request.inflight_steps += 1
             if caching:
                 self._commit_full_blocks(slot, request)
@@ -309,13 +417,14 @@ class Scheduler:
                 count = 1
             else:
                 continue  # its last tokens are in flight
-            blocks = self._blocks_for(slot, request, count)
-            if blocks is None:
+            taken = self._blocks_for(slot, request, count)
+            if taken is None:
                 starved = True
                 if slot.lease.pool_exhausted:
                     self._preempt_one(slot, needing=request)
                 continue
-            schedule(request, count, blocks)
+            blocks, copies = taken
+            schedule(request, count, blocks, copies)
             budget -= count
 
         while not starved and budget > 0 and len(slot.running) < self.config.max_num_seqs:
@@ -343,6 +452,7 @@ class Scheduler:
                 self.prefix_cache_hits += cached
             request.num_cached_tokens = cached
             request.num_scheduled = cached
+            request.table_sent = True
             new.append(NewRequest(
                 request_id=request.request_id,
                 token_ids=request.prefill_ids.tobytes(),
@@ -366,6 +476,11 @@ class Scheduler:
             block_owner=pack_i32(block_owner),
             block_ids=pack_i32(block_ids),
             finished=finished,
+            copy_src=pack_i32(copy_src),
+            copy_dst=pack_i32(copy_dst),
+            replace_owner=pack_i32(replace_owner),
+            replace_index=pack_i32(replace_index),
+            replace_block=pack_i32(replace_block),
         )
 
     def _lookup(self, slot: WorkerSlot, request: Request) -> list[int]:
@@ -375,7 +490,7 @@ class Scheduler:
         block_size = slot.lease.block_size
         usable = (len(request.token_ids) - 1) // block_size
         hashes = extend_block_hashes(request.block_hashes, request.token_ids, block_size,
-                                     usable)
+                                     usable, request.salt)
         return slot.lease.lookup(hashes[:usable])
 
     def _commit_full_blocks(self, slot: WorkerSlot, request: Request) -> None:
@@ -384,14 +499,64 @@ class Scheduler:
         full = min(request.num_scheduled, len(request.token_ids)) // block_size
         if full <= request.num_committed_blocks:
             return
-        hashes = extend_block_hashes(request.block_hashes, request.token_ids, block_size, full)
+        hashes = extend_block_hashes(request.block_hashes, request.token_ids, block_size, full,
+                                     request.salt)
         for i in range(request.num_committed_blocks, full):
             slot.lease.commit(request.block_ids[i], hashes[i])
         request.num_committed_blocks = full
 
-    def _blocks_for(self, slot: WorkerSlot, request: Request, count: int) -> list[int] | None:
-        needed = slot.lease.blocks_for(request.num_scheduled + count) - len(request.block_ids)
-        return slot.lease.take(request.request_id, needed) if needed > 0 else []
+    def _blocks_for(self, slot: WorkerSlot, request: Request, count: int
+                    ) -> tuple[list[int], list[tuple[int, int, int]]] | None:
+        """Blocks to append so the next ``count`` positions have slots, and the
+        copy-on-write copies (table position, shared block, its fresh copy) for
+        blocks among the written ones that another request holds too. Both come
+        from the lease in one take: None (and nothing changed) when it is short.
+        Only the blocks this step writes are looked at."""
+        lease = slot.lease
+        end = request.num_scheduled + count
+        needed = max(0, lease.blocks_for(end) - len(request.block_ids))
+        written = range(request.num_scheduled // lease.block_size,
+                        min(len(request.block_ids), lease.blocks_for(end)))
+        shared = [i for i in written if lease.refs[request.block_ids[i]] > 1]
+        if needed + len(shared) == 0:
+            return [], []
+        taken = lease.take(request.request_id, needed + len(shared))
+        if taken is None:
+            return None
+        copies = []
+        for position, fresh in zip(shared, taken[needed:], strict=True):
+            src = request.block_ids[position]
+            request.block_ids[position] = fresh
+            lease.drop(request.request_id, src)
+            copies.append((position, src, fresh))
+        self.cow_block_copies += len(copies)
+        return taken[:needed], copies
+
+    def _fork(self, slot: WorkerSlot, leader: Request) -> list[NewRequest]:
+        """The leader's prompt is scheduled: its pending forks take over its block
+        table (every block, the partial last one included) and start at the
+        prompt's last token. Their tables reach the worker with their first step."""
+        forks = [f for f in leader.pending_forks if not f.status.finished]
+        leader.pending_forks = []
+        new = []
+        for fork in forks:
+            fork.fork_pending = False
+            self._admit(slot, fork)
+            fork.block_ids = list(leader.block_ids)
+            slot.lease.share(fork.request_id, fork.block_ids)
+            self.fork_shared_blocks += len(fork.block_ids)
+            fork.block_hashes = list(leader.block_hashes)
+            fork.num_committed_blocks = leader.num_committed_blocks
+            fork.num_scheduled = fork.num_cached_tokens = len(fork.prefill_ids) - 1
+            fork.table_sent = False
+            new.append(NewRequest(
+                request_id=fork.request_id,
+                token_ids=fork.prefill_ids.tobytes(),
+                num_output_tokens=fork.num_outputs,
+                sampling=fork.sampling,
+                num_computed_tokens=fork.num_scheduled,
+            ))
+        return new
 
     def _admit(self, slot: WorkerSlot, request: Request) -> None:
         request.status = RequestStatus.RUNNING

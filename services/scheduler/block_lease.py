@@ -44,6 +44,7 @@ class BlockLease:
         self._commits: dict[int, int] = {}  # block -> hash, not yet reported
         self._uncache: list[int] = []
         self._freed: list[str] = []
+        self._dropped: dict[str, list[int]] = {}  # copy-on-write: reported holds given up
         # Blocks a grant handed us while a request held them (the race above): the
         # KV manager counts them as leased until that request's hold arrives.
         self._granted_held: set[int] = set()
@@ -101,6 +102,29 @@ class BlockLease:
         if blocks:
             self._unreported_shared.setdefault(request_id, []).extend(blocks)
 
+    def drop(self, request_id: str, block: int) -> None:
+        """``request_id`` gives up one block it holds along with others (copy-on-write:
+        it writes into a copy from ``take``). A hold the KV manager has not heard of
+        is simply not reported; if nobody holds the block any more it goes straight
+        back to the lease, like ``release`` does."""
+        self.refs[block] -= 1
+        assert self.refs[block] >= 0, f"block {block} dropped more often than held"
+        unreported = self._unreported.get(request_id, [])
+        shared = self._unreported_shared.get(request_id, [])
+        if block in unreported:
+            unreported.remove(block)
+            if self.refs[block] == 0:
+                self._forget(block)
+                self._commits.pop(block, None)
+                self._free.appendleft(block)
+        elif block in shared:
+            shared.remove(block)
+            if self.refs[block] == 0 and block in self._granted_held:
+                self._granted_held.discard(block)
+                self._free.appendleft(block)
+        else:
+            self._dropped.setdefault(request_id, []).append(block)
+
     def commit(self, block: int, block_hash: int) -> None:
         """A held block is full (its tokens are scheduled): index it. A hash
         already cached elsewhere stays there."""
@@ -153,7 +177,7 @@ class BlockLease:
         if self.sync_in_flight or not self.opened:
             return None
         if (not self._unreported and not self._unreported_shared and not self._freed
-                and not self._commits and not self._uncache
+                and not self._commits and not self._dropped and not self._uncache
                 and len(self._free) >= max(self.target // 2, self._shortfall)):
             return None
         held: dict[str, list[int]] = {}
@@ -166,6 +190,12 @@ class BlockLease:
         for index, request_id in enumerate(requests):
             owner.extend([index] * len(held[request_id]))
             blocks.extend(held[request_id])
+        drop_requests = list(self._dropped)
+        drop_owner: list[int] = []
+        drop_blocks: list[int] = []
+        for index, request_id in enumerate(drop_requests):
+            drop_owner.extend([index] * len(self._dropped[request_id]))
+            drop_blocks.extend(self._dropped[request_id])
         self._seq += 1
         message = KvSync(
             pool_id=self.pool_id,
@@ -178,7 +208,11 @@ class BlockLease:
             commit_blocks=pack_i32(self._commits.keys()),
             commit_hashes=pack_i64(list(self._commits.values())),
             uncache_blocks=pack_i32(self._uncache),
+            drop_requests=drop_requests,
+            drop_owner=pack_i32(drop_owner),
+            drop_blocks=pack_i32(drop_blocks),
         )
+        self._dropped = {}
         self._unreported = {}
         self._unreported_shared = {}
         self._commits = {}
@@ -223,6 +257,7 @@ class BlockLease:
         self._commits = {}
         self._uncache = []
         self._freed = []
+        self._dropped = {}
         self._index = {}
         self._hash_of = {}
         # Blocks granted while held are the pool's own again once it is rebuilt

@@ -78,6 +78,14 @@ class Request:
     first_scheduled_at: float | None = None
     context: Context | None = None
     span: Span | None = None
+    salt: str = ""  # cache salt: the root of the request's block hashes
+    # n > 1 (copy-on-write forks): the choices other than the one that computes the
+    # prompt wait in ``pending_forks`` of that leader, outside the waiting queue,
+    # until its prompt is scheduled; then they take over its block table.
+    group: str | None = None  # the Submit's request id, for a fork
+    pending_forks: list[Request] = field(default_factory=list)
+    fork_pending: bool = False  # waits in a leader's pending_forks
+    table_sent: bool = True  # the worker has the block table (a new fork: not yet)
 
     @property
     def num_outputs(self) -> int:
@@ -124,4 +132,5 @@ class Request:
         self.num_committed_blocks = 0
         self.num_cached_tokens = 0
         self.sent_to_worker = False
+        self.table_sent = True
         self.num_preemptions += 1

@@ -111,23 +111,31 @@ class SchedulerActor:
             self.router.rejections.record(peer.name, reason)
             await self.router.send(peer, Rejected(reason=reason))
             return
-        takeover = self.scheduler.submit(body, owner=peer.name, context=event.context)
-        if takeover is not None:
+        known = self.scheduler.knows(body)
+        takeovers = self.scheduler.submit(body, owner=peer.name, context=event.context)
+        for takeover in takeovers:
             await self._reassign(takeover.request, peer)
             # The api and the scheduler may pick different successors after a
             # tokenizer died: the replica left behind must drop its state.
             previous = self.peers_by_name.get(takeover.previous_owner)
             if previous is not None:
-                await self.router.send(previous, Abort([body.request_id], reason="reassigned"))
+                await self.router.send(
+                    previous, Abort([takeover.request.request_id], reason="reassigned"))
+        if known:
+            # A re-sent n > 1 request: choices that ended already will get no more
+            # outputs; the new owner must not keep state for them.
+            ended = self.scheduler.ended_choices(body)
+            if ended:
+                await self.router.send(peer, Abort(ended, reason="finished"))
         else:
-            request = self.scheduler.requests.get(body.request_id)
-            if request is not None and request.span is None:
-                request.span = _tracer.start_span(
-                    "scheduler.request", context=event.context,
-                    attributes={"gen_ai.request.id": body.request_id,
-                                "gen_ai.usage.input_tokens": request.prompt_len,
-                                "meshserve.priority": body.priority},
-                )
+            for request in self.scheduler.choices_of(body):
+                if request.span is None:
+                    request.span = _tracer.start_span(
+                        "scheduler.request", context=event.context,
+                        attributes={"gen_ai.request.id": request.request_id,
+                                    "gen_ai.usage.input_tokens": request.prompt_len,
+                                    "meshserve.priority": body.priority},
+                    )
         await self._flush()
         await self._pump_all()
 
@@ -254,6 +262,8 @@ class SchedulerActor:
             num_preemptions=scheduler.num_preemptions,
             kv_cached_blocks=sum(u.cached_blocks for u in usages),
             kv_evictions=sum(u.evictions for u in usages),
+            fork_shared_blocks=scheduler.fork_shared_blocks,
+            cow_block_copies=scheduler.cow_block_copies,
         )
 
     async def _report_status(self) -> None:

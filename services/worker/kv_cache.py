@@ -41,3 +41,16 @@ class PagedKVCache:
     ) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy blocks ``src[j]`` into ``dst[j]`` in every layer, K and V
+        (copy-on-write before a step writes into a block it no longer shares).
+        One indexed copy per tensor, whatever the number of blocks."""
+        if not src:
+            return
+        device = self._k.device
+        src_t = torch.tensor(src, dtype=torch.long, device=device)
+        dst_t = torch.tensor(dst, dtype=torch.long, device=device)
+        # Layer-major storage: blocks are dim 1.
+        self._k[:, dst_t] = self._k[:, src_t]
+        self._v[:, dst_t] = self._v[:, src_t]

@@ -39,6 +39,9 @@ class _CheckedPlan:
     num_tokens: list[int]
     block_owner: list[int]
     block_ids: list[int]
+    copy_src: list[int]
+    copy_dst: list[int]
+    replaces: list[tuple[int, int, int]]  # (request index, table position, block)
 
 
 class PlanError(ValueError):
@@ -120,6 +123,10 @@ class ModelRunner:
         states = [self.requests[request_id] for request_id in plan.request_ids]
         for owner, block_id in zip(checked.block_owner, checked.block_ids, strict=True):
             states[owner].block_ids.append(block_id)
+        for owner, position, block_id in checked.replaces:
+            states[owner].block_ids[position] = block_id
+        # Copy-on-write: the copies land before any of this step's K/V writes.
+        self.kv_cache.copy_blocks(checked.copy_src, checked.copy_dst)
         if not states:
             return StepResult(plan.step_id, [], b"")
         sampled_ids, tokens = self._compute(states, checked.num_tokens)
@@ -190,6 +197,28 @@ class ModelRunner:
                     f"block id {block_id} outside the pool (0..{self.num_kv_blocks - 1})"
                 )
             appended[owner] += 1
+        copy_src = _unpack(plan.copy_src, "copy_src")
+        copy_dst = _unpack(plan.copy_dst, "copy_dst")
+        if len(copy_src) != len(copy_dst):
+            raise PlanError(f"{len(copy_src)} copy_src for {len(copy_dst)} copy_dst")
+        for block_id in (*copy_src, *copy_dst):
+            if not 0 <= block_id < self.num_kv_blocks:
+                raise PlanError(
+                    f"copied block {block_id} outside the pool (0..{self.num_kv_blocks - 1})"
+                )
+        replace_owner = _unpack(plan.replace_owner, "replace_owner")
+        replace_index = _unpack(plan.replace_index, "replace_index")
+        replace_block = _unpack(plan.replace_block, "replace_block")
+        if not len(replace_owner) == len(replace_index) == len(replace_block):
+            raise PlanError("replace_owner, replace_index and replace_block differ in length")
+        replaces = list(zip(replace_owner, replace_index, replace_block, strict=True))
+        for owner, _position, block_id in replaces:
+            if not 0 <= owner < count:
+                raise PlanError(f"replace_owner {owner} outside request_ids (0..{count - 1})")
+            if not 0 <= block_id < self.num_kv_blocks:
+                raise PlanError(
+                    f"block id {block_id} outside the pool (0..{self.num_kv_blocks - 1})"
+                )
         for i, request_id in enumerate(plan.request_ids):
             state = new.get(request_id)
             if state is None and request_id not in finished:
@@ -211,13 +240,16 @@ class ModelRunner:
                     f"{self.max_model_len}"
                 )
             have = len(state.block_ids) + appended[i]
+            if any(not 0 <= p < have for o, p, _ in replaces if o == i):
+                raise PlanError(f"request {request_id!r}: replaces a block beyond its table")
             need = blocks_for(end, self.block_size)
             if have < need:
                 raise PlanError(
                     f"request {request_id!r}: {end} positions need {need} blocks, "
                     f"its block table has {have}"
                 )
-        return _CheckedPlan(list(new.values()), num_tokens, block_owner, block_ids)
+        return _CheckedPlan(list(new.values()), num_tokens, block_owner, block_ids,
+                            copy_src, copy_dst, replaces)
 
     # -- compute ------------------------------------------------------------------
 

@@ -58,6 +58,11 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
     add_generation_prompt: bool = True
     priority: int = 0
     max_model_len: int = 0  # 0: let the scheduler decide
+    # n > 1: the choices ``<request_id>-<i>`` fork after the prompt (one Submit, one
+    # detokenizer state per choice id; choice i samples with ``seed + i``).
+    n: int = 1
+    # Keys the prefix cache: requests under different salts never share blocks.
+    cache_salt: str = ""
 
 
 class Submit(msgspec.Struct, frozen=True, tag=True):
@@ -68,6 +73,11 @@ class Submit(msgspec.Struct, frozen=True, tag=True):
     sampling: SamplingParams
     detokenize: DetokenizeSpec
     priority: int = 0
+    # n > 1: one request whose prompt is computed once and forked copy-on-write
+    # into choices ``<request_id>-<i>`` (choice i samples with ``seed + i``); the
+    # scheduler's outputs, aborts and failures name those choice ids.
+    n: int = 1
+    cache_salt: str = ""  # extra key of the prefix cache's block hashes
 
 
 class Abort(msgspec.Struct, frozen=True, tag=True):
@@ -149,3 +159,7 @@ class SchedulerStatus(msgspec.Struct, frozen=True, tag=True):
     num_preemptions: int = 0
     kv_cached_blocks: int = 0  # free blocks still caching a prefix, all pools
     kv_evictions: int = 0
+    # Copy-on-write forks (n > 1): blocks forks took over from their parent, and
+    # blocks copied because a fork wrote into a shared one.
+    fork_shared_blocks: int = 0
+    cow_block_copies: int = 0

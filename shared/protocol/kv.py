@@ -70,6 +70,12 @@ class KvSync(msgspec.Struct, frozen=True, tag=True, gc=False):
     commit_blocks: bytes = b""  # packed int32
     commit_hashes: bytes = b""  # packed int64, the chained hash of each block
     uncache_blocks: bytes = b""  # packed int32
+    # Copy-on-write: request ``drop_requests[drop_owner[j]]`` no longer holds block
+    # ``drop_blocks[j]`` (it holds a fresh copy instead, reported as an allocation).
+    # Applied right after ``uncache_blocks``, before the frees.
+    drop_requests: list[str] = []
+    drop_owner: bytes = b""  # packed int32
+    drop_blocks: bytes = b""  # packed int32
 
 
 class KvUsage(msgspec.Struct, frozen=True):

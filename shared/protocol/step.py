@@ -48,6 +48,18 @@ class StepPlan(msgspec.Struct, frozen=True, tag=True, gc=False):
     # W3C traceparents of the requests in this step, so the worker's step span can
     # link to each; empty when tracing is off.
     trace_links: list[str] = []
+    # Copy-on-write: before computing, the worker copies block ``copy_src[j]`` into
+    # ``copy_dst[j]`` (all layers, K and V), in order. The destination was just
+    # appended to a request's table in place of the source (a fork about to write
+    # into a block it shares).
+    copy_src: bytes = b""  # packed int32
+    copy_dst: bytes = b""  # packed int32
+    # Copy-on-write replaces a block *inside* a table: ``replace_owner[j]`` (index
+    # into request_ids) swaps table position ``replace_index[j]`` for block
+    # ``replace_block[j]``. Applied after the appends above.
+    replace_owner: bytes = b""  # packed int32
+    replace_index: bytes = b""  # packed int32
+    replace_block: bytes = b""  # packed int32
 
 
 class StepResult(msgspec.Struct, frozen=True, tag=True, gc=False):

@@ -59,8 +59,10 @@ class BookkeepingWorker:
     computed: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, int] = field(default_factory=dict)
     blocks: dict[str, list[int]] = field(default_factory=dict)
+    seeds: dict[str, int] = field(default_factory=dict)
     slots: dict[int, int] = field(default_factory=dict)  # flat slot -> prefix key
     cached_tokens: int = 0  # positions skipped thanks to num_computed_tokens
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks
 
     def slot(self, rid: str, position: int) -> int:
         block = self.blocks[rid][position // self.block_size]
@@ -68,7 +70,7 @@ class BookkeepingWorker:
 
     def execute(self, plan: StepPlan) -> StepResult:
         for rid in plan.finished:
-            for table in (self.tokens, self.computed, self.outputs, self.blocks):
+            for table in (self.tokens, self.computed, self.outputs, self.blocks, self.seeds):
                 table.pop(rid, None)
         for new in plan.new:
             assert new.request_id not in self.tokens, "registered twice"
@@ -77,9 +79,23 @@ class BookkeepingWorker:
             self.cached_tokens += new.num_computed_tokens
             self.outputs[new.request_id] = new.num_output_tokens
             self.blocks[new.request_id] = []
+            self.seeds[new.request_id] = new.sampling.seed or 0
         for owner, block in zip(unpack_i32(plan.block_owner), unpack_i32(plan.block_ids),
                                 strict=True):
             self.blocks[plan.request_ids[owner]].append(block)
+        for owner, index, block in zip(unpack_i32(plan.replace_owner),
+                                       unpack_i32(plan.replace_index),
+                                       unpack_i32(plan.replace_block), strict=True):
+            self.blocks[plan.request_ids[owner]][index] = block
+        # Copy-on-write copies land before the step writes anything.
+        for src, dst in zip(unpack_i32(plan.copy_src), unpack_i32(plan.copy_dst), strict=True):
+            self.copies.append((src, dst))
+            for offset in range(self.block_size):
+                key = self.slots.get(src * self.block_size + offset)
+                if key is None:
+                    self.slots.pop(dst * self.block_size + offset, None)
+                else:
+                    self.slots[dst * self.block_size + offset] = key
         counts = list(zip(plan.request_ids, unpack_i32(plan.num_tokens), strict=True))
         # A step writes every K/V before any attention reads (as the real worker).
         for rid, count in counts:
@@ -100,7 +116,9 @@ class BookkeepingWorker:
             self.computed[rid] += count
             if self.computed[rid] == len(self.tokens[rid]):
                 k = self.outputs[rid]
-                token = EOS if self.eos_at.get(rid) == k else 100 + k
+                # Seeded requests (forks: seed + i) diverge, so a fork that wrote
+                # into a block it shares would spoil its siblings' prefixes.
+                token = EOS if self.eos_at.get(rid) == k else 100 + k + 50 * self.seeds[rid]
                 self.tokens[rid].append(token)
                 self.outputs[rid] += 1
                 sampled_ids.append(rid)
