@@ -151,7 +151,7 @@ async def test_mesh_starts_healthy_and_stops_in_order(ipc_dir: Path) -> None:
         names = [(c.service, c.replica) for c in status.children]
         assert names == [
             ("kvcache", 0), ("scheduler", 0), ("api", 0),
-            ("tokenizer", 0), ("tokenizer", 1), ("worker", 0),
+            ("tokenizer", 0), ("tokenizer", 1), ("worker", 0), ("tts", 0),
         ]
         assert all(c.healthy and c.state == "running" and c.pid for c in status.children)
         pids = [c.pid for c in status.children]
@@ -160,7 +160,7 @@ async def test_mesh_starts_healthy_and_stops_in_order(ipc_dir: Path) -> None:
         assert await gone(pid)
     stopped = [line.split("/")[0] for line in stop_log.read_text().split()]
     # Replicas of one service stop together; services strictly in order.
-    assert stopped == ["api", "tokenizer", "tokenizer", "scheduler", "worker", "kvcache"]
+    assert stopped == ["api", "tokenizer", "tokenizer", "tts", "scheduler", "worker", "kvcache"]
 
 
 async def test_kill_9_of_any_child_is_repaired(ipc_dir: Path) -> None:
