@@ -43,6 +43,9 @@ class ProcessConfig(msgspec.Struct, frozen=True):
     # Written every heartbeat with the service's readiness; container healthchecks
     # read it (`python -m shared.healthcheck`). Empty: not written.
     health_file: str = ""
+    # Profile the whole process with cProfile and write <service>-<replica>.pstats
+    # here on exit. Empty: no profiling.
+    profile_dir: str = ""
 
     def replica_id(self) -> int:
         if not self.replica_from_hostname:

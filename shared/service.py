@@ -8,6 +8,7 @@ flushes spans on the way out.
 
 from __future__ import annotations
 
+import cProfile
 import json
 import os
 import signal
@@ -114,7 +115,10 @@ def serve(service: str, main: ServiceMain) -> None:
     process = load_config(ProcessConfig)
     configure_logging(service, process.replica_id(), process.log_level)
     configure_telemetry(service, process.replica_id())
+    profiler = _profiler(process)
     try:
+        if profiler is not None:
+            profiler.enable()
         anyio.run(_run, service, main, backend="asyncio")
     except KeyboardInterrupt:
         pass
@@ -122,8 +126,23 @@ def serve(service: str, main: ServiceMain) -> None:
         log.exception("service crashed")
         shutdown_telemetry()
         sys.exit(1)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            path = Path(process.profile_dir) / f"{service}-{process.replica_id()}.pstats"
+            profiler.dump_stats(path)
+            log.info("profile written", path=str(path))
     shutdown_telemetry()
     log.info("stopped")
+
+
+def _profiler(process: ProcessConfig) -> cProfile.Profile | None:
+    """A deterministic profiler of the whole process, when asked for: costly, but it
+    is how to find which Python a step spends its time in."""
+    if not process.profile_dir:
+        return None
+    Path(process.profile_dir).mkdir(parents=True, exist_ok=True)
+    return cProfile.Profile()
 
 
 __all__ = ["ServiceRuntime", "new_context", "serve"]
