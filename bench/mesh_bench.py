@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--url", default="", help="an already running mesh")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu | cuda (both sides)")
+    parser.add_argument("--mesh-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a mesh setting (meshserve up --set), e.g. steps_in_flight=3")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch threads of the worker and of the in-process run (0: torch's)")
     args = parser.parse_args()
@@ -216,6 +218,8 @@ def main() -> None:
     else:
         mesh_args = ["--device", args.device, "--tts", "0",
                      "--set", f"torch_threads={args.torch_threads}"]
+        for setting in args.mesh_set:
+            mesh_args += ["--set", setting]
         with started_mesh(args.model, mesh_args) as url:
             mesh = drive(url)
     local_timings, local_wall = run_in_process(args.model, prompts, warmup, args.max_tokens,
