@@ -9,8 +9,12 @@ Defaults follow vLLM's OpenAI server:
   limit": ``ApiConfig.chat_max_tokens_default`` is a cap far above any context
   length, and the scheduler ends the request with ``length`` at ``max_model_len``.
   ``max_completion_tokens`` wins over the deprecated ``max_tokens``.
-- ``n`` > 1 fans out into sub-requests ``<id>-<i>`` (``seed + i`` when seeded, so
-  the choices differ but each is reproducible); ``n == 1`` keeps the response id.
+- ``n`` > 1: choices ``<id>-<i>`` (``seed + i`` when seeded, so the choices differ
+  but each is reproducible); ``n == 1`` keeps the response id. The mesh gets one
+  ``GenerateRequest`` with ``n`` (``mesh_request``): the prompt is encoded and
+  computed once, and the choices fork copy-on-write at the scheduler.
+- ``cache_salt`` (vLLM's extension) keys the prefix cache: requests under
+  different salts never share cached blocks.
 
 Everything meshserve does not implement (logprobs, echo, penalties, tools, ...) is
 a 400 naming the parameter, rather than a response that silently ignores it.
@@ -61,6 +65,17 @@ class GenerationPlan:
     @property
     def sampling(self) -> SamplingParams:
         return self.requests[0].sampling
+
+    @property
+    def mesh_request(self) -> GenerateRequest:
+        """The one message the mesh gets for this HTTP request. With n > 1 it carries
+        the response id and ``n``; the scheduler forks it into the choice ids
+        ``<response_id>-<i>`` that ``requests`` lists (and adds ``i`` to the seed)."""
+        first = self.requests[0]
+        if len(self.requests) == 1:
+            return first
+        return msgspec.structs.replace(first, request_id=self.response_id,
+                                       n=len(self.requests))
 
     def span_attributes(self) -> dict[str, str | int | float | bool]:
         """The OTel GenAI request attributes of this request's server span."""
@@ -117,6 +132,7 @@ def plan_completion(
             prompt=prompt,
             prompt_token_ids=prompt_ids,
             priority=body.priority,
+            cache_salt=_cache_salt(body),
         )
 
     return GenerationPlan(
@@ -167,6 +183,7 @@ def plan_chat(
             messages=messages,
             add_generation_prompt=body.add_generation_prompt,
             priority=body.priority,
+            cache_salt=_cache_salt(body),
         )
 
     return GenerationPlan(
@@ -260,6 +277,12 @@ def _detokenize(body: SamplingFields) -> DetokenizeSpec:
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
     )
+
+
+def _cache_salt(body: SamplingFields) -> str:
+    if body.cache_salt is not None and not body.cache_salt:
+        raise bad_request("`cache_salt` must not be empty", "cache_salt")
+    return body.cache_salt or ""
 
 
 def _include_usage(body: SamplingFields) -> bool:

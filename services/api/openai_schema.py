@@ -65,6 +65,7 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+    cache_salt: str | None = None  # prefix-cache isolation key (vLLM)
 
 
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):

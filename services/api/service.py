@@ -151,8 +151,7 @@ class ApiActor:
             raise ApiError(503, "no tokenizer replica is connected; retry later",
                            code="no_tokenizer")
         self.registry.open(flight)
-        for choice in flight.choices:
-            await self._dispatch(flight, choice)
+        await self._dispatch(flight, flight.choices)
 
     async def release(self, flight: Flight) -> None:
         """The handler is done with a flight: forget it and abort what is unfinished,
@@ -182,22 +181,25 @@ class ApiActor:
             if peer.hello.ready
         ]
 
-    async def _dispatch(self, flight: Flight, choice: Choice) -> None:
-        """Send one choice to the least loaded tokenizer replica.
+    async def _dispatch(self, flight: Flight, choices: list[Choice]) -> None:
+        """Send a flight's request (all its ``n`` choices in one message: they fork
+        at the scheduler) to the least loaded tokenizer replica.
 
         The holder is recorded before the send: if that replica is lost while the
-        send is pending, the PeerLost handler finds the choice and re-sends it.
+        send is pending, the PeerLost handler finds the choices and re-sends them.
         """
         holder = pick_replica(self._tokenizer_candidates(), self.registry.outstanding())
         if holder is None:
-            choice.holder = None
+            for choice in choices:
+                choice.holder = None
             flight.fail(ApiError(
                 503, "the tokenizer replica serving this request was lost and no other "
                 "replica is connected", code="no_tokenizer",
             ))
             return
-        choice.holder = holder
-        request: GenerateRequest = choice.request
+        for choice in choices:
+            choice.holder = holder
+        request: GenerateRequest = flight.plan.mesh_request
         # A False return means the replica vanished; the router has queued a PeerLost
         # for it, and _on_tokenizer_lost re-sends this choice elsewhere.
         await self.tokenizers.send(holder, request, flight.context)
@@ -260,8 +262,13 @@ class ApiActor:
     async def _on_replica_lost(self, identity: bytes, name: str, reason: str) -> None:
         held = self.registry.held_by(identity)
         log.warning("replica lost", peer=name, reason=reason, requests=len(held))
+        # One re-send per flight: the tokenizer re-submits, the scheduler moves the
+        # live choices over and tells the new replica which ones ended already.
+        by_flight: dict[int, tuple[Flight, list[Choice]]] = {}
         for flight, choice in held:
-            await self._dispatch(flight, choice)
+            by_flight.setdefault(id(flight), (flight, []))[1].append(choice)
+        for flight, choices in by_flight.values():
+            await self._dispatch(flight, choices)
 
     async def _scheduler_events(self) -> None:
         async for event in self.scheduler.inbox:

@@ -87,11 +87,14 @@ def _stats(run_dir: Path, as_json: bool) -> None:
             "prefix_cache_queries": queries, "prefix_cache_hits": scheduler.prefix_cache_hits,
             "prefix_cache_hit_rate": hit_rate, "preemptions": scheduler.num_preemptions,
             "host_swap_bytes": 0, "swaps": 0,
+            "fork_shared_blocks": scheduler.fork_shared_blocks,
+            "cow_block_copies": scheduler.cow_block_copies,
         }).decode())
         return
     print(f"kv usage {scheduler.kv_usage:.1%}  prefix cache hit rate {hit_rate:.1%} "
           f"({scheduler.prefix_cache_hits}/{queries} tokens)  preemptions "
-          f"{scheduler.num_preemptions}  host swap: none (host tier not built)")
+          f"{scheduler.num_preemptions}  forks: {scheduler.fork_shared_blocks} blocks shared, "
+          f"{scheduler.cow_block_copies} copied  host swap: none (host tier not built)")
     rows = [("POOL", "BLOCKS", "USED", "LEASED", "FREE", "CACHED", "EVICTIONS", "REQUESTS")]
     for p in kv.pools:
         rows.append((p.pool_id, str(p.num_blocks), str(p.used_blocks), str(p.leased_blocks),

@@ -163,7 +163,12 @@ class TokenizerService:
 
     async def _on_generate(self, request: GenerateRequest, received_ctx: Context) -> None:
         request_id = request.request_id
-        if request_id in self.requests:
+        # n > 1: one Submit; the scheduler forks it into choices <id>-<i>, each with
+        # its own detokenizer state here.
+        choice_ids = (
+            [request_id] if request.n <= 1 else [f"{request_id}-{i}" for i in range(request.n)]
+        )
+        if any(choice_id in self.requests for choice_id in choice_ids):
             # A re-sent request: this replica already submitted it.
             self.rejections.record("api", f"duplicate GenerateRequest {request_id} ignored")
             return
@@ -188,11 +193,12 @@ class TokenizerService:
                     "request refused", request_id=request_id,
                     status=refusal.status, reason=refusal.message,
                 )
-                await self.api.send(
-                    RequestFailed(request_id, refusal.status, refusal.code, refusal.message)
-                )
+                for choice_id in choice_ids:
+                    await self.api.send(
+                        RequestFailed(choice_id, refusal.status, refusal.code, refusal.message)
+                    )
                 return
-            if request_id in self.requests:
+            if any(choice_id in self.requests for choice_id in choice_ids):
                 # Taken over by a Reassign while a thread encoded it: the scheduler
                 # has it already.
                 self.rejections.record("api", f"duplicate GenerateRequest {request_id} ignored")
@@ -200,7 +206,8 @@ class TokenizerService:
             span.set_attribute("gen_ai.usage.input_tokens", len(prompt_ids))
             # Submit travels under the encode span so the scheduler's spans join the trace.
             ctx = trace.set_span_in_context(span)
-            self.requests.admit(request_id, prompt_ids, request.detokenize, trace=ctx)
+            for choice_id in choice_ids:
+                self.requests.admit(choice_id, prompt_ids, request.detokenize, trace=ctx)
             await self.scheduler.send(
                 Submit(
                     request_id=request_id,
@@ -208,6 +215,8 @@ class TokenizerService:
                     sampling=request.sampling,
                     detokenize=request.detokenize,
                     priority=request.priority,
+                    n=request.n,
+                    cache_salt=request.cache_salt,
                 ),
                 ctx=ctx,
             )

@@ -54,6 +54,17 @@ async def complete_n(base_url: str, prompt: list[int], n: int) -> list[tuple[str
         return [(c["text"], c["finish_reason"]) for c in choices]
 
 
+async def complete_salted(base_url: str, prompt: list[int], salt: str) -> tuple[str, str]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        response = await client.post("/v1/completions", json={
+            "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "cache_salt": salt})
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        return choice["text"], choice["finish_reason"]
+
+
 @pytest.fixture(scope="module")
 def expected() -> list[tuple[str, int, str]]:
     return oracle(ensure_embedded_model(), shared_prefix_prompts())
@@ -71,6 +82,11 @@ def test_prefix_cache_on_hits_and_matches_transformers(
         hits = metric(mesh.base_url, "vllm:prefix_cache_hits_total")
         queries = metric(mesh.base_url, "vllm:prefix_cache_queries_total")
         stats = mesh.cli("kv", "stats", "--json")
+        # Same prompt, other salts: nothing of the rounds above may be reused.
+        salted_hits_before = json.loads(stats.stdout)["prefix_cache_hits"]
+        salted = [anyio.run(partial(complete_salted, mesh.base_url, prompts[5], salt))
+                  for salt in ("tenant-a", "tenant-b")]
+        salted_stats = json.loads(mesh.cli("kv", "stats", "--json").stdout)
         missing = mesh.cli("kv", "dump", "no-such-request")
     finally:
         mesh.stop()
@@ -78,6 +94,14 @@ def test_prefix_cache_on_hits_and_matches_transformers(
     assert second == expected
     text, _, finish = expected[5]
     assert forks == [(text, finish)] * 3
+    assert salted == [(text, finish)] * 2
+    assert salted_stats["prefix_cache_hits"] == salted_hits_before
+    # The n=3 request was computed once and forked: choices 1 and 2 took over every
+    # prompt block, and exactly one block (the last prompt block) was copied each.
+    figures = json.loads(stats.stdout)
+    prompt_blocks = -(-len(prompts[5]) // 16)
+    assert figures["fork_shared_blocks"] == 2 * prompt_blocks
+    assert figures["cow_block_copies"] == 2
     # The second round alone hits every full block short of each last token.
     assert hits >= sum((len(p) - 1) // 16 * 16 for p in prompts)
     assert queries >= sum(len(p) for p in prompts)
@@ -96,12 +120,15 @@ def test_prefix_cache_off_matches_transformers(
         got = anyio.run(complete_all, mesh.base_url, prompts)
         forks = anyio.run(partial(complete_n, mesh.base_url, prompts[5], 3))
         hits = metric(mesh.base_url, "vllm:prefix_cache_hits_total")
+        stats = mesh.cli("kv", "stats", "--json")
     finally:
         mesh.stop()
     assert got == expected
     text, _, finish = expected[5]
     assert forks == [(text, finish)] * 3
     assert hits == 0
+    figures = json.loads(stats.stdout)
+    assert figures["fork_shared_blocks"] > 0 and figures["cow_block_copies"] == 2
 
 
 def test_small_pool_preempts_by_recompute_and_matches_transformers(

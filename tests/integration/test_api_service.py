@@ -469,7 +469,8 @@ async def test_chat_with_the_openai_client(ipc_dir: Path) -> None:
         assert completion.choices[0].finish_reason == "stop"
         assert completion.usage.total_tokens == 5
 
-        # Streamed, with n=2: two sub-requests, seeds seed and seed+1, one merged stream.
+        # Streamed, with n=2: one mesh request with n=2 (the scheduler forks it into
+        # choices <id>-0 and <id>-1, seeds seed and seed+1), one merged stream.
         async with anyio.create_task_group() as tg:
             chunks: list[Any] = []
 
@@ -482,12 +483,8 @@ async def test_chat_with_the_openai_client(ipc_dir: Path) -> None:
 
             tg.start_soon(stream)
             first = (await tokenizer.generate.get()).body
-            second = (await tokenizer.generate.get()).body
-            base = first.request_id.rsplit("-", 1)[0]
-            assert {first.request_id, second.request_id} == {f"{base}-0", f"{base}-1"}
-            by_id = {first.request_id: first, second.request_id: second}
-            assert by_id[f"{base}-0"].sampling.seed == 11
-            assert by_id[f"{base}-1"].sampling.seed == 12
+            base = first.request_id
+            assert first.n == 2 and first.sampling.seed == 11
             # The default for chat is "until the context limit": a large cap.
             assert first.sampling.max_tokens >= 1 << 16
             await tokenizer.answer(f"{base}-1", ["B1", "B2"])
@@ -514,9 +511,10 @@ async def test_chat_with_the_openai_client(ipc_dir: Path) -> None:
                 results.append(await sdk.completions.create(model=SERVED, prompt="p", n=2))
 
             tg.start_soon(complete)
-            for _ in range(2):
-                request = (await tokenizer.generate.get()).body
-                await tokenizer.answer(request.request_id, [request.request_id[-1]])
+            request = (await tokenizer.generate.get()).body
+            assert request.n == 2
+            for i in range(2):
+                await tokenizer.answer(f"{request.request_id}-{i}", [str(i)])
         assert [c.text for c in results[0].choices] == ["0", "1"]
         assert [c.index for c in results[0].choices] == [0, 1]
         assert results[0].usage.completion_tokens == 2

@@ -124,6 +124,20 @@ def test_n_fans_out_with_distinct_ids_and_seeds() -> None:
     assert error_of(completion, n=CONFIG.max_n + 1).param == "n"
 
 
+def test_n_choices_reach_the_mesh_as_one_request_that_forks() -> None:
+    mesh = completion(n=3, seed=10).mesh_request
+    assert (mesh.request_id, mesh.n, mesh.sampling.seed) == ("cmpl-1", 3, 10)
+    single = completion(seed=10)
+    assert single.mesh_request is single.requests[0] and single.mesh_request.n == 1
+
+
+def test_cache_salt_maps_through() -> None:
+    assert completion(cache_salt="tenant-a").mesh_request.cache_salt == "tenant-a"
+    assert chat(cache_salt="t", n=2).mesh_request.cache_salt == "t"
+    assert completion().mesh_request.cache_salt == ""
+    assert error_of(completion, cache_salt="").param == "cache_salt"
+
+
 def test_chat_content_parts_are_joined_text() -> None:
     plan = chat(messages=[
         {"role": "system", "content": "sys"},
