@@ -189,7 +189,6 @@ class Scheduler:
                     owner, RequestFailed(request_id, 400, "invalid_request_error", error)
                 ))
             return []
-        arrival = next(self._arrivals)
         choices = []
         for i, request_id in enumerate(_choice_ids(msg)):
             if request_id in self._tombstone_set:
@@ -204,7 +203,7 @@ class Scheduler:
                 sampling=sampling,
                 detokenize=msg.detokenize,
                 priority=msg.priority,
-                arrival=arrival,
+                arrival=next(self._arrivals),
                 owner=owner,
                 context=context,
                 salt=msg.cache_salt,

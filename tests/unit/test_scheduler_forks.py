@@ -4,7 +4,11 @@ slot a step reads (seeded forks diverge, so a fork writing a shared block shows)
 
 from __future__ import annotations
 
+import random
+
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given, settings
 
 from services.kvcache.manager import KvManager
 from services.scheduler.batcher import Scheduler
@@ -162,3 +166,50 @@ def test_cache_salt_separates_prefixes() -> None:
     plan = s.plan(W)
     assert plan is not None and plan.new[0].num_computed_tokens == 20
     assert list(unpack_i32(plan.num_tokens)) == [1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), num_blocks=st.sampled_from([12, 16, 64]),
+       lease=st.sampled_from([2, 4, 16]))
+def test_fork_workload_matches_independent_requests_and_leaks_nothing(
+        seed: int, num_blocks: int, lease: int) -> None:
+    """Random n, prompts over shared prefixes, aborts of some choices, pools small
+    enough to preempt: every choice gets what an independent request with its seed
+    gets, every read slot holds the reader's own prefix, and nothing stays held."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(3, 50) for _ in range(rng.randrange(1, 10))] for _ in range(2)]
+    jobs = []
+    for i in range(rng.randrange(1, 5)):
+        prompt = rng.choice(prefixes) + [rng.randrange(3, 50) for _ in range(rng.randrange(1, 6))]
+        jobs.append((f"r{i}", prompt, rng.randrange(1, 4), rng.randrange(1, 8)))
+    choice_ids = [f"{rid}-{i}" if n > 1 else rid for rid, _, n, _ in jobs for i in range(n)]
+    aborted = {c for c in choice_ids if rng.random() < 0.2}
+    for caching in (True, False):
+        s = make_scheduler(lease_blocks=lease, enable_prefix_caching=caching)
+        kv = KvManager()
+        start(s, kv, details(num_blocks=num_blocks, max_len=48))
+        worker = BookkeepingWorker(block_size=4)
+        for rid, prompt, n, max_tokens in jobs:
+            submit_n(s, rid, prompt, n=n, max_tokens=max_tokens, seed=1)
+        if aborted:
+            plan = s.plan(W)
+            result = worker.execute(plan) if plan is not None else None
+            s.abort(sorted(aborted))
+            if result is not None:
+                s.on_result(W, result)
+        early: dict[str, list[int]] = {}
+        ended_early = set()
+        for out in s.take_outputs()[0]:
+            early.setdefault(out.request.request_id, []).extend(out.token_ids)
+            if out.finish_reason is not None:
+                ended_early.add(out.request.request_id)
+        later = run_until_idle(s, kv, worker)
+        done = {rid: early.get(rid, []) + later.get(rid, [])
+                for rid in {*later, *ended_early}}
+        assert_no_leak(s, kv)
+        for rid, _, n, max_tokens in jobs:
+            for i in range(n):
+                cid = f"{rid}-{i}" if n > 1 else rid
+                if cid not in aborted:
+                    seed_i = 1 + (i if n > 1 else 0)
+                    assert done[cid] == [100 + k + 50 * seed_i for k in range(max_tokens)]
