@@ -45,6 +45,11 @@ class BlockLease:
         self._uncache: list[int] = []
         self._freed: list[str] = []
         self._dropped: dict[str, list[int]] = {}  # copy-on-write: reported holds given up
+        # Blocks taken from the lease since the last sync: the KV manager counts them
+        # as leased, so if every holder lets go before the sync they are ours again
+        # (a fork or a same-step prefix hit may share one with the request that
+        # took it, and both may end before any sync).
+        self._fresh: set[int] = set()
         # Blocks a grant handed us while a request held them (the race above): the
         # KV manager counts them as leased until that request's hold arrives.
         self._granted_held: set[int] = set()
@@ -79,6 +84,7 @@ class BlockLease:
             self._shortfall = max(self._shortfall, count)
             return None
         taken = [self._free.popleft() for _ in range(count)]
+        self._fresh.update(taken)
         for block in taken:
             self.refs[block] = 1
         if taken:
@@ -114,16 +120,24 @@ class BlockLease:
         if block in unreported:
             unreported.remove(block)
             if self.refs[block] == 0:
-                self._forget(block)
-                self._commits.pop(block, None)
-                self._free.appendleft(block)
+                self._reclaim(block)
         elif block in shared:
             shared.remove(block)
             if self.refs[block] == 0 and block in self._granted_held:
                 self._granted_held.discard(block)
                 self._free.appendleft(block)
+            elif self.refs[block] == 0 and block in self._fresh:
+                self._reclaim(block)
         else:
             self._dropped.setdefault(request_id, []).append(block)
+
+    def _reclaim(self, block: int) -> None:
+        """A block taken since the last sync that nobody holds: back to the lease,
+        without the hash it may have been given (its contents were never reported)."""
+        self._fresh.discard(block)
+        self._forget(block)
+        self._commits.pop(block, None)
+        self._free.appendleft(block)
 
     def commit(self, block: int, block_hash: int) -> None:
         """A held block is full (its tokens are scheduled): index it. A hash
@@ -158,15 +172,16 @@ class BlockLease:
         shared = self._unreported_shared.pop(request_id, [])
         for block in reversed(unreported):
             if self.refs[block] == 0:
-                self._forget(block)
-                self._commits.pop(block, None)
-                self._free.appendleft(block)
+                self._reclaim(block)
             # else: another request shares it; its hold reports the block.
         for block in shared:
             if self.refs[block] == 0 and block in self._granted_held:
                 # Evicted to us while held; no hold will reach the KV manager now.
                 self._granted_held.discard(block)
                 self._free.appendleft(block)
+            elif self.refs[block] == 0 and block in self._fresh:
+                # Taken by a request that ended before any sync: still leased there.
+                self._reclaim(block)
         if len(blocks) > len(unreported) + len(shared):
             self._freed.append(request_id)
 
@@ -213,6 +228,7 @@ class BlockLease:
             drop_blocks=pack_i32(drop_blocks),
         )
         self._dropped = {}
+        self._fresh.clear()
         self._unreported = {}
         self._unreported_shared = {}
         self._commits = {}
@@ -258,6 +274,7 @@ class BlockLease:
         self._uncache = []
         self._freed = []
         self._dropped = {}
+        self._fresh.clear()
         self._index = {}
         self._hash_of = {}
         # Blocks granted while held are the pool's own again once it is rebuilt

@@ -37,6 +37,24 @@ def assert_no_leak(s: Scheduler, kv: KvManager) -> None:
     assert usage.used_blocks == 0 and usage.requests == 0
     assert not any(s.workers[W].lease.refs)
     assert not s.requests and not s._groups
+    lease = s.workers[W].lease
+    if not lease.sync_in_flight:  # every block leased there is in the lease here
+        assert usage.leased_blocks == lease.available
+
+
+def test_choices_ending_before_any_sync_give_their_blocks_back_to_the_lease() -> None:
+    s, kv = make_scheduler(), KvManager()
+    start(s, kv, details())
+    worker = BookkeepingWorker(block_size=4)
+    submit_n(s, "r", list(range(10, 20)), n=2)
+    plan = s.plan(W)  # the leader's prompt; the fork shares its fresh blocks
+    assert plan is not None and [n.request_id for n in plan.new] == ["r-0", "r-1"]
+    result = worker.execute(plan)
+    s.abort(["r-0", "r-1"])
+    s.on_result(W, result)
+    s.take_outputs()
+    run_until_idle(s, kv, worker)
+    assert_no_leak(s, kv)
 
 
 @pytest.mark.parametrize("prompt_len", [10, 12, 3])  # partial last block, aligned, one block
