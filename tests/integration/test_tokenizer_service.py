@@ -376,6 +376,28 @@ async def test_token_batches_become_text_equal_to_the_full_decode(
         )
 
 
+async def test_n_choices_submit_once_and_detokenize_per_choice(
+    ipc_dir: Path, model_dir: Path, encoder: PromptEncoder
+) -> None:
+    ids = [encoder.encode_text(t) for t in ("first choice", "second one", "third")]
+    async with tokenizer_mesh(ipc_dir, model_dir) as peers:
+        sampling = SamplingParams(max_tokens=8, seed=5)
+        await peers.generate(generate_request("f", prompt="fork me", sampling=sampling, n=3,
+                                              cache_salt="tenant"))
+        submit = await peers.submitted()
+        assert (submit.request_id, submit.n, submit.cache_salt) == ("f", 3, "tenant")
+        assert submit.sampling == sampling  # the scheduler adds i to choice i's seed
+        prompt_len = len(unpack_i32(submit.prompt_token_ids))
+        # A re-sent request is a duplicate while any choice lives: no second Submit.
+        await peers.generate(generate_request("f", prompt="fork me", n=3))
+        await peers.barrier()
+        for i, choice_ids in enumerate(ids):
+            deltas = await collect_text(
+                peers, f"f-{i}", one_by_one(f"f-{i}", choice_ids, "length", prompt_len))
+            assert assert_contiguous(deltas) == encoder.tokenizer.decode(choice_ids)
+            assert deltas[-1].prompt_tokens == prompt_len
+
+
 async def test_stop_string_mid_stream_finishes_aborts_and_never_leaks(
     ipc_dir: Path, model_dir: Path, encoder: PromptEncoder
 ) -> None:
