@@ -1,5 +1,12 @@
 """The KV manager's state: one BlockPool per worker, driven by the wire messages.
-Pure: takes decoded messages, returns the replies; the actor does the I/O."""
+Pure: takes decoded messages, returns the replies; the actor does the I/O.
+
+Host tier: the KV manager sizes each worker's host swap pool, ``host_swap_gb`` over
+the worker's bytes per block (``KvPoolOpen.block_bytes``), and may be told a new
+size at run time (``set_host_swap``). The scheduler allocates host block ids within
+that size while it plans and reports which swapped-out request holds which in its
+syncs; here they are kept for ``kv stats`` (host usage) and ``kv dump`` (tier).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,11 @@ from shared.protocol.kv import (
     KvBlockRow,
     KvDump,
     KvDumpRequest,
+    KvHostResize,
     KvLease,
     KvPoolClose,
     KvPoolOpen,
+    KvSetHostSwap,
     KvStats,
     KvSync,
     KvUsage,
@@ -34,10 +43,19 @@ def _grouped(requests: list[str], owner: bytes, blocks: bytes) -> dict[str, list
     return grouped
 
 
+def host_blocks_for(host_swap_gb: float, block_bytes: int) -> int:
+    if block_bytes <= 0 or host_swap_gb <= 0:
+        return 0
+    return int(host_swap_gb * 1e9) // block_bytes
+
+
 class KvManager:
-    def __init__(self) -> None:
+    def __init__(self, host_swap_gb: float = 1.0) -> None:
         self.pools: dict[str, BlockPool] = {}
         self.block_sizes: dict[str, int] = {}
+        self.host_swap_gb = host_swap_gb
+        self.block_bytes: dict[str, int] = {}
+        self.host_tables: dict[str, dict[str, list[int]]] = {}  # pool -> request -> blocks
 
     def open_pool(self, msg: KvPoolOpen) -> KvLease:
         pool = BlockPool(msg.num_blocks)
@@ -45,12 +63,16 @@ class KvManager:
         pool.restore(owned, unpack_i32(msg.leased_blocks))
         self.pools[msg.pool_id] = pool
         self.block_sizes[msg.pool_id] = msg.block_size
+        self.block_bytes[msg.pool_id] = msg.block_bytes
+        self.host_tables[msg.pool_id] = {}
         granted = pool.top_up(msg.lease_target)
         return self._lease(msg.pool_id, msg.seq, granted)
 
     def close_pool(self, msg: KvPoolClose) -> None:
         self.pools.pop(msg.pool_id, None)
         self.block_sizes.pop(msg.pool_id, None)
+        self.block_bytes.pop(msg.pool_id, None)
+        self.host_tables.pop(msg.pool_id, None)
 
     def sync(self, msg: KvSync) -> KvLease:
         """Apply what the scheduler held, freed and committed, then top its lease up.
@@ -82,6 +104,7 @@ class KvManager:
         for request_id, blocks in drops.items():
             for block in blocks:
                 pool.check_drop(request_id, block)
+        host_held = _grouped(msg.host_requests, msg.host_owner, msg.host_blocks)
         pool.uncache(unpack_i32(msg.uncache_blocks))
         # Drops before frees: a fork that copied a block and then ended drops it
         # and frees the rest of its table in one sync.
@@ -94,8 +117,30 @@ class KvManager:
             pool.hold(request_id, blocks, checked=True)
         for block, block_hash in zip(commit_blocks, commit_hashes, strict=True):
             pool.commit_hash(block, block_hash)
+        host = self.host_tables.setdefault(msg.pool_id, {})
+        for request_id in msg.host_released:
+            host.pop(request_id, None)
+        host.update(host_held)
         granted = pool.top_up(msg.lease_target)
         return self._lease(msg.pool_id, msg.seq, granted)
+
+    def host_num_blocks(self, pool_id: str) -> int:
+        return host_blocks_for(self.host_swap_gb, self.block_bytes.get(pool_id, 0))
+
+    def set_host_swap(self, msg: KvSetHostSwap) -> tuple[KvStats, list[KvHostResize]]:
+        """Resize every host pool; the scheduler must hear each new size (it drops
+        swapped requests beyond a smaller one, which then report their release)."""
+        if not msg.host_swap_gb >= 0:
+            raise BlockPoolError(f"host_swap_gb must be >= 0, got {msg.host_swap_gb}")
+        self.host_swap_gb = msg.host_swap_gb
+        resizes = [KvHostResize(p, self.host_num_blocks(p)) for p in sorted(self.pools)]
+        for resize in resizes:
+            # Forget host holdings beyond the new size now: the scheduler drops them.
+            host = self.host_tables.get(resize.pool_id, {})
+            for request_id in [r for r, b in host.items()
+                               if b and max(b) >= resize.host_num_blocks]:
+                del host[request_id]
+        return self.stats(), resizes
 
     def _lease(self, pool_id: str, seq: int, granted: list[int]) -> KvLease:
         return KvLease(pool_id=pool_id, seq=seq, block_ids=pack_i32(granted),
@@ -106,7 +151,9 @@ class KvManager:
         return KvUsage(pool_id=pool_id, num_blocks=u.num_blocks, used_blocks=u.used_blocks,
                        leased_blocks=u.leased_blocks, free_blocks=u.free_blocks,
                        requests=u.requests, cached_blocks=u.cached_blocks,
-                       evictions=u.evictions)
+                       evictions=u.evictions, host_num_blocks=self.host_num_blocks(pool_id),
+                       host_used_blocks=sum(len(b) for b in
+                                            self.host_tables.get(pool_id, {}).values()))
 
     def stats(self) -> KvStats:
         return KvStats(pools=[self.usage(p) for p in sorted(self.pools)])
@@ -118,4 +165,8 @@ class KvManager:
             if rows:
                 return KvDump(msg.request_id, pool_id, [
                     KvBlockRow(r.block_id, r.ref_count, r.block_hash, "device") for r in rows])
+            host = self.host_tables.get(pool_id, {}).get(msg.request_id)
+            if host:
+                return KvDump(msg.request_id, pool_id, [
+                    KvBlockRow(block, 1, None, "host") for block in host])
         return KvDump(msg.request_id, "", [])

@@ -11,19 +11,26 @@ from shared.config import load_config
 from shared.logs import get_logger
 from shared.mesh import PeerJoined, PeerLost, Received, RouterEndpoint
 from shared.protocol.common import Rejected
-from shared.protocol.kv import KvDumpRequest, KvPoolClose, KvPoolOpen, KvStatsRequest, KvSync
+from shared.protocol.kv import (
+    KvDumpRequest,
+    KvPoolClose,
+    KvPoolOpen,
+    KvSetHostSwap,
+    KvStatsRequest,
+    KvSync,
+)
 from shared.service import ServiceRuntime
 from shared.telemetry import tracer
 
 log = get_logger("meshserve.kvcache")
 _tracer = tracer("meshserve.kvcache")
 
-KvInbound = KvPoolOpen | KvPoolClose | KvSync | KvStatsRequest | KvDumpRequest
+KvInbound = KvPoolOpen | KvPoolClose | KvSync | KvStatsRequest | KvDumpRequest | KvSetHostSwap
 
 
 async def main(runtime: ServiceRuntime) -> None:
-    load_config(KvCacheConfig)  # validates the environment early, even if unused here
-    manager = KvManager()
+    config = load_config(KvCacheConfig)
+    manager = KvManager(host_swap_gb=config.host_swap_gb)
     router: RouterEndpoint[KvInbound] = RouterEndpoint(
         runtime.zmq, runtime.addresses.kvcache_addr, runtime.identity, KvInbound,
         heartbeat_s=runtime.process.heartbeat_s,
@@ -35,6 +42,19 @@ async def main(runtime: ServiceRuntime) -> None:
             match event:
                 case Received(peer=peer, body=body, envelope=envelope):
                     assert peer is not None
+                    if isinstance(body, KvSetHostSwap):
+                        try:
+                            stats, resizes = manager.set_host_swap(body)
+                        except BlockPoolError as e:
+                            await router.send(peer, Rejected(reason=str(e),
+                                                             msg_id=envelope.msg_id))
+                            continue
+                        log.info("host swap resized", host_swap_gb=body.host_swap_gb)
+                        for scheduler in router.peers_of("scheduler"):
+                            for resize in resizes:
+                                await router.send(scheduler, resize)
+                        await router.send(peer, stats)
+                        continue
                     try:
                         reply = _handle(manager, body, event)
                     except BlockPoolError as e:
@@ -66,3 +86,5 @@ def _handle(manager: KvManager, body: KvInbound, event: Received[KvInbound]) -> 
             return manager.stats()
         case KvDumpRequest():
             return manager.dump(body)
+        case _:
+            return None

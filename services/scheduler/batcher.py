@@ -42,6 +42,21 @@ prompt length; every other prompt block stays shared until the choices end.
     leader  [b0 b1 b2*]        b2* partial, ref 3     step N: prompt computed
     fork 1  [b0 b1 b2*]  ─▶  [b0 b1 c1]  copy b2 -> c1 step N+1, before compute
     fork 2  [b0 b1 b2*]  ─▶  [b0 b1 c2]  copy b2 -> c2 (leader then writes b2 alone)
+
+Host tier (``preemption_mode = swap``, the default, whenever the worker's host pool
+has room for the victim's whole table; recompute otherwise): a victim whose steps
+have drained is *swapped out*. The next plan to its worker carries the copies
+(``swap_out_*``: device block -> host block; done before that step computes, so its
+device blocks are free for anyone at once) and the worker keeps the request
+registered with an empty table. The request waits in the queue (status SWAPPED,
+still bound to its worker) with its computed state; when admitted again it gets
+fresh device blocks and the plan carries ``swap_in_*`` (host -> device), the new
+blocks becoming its whole table; then it continues where it stopped, nothing
+recomputed. Host blocks a swap-in frees are reusable only after that plan, so no
+swap-out of the same plan overwrites them before they are read. The KV manager
+sizes the host pool (``KvLease.usage.host_num_blocks``, ``KvHostResize``); when it
+shrinks, swapped requests holding a block beyond the new size fall back to
+recompute (the worker drops their state; they re-enter as new requests).
 """
 
 from __future__ import annotations
@@ -50,6 +65,7 @@ import heapq
 import itertools
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -57,12 +73,13 @@ from opentelemetry.context import Context
 
 from services.scheduler.block_lease import BlockLease
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.host_pool import HostPool
 from services.scheduler.prefix import extend_block_hashes
 from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import RequestFailed, Submit
-from shared.protocol.kv import KvLease, KvPoolOpen
+from shared.protocol.kv import KvHostResize, KvLease, KvPoolOpen
 from shared.protocol.step import NewRequest, StepPlan, StepResult
 
 TOMBSTONES = 65_536  # aborted ids remembered, so an abort that overtakes its Submit wins
@@ -104,6 +121,12 @@ class WorkerSlot:
     running: dict[str, Request] = field(default_factory=dict)  # admission order
     inflight: dict[int, list[Request]] = field(default_factory=dict)  # step id -> batch
     finished: list[str] = field(default_factory=list)  # to drop at the worker next step
+    host: HostPool = field(default_factory=HostPool)
+    swapped: dict[str, Request] = field(default_factory=dict)  # on this worker's host tier
+    # (request, device blocks, host blocks) swap-outs for the next plan
+    pending_swap_out: list[tuple[Request, list[int], list[int]]] = field(default_factory=list)
+    host_freed_after_plan: list[int] = field(default_factory=list)  # swapped in this plan
+    host_blocks_sent: int = -1  # host pool size the worker was last told
 
     @property
     def max_total_len(self) -> int:
@@ -129,6 +152,11 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of those, found cached
         self.fork_shared_blocks = 0  # blocks forks took over from their leader
         self.cow_block_copies = 0  # blocks copied because a fork wrote a shared one
+        self.num_swap_outs = 0  # preemptions by swap (requests)
+        self.num_swap_ins = 0
+        self.swapped_out_blocks = 0
+        self.swapped_in_blocks = 0
+        self.swap_fallbacks = 0  # swapped requests sent to recompute by a host shrink
         self._groups: dict[str, list[Request]] = {}  # Submit id -> its choices (n > 1)
 
     # ----------------------------------------------------------------- requests
@@ -248,7 +276,8 @@ class Scheduler:
     def _peek_waiting(self) -> Request | None:
         while self._waiting:
             request = self._waiting[0][2]
-            if request.status == RequestStatus.WAITING and request.worker is None:
+            if request.status == RequestStatus.SWAPPED or (
+                    request.status == RequestStatus.WAITING and request.worker is None):
                 return request
             heapq.heappop(self._waiting)  # aborted while waiting: a stale entry
         return None
@@ -269,7 +298,8 @@ class Scheduler:
             self.outputs.append(RequestOutput(request, [], request.num_outputs, "abort"))
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        if request.status == RequestStatus.WAITING and not request.fork_pending:
+        if (request.status in (RequestStatus.WAITING, RequestStatus.SWAPPED)
+                and not request.fork_pending):
             self._num_waiting -= 1
         request.status = status
         self.requests.pop(request.request_id, None)
@@ -290,11 +320,22 @@ class Scheduler:
                 self._groups.pop(request.group, None)
 
     def _release(self, slot: WorkerSlot, request: Request) -> None:
+        self._drop_host(slot, request)
         slot.running.pop(request.request_id, None)
         slot.lease.release(request.request_id, request.block_ids)
         if request.sent_to_worker:
             slot.finished.append(request.request_id)
         request.block_ids = []
+
+    def _drop_host(self, slot: WorkerSlot, request: Request) -> None:
+        """Give up the request's host blocks (and a swap-out not sent yet)."""
+        slot.swapped.pop(request.request_id, None)
+        if not request.host_blocks:
+            return
+        slot.pending_swap_out = [e for e in slot.pending_swap_out if e[0] is not request]
+        slot.host.free(request.host_blocks)
+        slot.lease.host_release(request.request_id)
+        request.host_blocks = []
 
     def owned_by(self, owner: str) -> list[Request]:
         return [r for r in self.requests.values() if r.owner == owner]
@@ -306,7 +347,7 @@ class Scheduler:
         lease = BlockLease(name, details.num_kv_blocks, details.block_size,
                            self.config.lease_blocks)
         self.workers[name] = WorkerSlot(name, details, lease)
-        return lease.open_message({})
+        return lease.open_message({}, details.kv_block_bytes)
 
     def remove_worker(self, name: str) -> list[Request]:
         """A worker died: its requests go back to waiting, to be recomputed."""
@@ -317,12 +358,18 @@ class Scheduler:
         for request in requeued:
             request.reset_for_recompute()
             self._enqueue(request)
-        return requeued
+        for request in slot.swapped.values():
+            # Its host blocks died with the worker; its queue entry stays valid.
+            request.reset_for_recompute()
+        return requeued + list(slot.swapped.values())
 
     def reopen_pools(self) -> list[KvPoolOpen]:
         """The KV manager restarted: tell it everything each pool holds."""
         return [
-            slot.lease.open_message({r.request_id: r.block_ids for r in slot.running.values()})
+            slot.lease.open_message(
+                {r.request_id: r.block_ids for r in slot.running.values()},
+                slot.details.kv_block_bytes,
+                {r.request_id: r.host_blocks for r in slot.swapped.values()})
             for slot in self.workers.values()
         ]
 
@@ -330,6 +377,25 @@ class Scheduler:
         slot = self.workers.get(lease.pool_id)
         if slot is not None:
             slot.lease.on_lease(lease)
+            if slot.lease.usage is not None:
+                self.resize_host(KvHostResize(lease.pool_id, slot.lease.usage.host_num_blocks))
+
+    def resize_host(self, msg: KvHostResize) -> None:
+        """The KV manager sized this worker's host tier. Swapped requests holding a
+        block beyond a smaller size fall back to recompute."""
+        slot = self.workers.get(msg.pool_id)
+        if slot is None or msg.host_num_blocks == slot.host.num_blocks:
+            return
+        size = max(0, msg.host_num_blocks)
+        for request in list(slot.swapped.values()):
+            if request.host_blocks and max(request.host_blocks) >= size:
+                self._drop_host(slot, request)
+                # The worker drops its state; it comes back as a new request.
+                slot.finished.append(request.request_id)
+                request.reset_for_recompute()  # its queue entry stays valid
+                self.swap_fallbacks += 1
+        held = [b for r in slot.swapped.values() for b in r.host_blocks]
+        slot.host.resize(size, held + slot.host_freed_after_plan)
 
     def kv_usage(self) -> float:
         used = total = 0
@@ -345,7 +411,8 @@ class Scheduler:
         slot = self.workers.get(name)
         if slot is None:
             return False
-        return bool(slot.finished or slot.running or self._peek_waiting() is not None)
+        return bool(slot.finished or slot.running or slot.pending_swap_out
+                    or self._peek_waiting() is not None)
 
     def plan(self, name: str) -> StepPlan | None:
         """The next step for worker ``name``, or None when it has nothing to do
@@ -369,6 +436,7 @@ class Scheduler:
         replace_owner: list[int] = []
         replace_index: list[int] = []
         replace_block: list[int] = []
+        swap_in: list[tuple[str, list[int], list[int]]] = []  # (request, host, device)
 
         starved = False  # a running request went short of blocks in this step
 
@@ -430,6 +498,12 @@ class Scheduler:
             request = self._peek_waiting()
             if request is None:
                 break
+            if request.status == RequestStatus.SWAPPED:
+                if request.worker != name or not self._swap_in(slot, request, budget,
+                                                               swap_in, schedule):
+                    break  # it keeps its place (its K/V live on its own worker)
+                budget -= num_tokens[-1] if batch and batch[-1] is request else 0
+                continue
             if len(request.token_ids) >= slot.max_total_len:
                 heapq.heappop(self._waiting)
                 self._num_waiting -= 1
@@ -462,8 +536,14 @@ class Scheduler:
             schedule(request, count, hits + blocks)
             budget -= count
 
-        if not batch and not slot.finished:
+        swap_out, slot.pending_swap_out = slot.pending_swap_out, []
+        if not batch and not slot.finished and not swap_out and not swap_in:
             return None
+        host_num_blocks = -1
+        if slot.host_blocks_sent != slot.host.num_blocks:
+            host_num_blocks = slot.host_blocks_sent = slot.host.num_blocks
+        slot.host.free(slot.host_freed_after_plan)
+        slot.host_freed_after_plan = []
         step_id = next(self._step_ids)
         slot.inflight[step_id] = batch
         finished, slot.finished = slot.finished, []
@@ -480,7 +560,51 @@ class Scheduler:
             replace_owner=pack_i32(replace_owner),
             replace_index=pack_i32(replace_index),
             replace_block=pack_i32(replace_block),
+            host_num_blocks=host_num_blocks,
+            swap_out_requests=[r.request_id for r, _, _ in swap_out],
+            swap_out_owner=pack_i32([i for i, (_, d, _) in enumerate(swap_out) for _ in d]),
+            swap_out_src=pack_i32([b for _, d, _ in swap_out for b in d]),
+            swap_out_dst=pack_i32([b for _, _, h in swap_out for b in h]),
+            swap_in_requests=[r for r, _, _ in swap_in],
+            swap_in_owner=pack_i32([i for i, (_, h, _) in enumerate(swap_in) for _ in h]),
+            swap_in_src=pack_i32([b for _, h, _ in swap_in for b in h]),
+            swap_in_dst=pack_i32([b for _, _, d in swap_in for b in d]),
         )
+
+    def _swap_in(self, slot: WorkerSlot, request: Request, budget: int,
+                 swap_in: list[tuple[str, list[int], list[int]]],
+                 schedule: Callable[[Request, int, list[int]], None]) -> bool:
+        """Bring a swapped-out request back: fresh device blocks for its table (the
+        plan copies its host blocks into them) plus what its next chunk needs, and
+        schedule that chunk. False (nothing changed) when the lease is short."""
+        lease = slot.lease
+        if not request.prefill_done:
+            count = min(len(request.prefill_ids) - request.num_scheduled, budget,
+                        self.config.max_prefill_chunk)
+        else:
+            count = 1 if request.can_decode() else 0
+        table = len(request.host_blocks)
+        needed = table + max(0, lease.blocks_for(request.num_scheduled + count) - table)
+        blocks = lease.take(request.request_id, needed)
+        if blocks is None:
+            return False
+        heapq.heappop(self._waiting)
+        self._num_waiting -= 1
+        host = request.host_blocks
+        request.host_blocks = []
+        slot.swapped.pop(request.request_id, None)
+        slot.host_freed_after_plan.extend(host)
+        lease.host_release(request.request_id)
+        request.status = RequestStatus.RUNNING
+        request.block_ids = blocks[:table]
+        request.table_sent = True  # the swap-in sends its whole table
+        slot.running[request.request_id] = request
+        swap_in.append((request.request_id, host, blocks[:table]))
+        self.num_swap_ins += 1
+        self.swapped_in_blocks += table
+        if count:
+            schedule(request, count, blocks[table:])
+        return True
 
     def _lookup(self, slot: WorkerSlot, request: Request) -> list[int]:
         """Cached blocks for the longest prefix of the request's tokens, short of
@@ -590,9 +714,33 @@ class Scheduler:
     def _finish_preemptions(self, slot: WorkerSlot) -> None:
         for request in list(slot.running.values()):
             if request.status == RequestStatus.PREEMPTING and request.inflight_steps == 0:
-                self._release(slot, request)
-                request.reset_for_recompute()
+                if not self._swap_out(slot, request):
+                    self._release(slot, request)
+                    request.reset_for_recompute()
                 self._enqueue(request)
+
+    def _swap_out(self, slot: WorkerSlot, request: Request) -> bool:
+        """Preempt by swap if that is the policy and the host pool has room for the
+        victim's whole table; its device blocks are free at once (the copies run
+        before the next step computes)."""
+        if self.config.preemption_mode != "swap" or not request.block_ids:
+            return False
+        host = slot.host.take(len(request.block_ids))
+        if host is None:
+            return False
+        device = request.block_ids
+        slot.running.pop(request.request_id, None)
+        slot.lease.release(request.request_id, device)
+        slot.lease.host_hold(request.request_id, host)
+        slot.pending_swap_out.append((request, device, host))
+        slot.swapped[request.request_id] = request
+        request.block_ids = []
+        request.host_blocks = host
+        request.status = RequestStatus.SWAPPED
+        request.num_preemptions += 1
+        self.num_swap_outs += 1
+        self.swapped_out_blocks += len(device)
+        return True
 
     # ------------------------------------------------------------------ results
 

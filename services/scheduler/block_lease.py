@@ -56,6 +56,10 @@ class BlockLease:
         # Blocks a single allocation wanted and the lease lacked: the next sync asks
         # for at least that many, so a lease smaller than one chunk cannot stall.
         self._shortfall = 0
+        # Host tier, since the last sync: swapped-out requests' host blocks, and
+        # requests whose reported host blocks were given up.
+        self._host_held: dict[str, list[int]] = {}
+        self._host_released: list[str] = []
         self._seq = 0
         self.sync_in_flight = False
         self.opened = False  # the KV manager granted the first lease
@@ -185,6 +189,16 @@ class BlockLease:
         if len(blocks) > len(unreported) + len(shared):
             self._freed.append(request_id)
 
+    def host_hold(self, request_id: str, blocks: list[int]) -> None:
+        """``request_id`` was swapped out into these host blocks."""
+        self._host_held[request_id] = list(blocks)
+
+    def host_release(self, request_id: str) -> None:
+        """``request_id`` no longer holds host blocks (a hold not yet reported is
+        simply not reported)."""
+        if self._host_held.pop(request_id, None) is None:
+            self._host_released.append(request_id)
+
     # ------------------------------------------------------------ sync
 
     def sync_message(self) -> KvSync | None:
@@ -193,6 +207,7 @@ class BlockLease:
             return None
         if (not self._unreported and not self._unreported_shared and not self._freed
                 and not self._commits and not self._dropped and not self._uncache
+                and not self._host_held and not self._host_released
                 and len(self._free) >= max(self.target // 2, self._shortfall)):
             return None
         held: dict[str, list[int]] = {}
@@ -211,6 +226,12 @@ class BlockLease:
         for index, request_id in enumerate(drop_requests):
             drop_owner.extend([index] * len(self._dropped[request_id]))
             drop_blocks.extend(self._dropped[request_id])
+        host_requests = list(self._host_held)
+        host_owner: list[int] = []
+        host_blocks: list[int] = []
+        for index, request_id in enumerate(host_requests):
+            host_owner.extend([index] * len(self._host_held[request_id]))
+            host_blocks.extend(self._host_held[request_id])
         self._seq += 1
         message = KvSync(
             pool_id=self.pool_id,
@@ -226,7 +247,13 @@ class BlockLease:
             drop_requests=drop_requests,
             drop_owner=pack_i32(drop_owner),
             drop_blocks=pack_i32(drop_blocks),
+            host_requests=host_requests,
+            host_owner=pack_i32(host_owner),
+            host_blocks=pack_i32(host_blocks),
+            host_released=self._host_released,
         )
+        self._host_held = {}
+        self._host_released = []
         self._dropped = {}
         self._fresh.clear()
         self._unreported = {}
@@ -258,7 +285,8 @@ class BlockLease:
         self.sync_in_flight = False
         self.opened = True
 
-    def open_message(self, held: dict[str, list[int]]) -> KvPoolOpen:
+    def open_message(self, held: dict[str, list[int]], block_bytes: int = 0,
+                     host_held: dict[str, list[int]] | None = None) -> KvPoolOpen:
         """Open the pool at a (possibly new) KV manager with everything held now:
         ``held`` maps each live request to its whole block table. The new pool
         caches nothing, so the mirror starts empty too."""
@@ -274,6 +302,9 @@ class BlockLease:
         self._uncache = []
         self._freed = []
         self._dropped = {}
+        # The new pool hears of swapped-out requests in the first sync.
+        self._host_held = dict(host_held or {})
+        self._host_released = []
         self._fresh.clear()
         self._index = {}
         self._hash_of = {}
@@ -292,6 +323,7 @@ class BlockLease:
             alloc_blocks=pack_i32(blocks),
             leased_blocks=pack_i32(self._free),
             seq=self._seq,
+            block_bytes=block_bytes,
         )
 
     @property

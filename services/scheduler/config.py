@@ -14,3 +14,11 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     lease_blocks: int = 256  # free KV blocks leased ahead from the KV manager
     steps_in_flight: int = 2  # plan step N+1 while the worker runs step N
     enable_prefix_caching: bool = True  # share cached KV blocks of equal prompt prefixes
+    # swap: a preempted request's blocks go to the worker's host tier when it has
+    # room (else recompute); recompute: always recompute.
+    preemption_mode: str = "swap"
+
+    def __post_init__(self) -> None:
+        if self.preemption_mode not in ("swap", "recompute"):
+            raise ValueError(
+                f"preemption_mode must be swap or recompute, not {self.preemption_mode!r}")

@@ -31,14 +31,17 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTING = 2  # chosen as a victim; waits for its in-flight steps to drain
-    # Everything after this marker is terminal: ``status > PREEMPTING`` is "finished".
+    # Preempted by swap: its K/V sit in host blocks of its worker, which keeps its
+    # state; it waits in the queue to be swapped back in there.
+    SWAPPED = 3
+    # Everything from here on is terminal ("finished").
     FINISHED_STOPPED = 10
     FINISHED_LENGTH = 11
     FINISHED_ABORTED = 12
 
     @property
     def finished(self) -> bool:
-        return self > RequestStatus.PREEMPTING
+        return self >= RequestStatus.FINISHED_STOPPED
 
 
 FINISH_REASONS: dict[RequestStatus, str] = {
@@ -86,6 +89,7 @@ class Request:
     pending_forks: list[Request] = field(default_factory=list)
     fork_pending: bool = False  # waits in a leader's pending_forks
     table_sent: bool = True  # the worker has the block table (a new fork: not yet)
+    host_blocks: list[int] = field(default_factory=list)  # swapped out: its table on host
 
     @property
     def num_outputs(self) -> int:
@@ -133,4 +137,5 @@ class Request:
         self.num_cached_tokens = 0
         self.sent_to_worker = False
         self.table_sent = True
+        self.host_blocks = []
         self.num_preemptions += 1

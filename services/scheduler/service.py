@@ -43,7 +43,7 @@ from shared.protocol.generation import (
     TokenBatch,
     TokenOutput,
 )
-from shared.protocol.kv import KvLease, KvPoolClose, KvStats, KvStatsRequest
+from shared.protocol.kv import KvHostResize, KvLease, KvPoolClose, KvStats, KvStatsRequest
 from shared.protocol.step import StepResult
 from shared.service import ServiceRuntime
 from shared.telemetry import inject_context, tracer
@@ -53,7 +53,7 @@ _tracer = tracer("meshserve.scheduler")
 
 # KvStatsRequest: `meshserve kv stats` asks for the counters this actor keeps.
 SchedulerInbound = Submit | Abort | StepResult | KvStatsRequest
-KvInbound = KvLease | KvStats
+KvInbound = KvLease | KvStats | KvHostResize
 
 
 class SchedulerActor:
@@ -264,6 +264,13 @@ class SchedulerActor:
             kv_evictions=sum(u.evictions for u in usages),
             fork_shared_blocks=scheduler.fork_shared_blocks,
             cow_block_copies=scheduler.cow_block_copies,
+            num_swap_outs=scheduler.num_swap_outs,
+            num_swap_ins=scheduler.num_swap_ins,
+            swapped_out_blocks=scheduler.swapped_out_blocks,
+            swapped_in_blocks=scheduler.swapped_in_blocks,
+            host_kv_blocks=sum(w.host.num_blocks for w in scheduler.workers.values()),
+            host_kv_used_blocks=sum(w.host.used_blocks for w in scheduler.workers.values()),
+            swap_fallbacks=scheduler.swap_fallbacks,
         )
 
     async def _report_status(self) -> None:
@@ -280,6 +287,12 @@ class SchedulerActor:
                 case Received(body=KvLease() as lease):
                     self.scheduler.on_lease(lease)
                     await self._pump(lease.pool_id)
+                case Received(body=KvHostResize() as resize):
+                    log.info("host swap pool resized", pool=resize.pool_id,
+                             blocks=resize.host_num_blocks)
+                    self.scheduler.resize_host(resize)
+                    await self._flush()
+                    await self._pump(resize.pool_id)
                 case Received(body=Rejected() as rejected):
                     log.warning("kv manager rejected a message", reason=rejected.reason)
                 case UpstreamJoined(restarted=True):

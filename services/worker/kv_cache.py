@@ -54,3 +54,86 @@ class PagedKVCache:
         # Layer-major storage: blocks are dim 1.
         self._k[:, dst_t] = self._k[:, src_t]
         self._v[:, dst_t] = self._v[:, src_t]
+
+
+class HostKVStore:
+    """The host tier: KV blocks swapped out of a ``PagedKVCache``, block-major
+    (``[blocks, 2 (K, V), layers, block_size, kv_heads, head_dim]``) so each host
+    block is one contiguous region. Pinned memory on CUDA, so the copies run
+    asynchronously on a side stream; plain CPU tensors elsewhere (still a real copy).
+
+    The scheduler sizes the tier (``resize``); storage grows lazily (to the next
+    power of two over the highest block used, capped at the size), so a large host
+    budget costs memory only once swapping happens.
+    """
+
+    def __init__(self, device_cache: PagedKVCache) -> None:
+        self.cache = device_cache
+        self.num_blocks = 0
+        self.device = device_cache._k.device
+        self._pin = self.device.type == "cuda"
+        self._blocks = self._empty(0)
+        self._stream = torch.cuda.Stream(self.device) if self._pin else None
+
+    def _empty(self, blocks: int) -> torch.Tensor:
+        layers, _, *rest = self.cache._k.shape
+        return torch.zeros((blocks, 2, layers, *rest), dtype=self.cache._k.dtype,
+                           pin_memory=self._pin)
+
+    @property
+    def allocated_blocks(self) -> int:
+        return self._blocks.shape[0]
+
+    def resize(self, num_blocks: int) -> None:
+        """The tier holds ``num_blocks`` now; blocks below it keep their contents."""
+        self.num_blocks = num_blocks
+        if self.allocated_blocks > num_blocks:
+            self._reallocate(num_blocks)
+
+    def _ensure(self, highest: int) -> None:
+        if highest < self.allocated_blocks:
+            return
+        size = 1
+        while size <= highest:
+            size *= 2
+        self._reallocate(min(size, self.num_blocks))
+
+    def _reallocate(self, blocks: int) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()  # no copy may still target the old storage
+        fresh = self._empty(blocks)
+        keep = min(blocks, self.allocated_blocks)
+        fresh[:keep] = self._blocks[:keep]
+        self._blocks = fresh
+
+    def swap(self, out_src: list[int], out_dst: list[int],
+             in_src: list[int], in_dst: list[int]) -> None:
+        """Swap-outs (device -> host) then swap-ins (host -> device): a device block
+        swapped out may be the destination of a swap-in in the same step. On CUDA
+        the copies run on a side stream and the compute stream waits on its event,
+        so neither the host nor earlier compute waits on them."""
+        if not out_src and not in_src:
+            return
+        self._ensure(max((*out_dst, *in_src)))
+        if self._stream is None:
+            self._copy(out_src, out_dst, in_src, in_dst)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(compute)  # earlier steps' K/V writes land first
+        with torch.cuda.stream(self._stream):
+            self._copy(out_src, out_dst, in_src, in_dst)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        compute.wait_event(done)
+
+    def _copy(self, out_src: list[int], out_dst: list[int],
+              in_src: list[int], in_dst: list[int]) -> None:
+        k, v, host = self.cache._k, self.cache._v, self._blocks
+        # One copy per block and tensor: the host side is contiguous, so each is a
+        # single asynchronous transfer from pinned memory.
+        for src, dst in zip(out_src, out_dst, strict=True):
+            host[dst, 0].copy_(k[:, src], non_blocking=self._pin)
+            host[dst, 1].copy_(v[:, src], non_blocking=self._pin)
+        for src, dst in zip(in_src, in_dst, strict=True):
+            k[:, dst].copy_(host[src, 0], non_blocking=self._pin)
+            v[:, dst].copy_(host[src, 1], non_blocking=self._pin)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from services.worker.device import default_num_kv_blocks, resolve_device, resolve_dtype
-from services.worker.kv_cache import PagedKVCache
+from services.worker.kv_cache import HostKVStore, PagedKVCache
 from services.worker.models.config import load_config
 from services.worker.models.llama import LlamaModel
 from services.worker.models.weights import load_weights
@@ -42,6 +42,8 @@ class _CheckedPlan:
     copy_src: list[int]
     copy_dst: list[int]
     replaces: list[tuple[int, int, int]]  # (request index, table position, block)
+    swap_out: dict[str, tuple[list[int], list[int]]]  # request -> (device, host) blocks
+    swap_in: dict[str, tuple[list[int], list[int]]]  # request -> (host, device) blocks
 
 
 class PlanError(ValueError):
@@ -83,13 +85,15 @@ class ModelRunner:
         # Rope tables cover max_model_len positions, not the model's whole range.
         self.model = LlamaModel(config, weights, self.device, self.dtype, self.max_model_len)
         self.block_size = block_size
+        per_block = PagedKVCache.bytes_per_block(
+            config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype
+        )
+        self.kv_block_bytes = per_block
         if num_kv_blocks <= 0:
-            per_block = PagedKVCache.bytes_per_block(
-                config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype
-            )
             num_kv_blocks = default_num_kv_blocks(self.device, per_block)
         self.num_kv_blocks = num_kv_blocks
         self.kv_cache = self.model.new_kv_cache(num_kv_blocks, block_size)
+        self.host_cache = HostKVStore(self.kv_cache)
         self.sampler = Sampler(self.device, seed)
         self.requests: dict[str, RequestState] = {}
 
@@ -103,6 +107,7 @@ class ModelRunner:
             vocab_size=config.vocab_size,
             eos_token_ids=list(config.eos_token_ids),
             device=str(self.device),
+            kv_block_bytes=self.kv_block_bytes,
         )
 
     def reset(self) -> None:
@@ -120,6 +125,20 @@ class ModelRunner:
             self.requests.pop(request_id, None)
         for state in checked.new:
             self.requests[state.request_id] = state
+        if plan.host_num_blocks >= 0:
+            self.host_cache.resize(plan.host_num_blocks)
+        # Host tier: a swapped-out request stays registered with an empty table; a
+        # swapped-in one gets its whole table back (new device blocks).
+        for request_id in checked.swap_out:
+            self.requests[request_id].block_ids = []
+        for request_id, (_, device) in checked.swap_in.items():
+            self.requests[request_id].block_ids = list(device)
+        self.host_cache.swap(
+            [b for d, _ in checked.swap_out.values() for b in d],
+            [b for _, h in checked.swap_out.values() for b in h],
+            [b for h, _ in checked.swap_in.values() for b in h],
+            [b for _, d in checked.swap_in.values() for b in d],
+        )
         states = [self.requests[request_id] for request_id in plan.request_ids]
         for owner, block_id in zip(checked.block_owner, checked.block_ids, strict=True):
             states[owner].block_ids.append(block_id)
@@ -219,6 +238,14 @@ class ModelRunner:
                 raise PlanError(
                     f"block id {block_id} outside the pool (0..{self.num_kv_blocks - 1})"
                 )
+        host_blocks = (plan.host_num_blocks if plan.host_num_blocks >= 0
+                       else self.host_cache.num_blocks)
+        swap_out = self._check_swaps(plan.swap_out_requests, plan.swap_out_owner,
+                                     plan.swap_out_src, plan.swap_out_dst, "swap_out",
+                                     self.num_kv_blocks, host_blocks, finished)
+        swap_in = self._check_swaps(plan.swap_in_requests, plan.swap_in_owner,
+                                    plan.swap_in_src, plan.swap_in_dst, "swap_in",
+                                    host_blocks, self.num_kv_blocks, finished)
         for i, request_id in enumerate(plan.request_ids):
             state = new.get(request_id)
             if state is None and request_id not in finished:
@@ -239,7 +266,11 @@ class ModelRunner:
                     f"request {request_id!r}: position {end - 1} is beyond max_model_len "
                     f"{self.max_model_len}"
                 )
-            have = len(state.block_ids) + appended[i]
+            if request_id in swap_out:
+                raise PlanError(f"request {request_id!r} is swapped out and computed at once")
+            table = (len(swap_in[request_id][1]) if request_id in swap_in
+                     else len(state.block_ids))
+            have = table + appended[i]
             if any(not 0 <= p < have for o, p, _ in replaces if o == i):
                 raise PlanError(f"request {request_id!r}: replaces a block beyond its table")
             need = blocks_for(end, self.block_size)
@@ -249,7 +280,31 @@ class ModelRunner:
                     f"its block table has {have}"
                 )
         return _CheckedPlan(list(new.values()), num_tokens, block_owner, block_ids,
-                            copy_src, copy_dst, replaces)
+                            copy_src, copy_dst, replaces, swap_out, swap_in)
+
+    def _check_swaps(self, request_ids: list[str], owner: bytes, src: bytes, dst: bytes,
+                     what: str, src_blocks: int, dst_blocks: int, finished: set[str],
+                     ) -> dict[str, tuple[list[int], list[int]]]:
+        owners = _unpack(owner, f"{what}_owner")
+        sources = _unpack(src, f"{what}_src")
+        targets = _unpack(dst, f"{what}_dst")
+        if not len(owners) == len(sources) == len(targets):
+            raise PlanError(f"{what}_owner, {what}_src and {what}_dst differ in length")
+        if len(set(request_ids)) != len(request_ids):
+            raise PlanError(f"{what}_requests has duplicates")
+        for request_id in request_ids:
+            if request_id not in self.requests or request_id in finished:
+                raise PlanError(f"{what}: unknown request {request_id!r}")
+        swaps: dict[str, tuple[list[int], list[int]]] = {r: ([], []) for r in request_ids}
+        for index, source, target in zip(owners, sources, targets, strict=True):
+            if not 0 <= index < len(request_ids):
+                raise PlanError(f"{what}_owner {index} outside {what}_requests")
+            if not 0 <= source < src_blocks or not 0 <= target < dst_blocks:
+                raise PlanError(f"{what}: block {source} -> {target} outside the pools "
+                                f"({src_blocks} and {dst_blocks} blocks)")
+            swaps[request_ids[index]][0].append(source)
+            swaps[request_ids[index]][1].append(target)
+        return swaps
 
     # -- compute ------------------------------------------------------------------
 

@@ -15,6 +15,9 @@ class WorkerDetails(msgspec.Struct, frozen=True):
     vocab_size: int
     eos_token_ids: list[int]
     device: str
+    # Bytes one KV block takes (all layers, K and V): the KV manager sizes the host
+    # swap pool from it. 0: unknown (no host tier).
+    kv_block_bytes: int = 0
 
 
 class Hello(msgspec.Struct, frozen=True, tag=True):

@@ -163,3 +163,12 @@ class SchedulerStatus(msgspec.Struct, frozen=True, tag=True):
     # blocks copied because a fork wrote into a shared one.
     fork_shared_blocks: int = 0
     cow_block_copies: int = 0
+    # Host tier (swap preemption): requests swapped out / back in, the blocks each
+    # way, and the host pools (all workers) in blocks.
+    num_swap_outs: int = 0
+    num_swap_ins: int = 0
+    swapped_out_blocks: int = 0
+    swapped_in_blocks: int = 0
+    host_kv_blocks: int = 0
+    host_kv_used_blocks: int = 0
+    swap_fallbacks: int = 0  # swapped requests sent to recompute (host pool shrank)

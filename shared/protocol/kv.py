@@ -41,6 +41,7 @@ class KvPoolOpen(msgspec.Struct, frozen=True, tag=True):
     alloc_blocks: bytes = b""  # packed int32
     leased_blocks: bytes = b""  # packed int32
     seq: int = 0  # echoed in the KvLease answer
+    block_bytes: int = 0  # one block's bytes at the worker: sizes the host pool
 
 
 class KvPoolClose(msgspec.Struct, frozen=True, tag=True):
@@ -76,6 +77,14 @@ class KvSync(msgspec.Struct, frozen=True, tag=True, gc=False):
     drop_requests: list[str] = []
     drop_owner: bytes = b""  # packed int32
     drop_blocks: bytes = b""  # packed int32
+    # Host tier: requests swapped out since the last sync and the host blocks
+    # each now holds (``host_owner[j]`` indexes ``host_requests``), and requests
+    # whose host blocks were given up (swapped in, ended, or dropped by a shrink).
+    # Releases apply before holds.
+    host_requests: list[str] = []
+    host_owner: bytes = b""  # packed int32
+    host_blocks: bytes = b""  # packed int32
+    host_released: list[str] = []
 
 
 class KvUsage(msgspec.Struct, frozen=True):
@@ -87,6 +96,8 @@ class KvUsage(msgspec.Struct, frozen=True):
     requests: int
     cached_blocks: int = 0  # free blocks still caching a prefix
     evictions: int = 0  # cached prefixes overwritten
+    host_num_blocks: int = 0  # the host swap pool, sized by host_swap_gb
+    host_used_blocks: int = 0  # held by swapped-out requests
 
 
 class KvLease(msgspec.Struct, frozen=True, tag=True, gc=False):
@@ -106,6 +117,22 @@ class KvStats(msgspec.Struct, frozen=True, tag=True):
     pools: list[KvUsage]
 
 
+class KvSetHostSwap(msgspec.Struct, frozen=True, tag=True):
+    """Resize every host swap pool at run time (``meshserve kv set host-swap-gb``).
+    Answered by KvStats; the scheduler hears a KvHostResize per pool."""
+
+    host_swap_gb: float
+
+
+class KvHostResize(msgspec.Struct, frozen=True, tag=True):
+    """KV manager -> scheduler: a pool's host tier now has ``host_num_blocks``
+    blocks (ids 0..n-1). Swapped requests holding a block beyond it fall back to
+    recompute."""
+
+    pool_id: str
+    host_num_blocks: int
+
+
 class KvDumpRequest(msgspec.Struct, frozen=True, tag=True):
     """Ask for one request's blocks in every pool (``meshserve kv dump``)."""
 
@@ -116,7 +143,7 @@ class KvBlockRow(msgspec.Struct, frozen=True, array_like=True):
     block_id: int
     ref_count: int
     block_hash: int | None
-    tier: str  # "device" (the host tier is the worker's; see kv_cli)
+    tier: str  # "device" or "host" (a swapped-out request's blocks)
 
 
 class KvDump(msgspec.Struct, frozen=True, tag=True):

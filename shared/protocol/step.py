@@ -60,6 +60,24 @@ class StepPlan(msgspec.Struct, frozen=True, tag=True, gc=False):
     replace_owner: bytes = b""  # packed int32
     replace_index: bytes = b""  # packed int32
     replace_block: bytes = b""  # packed int32
+    # Host tier. ``host_num_blocks`` >= 0 resizes the worker's host block store to
+    # that many blocks (blocks below it keep their contents); -1: unchanged.
+    host_num_blocks: int = -1
+    # Swap-out: request ``swap_out_requests[swap_out_owner[j]]`` moves device block
+    # ``swap_out_src[j]`` into host block ``swap_out_dst[j]``; its block table is
+    # then empty (it stays registered, with its tokens and computed count).
+    swap_out_requests: list[str] = []
+    swap_out_owner: bytes = b""  # packed int32
+    swap_out_src: bytes = b""  # packed int32, device blocks
+    swap_out_dst: bytes = b""  # packed int32, host blocks
+    # Swap-in: host block ``swap_in_src[j]`` goes into device block
+    # ``swap_in_dst[j]``; a request's destinations, in order, become its whole block
+    # table. Order at the worker: drop finished, register new, swap-outs, swap-ins,
+    # appends, replaces, copies, compute.
+    swap_in_requests: list[str] = []
+    swap_in_owner: bytes = b""  # packed int32
+    swap_in_src: bytes = b""  # packed int32, host blocks
+    swap_in_dst: bytes = b""  # packed int32, device blocks
 
 
 class StepResult(msgspec.Struct, frozen=True, tag=True, gc=False):
