@@ -337,7 +337,9 @@ async def test_compose_mesh_scales_restarts_and_traces(
             in_flight = [anyio.Event() for _ in range(6)]
 
             async def ask(i: int, first: anyio.Event | None) -> None:
-                answers.append(await _chat(client, f"request {i} of the flow", 48, first))
+                # Long enough that the first six are still decoding when the worker
+                # goes down, so they really are re-queued and recomputed.
+                answers.append(await _chat(client, f"request {i} of the flow", 400, first))
 
             async with anyio.create_task_group() as tg:
                 for i, first in enumerate(in_flight):
@@ -355,6 +357,10 @@ async def test_compose_mesh_scales_restarts_and_traces(
                 await restart.wait()
             assert len(answers) == 12
             assert all(finish == "length" and text for text, finish in answers), answers
+            scheduler_log = _run(["podman", "logs", *compose.containers("scheduler")],
+                                 compose.env, 60)
+            assert "requeued requests of a lost worker" in (
+                scheduler_log.stdout + scheduler_log.stderr), compose.logs()
             await _wait_healthy(client, compose, tokenizers=3)
 
         def traced(spans: list[ReceivedSpan]) -> bool:
