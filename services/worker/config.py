@@ -12,4 +12,4 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     block_size: int = 16
     num_kv_blocks: int = 0  # 0: sized from free memory (cpu: 4096 blocks)
     max_model_len: int = 0  # 0: the model's max_position_embeddings
-    torch_threads: int = 0  # 0: torch's default
+    torch_threads: int = 0  # 0: all cores but one on CPU (the mesh needs one), torch's on CUDA

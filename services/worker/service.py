@@ -17,6 +17,7 @@ drops plans of an old one.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import anyio
@@ -27,6 +28,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, StatusCode
 
 from services.worker.config import WorkerConfig
+from services.worker.device import resolve_device
 from services.worker.runner import ModelRunner
 from shared.config import load_config
 from shared.logs import get_logger
@@ -165,6 +167,10 @@ async def main(runtime: ServiceRuntime) -> None:
     config = load_config(WorkerConfig)
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
+    elif resolve_device(config.device).type == "cpu":
+        # On a CPU host the api, tokenizer and scheduler need cores too: a worker
+        # that takes them all makes every step wait on oversubscribed threads.
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     log.info("loading model", model=config.model or "(embedded)", device=config.device)
     # Off the event loop: loading takes seconds, and the supervisor link keeps beating.
     runner = await anyio.to_thread.run_sync(functools.partial(_load_runner, config))
