@@ -134,6 +134,25 @@ class ApiMetrics:
             metric("meshserve:kv_evictions_total", "counter",
                    "Cached KV blocks evicted (overwritten) to make room.",
                    f"meshserve:kv_evictions_total{{{labels}}} {scheduler.kv_evictions}")
+            metric("meshserve:kv_swap_outs_total", "counter",
+                   "Requests preempted by swapping their KV blocks to host memory.",
+                   f"meshserve:kv_swap_outs_total{{{labels}}} {scheduler.num_swap_outs}")
+            metric("meshserve:kv_swap_ins_total", "counter",
+                   "Swapped-out requests whose KV blocks came back to the device.",
+                   f"meshserve:kv_swap_ins_total{{{labels}}} {scheduler.num_swap_ins}")
+            metric("meshserve:kv_swapped_out_blocks_total", "counter",
+                   "KV blocks copied device -> host.",
+                   f"meshserve:kv_swapped_out_blocks_total{{{labels}}} "
+                   f"{scheduler.swapped_out_blocks}")
+            metric("meshserve:kv_swapped_in_blocks_total", "counter",
+                   "KV blocks copied host -> device.",
+                   f"meshserve:kv_swapped_in_blocks_total{{{labels}}} "
+                   f"{scheduler.swapped_in_blocks}")
+            metric("meshserve:kv_host_blocks", "gauge", "Host swap pool size in blocks.",
+                   f"meshserve:kv_host_blocks{{{labels}}} {scheduler.host_kv_blocks}")
+            metric("meshserve:kv_host_used_blocks", "gauge",
+                   "Host swap blocks held by swapped-out requests.",
+                   f"meshserve:kv_host_used_blocks{{{labels}}} {scheduler.host_kv_used_blocks}")
         metric("vllm:prompt_tokens_total", "counter", "Prefill tokens processed.",
                f"vllm:prompt_tokens_total{{{labels}}} {self.prompt_tokens}")
         metric("vllm:generation_tokens_total", "counter", "Generation tokens processed.",

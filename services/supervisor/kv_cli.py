@@ -1,8 +1,9 @@
 """`meshserve kv ...`: KV debugging utilities against a running mesh.
 
     meshserve kv stats [--json]            usage per pool, cached blocks, hit rate,
-                                           evictions, preemptions
+                                           evictions, preemptions, host usage, swaps
     meshserve kv dump REQUEST_ID [--json]  block table: ids, hashes, ref counts, tier
+    meshserve kv set host-swap-gb N        resize every worker's host swap space now
 
 The CLI joins the mesh briefly as a ``cli`` replica: it says hello to the KV
 manager (and, for stats, the scheduler, which owns the hit and preemption
@@ -24,7 +25,7 @@ from services.supervisor.mesh_plan import mesh_addresses
 from shared.mesh import DealerEndpoint, Identity, Received, UpstreamJoined
 from shared.protocol.common import Rejected
 from shared.protocol.generation import SchedulerStatus
-from shared.protocol.kv import KvDump, KvDumpRequest, KvStats, KvStatsRequest
+from shared.protocol.kv import KvDump, KvDumpRequest, KvSetHostSwap, KvStats, KvStatsRequest
 
 ASK_TIMEOUT_S = 10.0
 
@@ -43,6 +44,10 @@ def add_parser(commands: argparse._SubParsersAction, add_run_dir) -> None:  # ty
     dump.add_argument("request_id", metavar="REQUEST_ID")
     dump.add_argument("--json", action="store_true", help="machine-readable output")
     add_run_dir(dump)
+    setting = sub.add_parser("set", help="change a KV setting of the running mesh")
+    setting.add_argument("setting", choices=["host-swap-gb"])
+    setting.add_argument("value", type=float, metavar="N")
+    add_run_dir(setting)
 
 
 async def _ask(address: str, question: object, answer_type: type) -> object:
@@ -86,7 +91,12 @@ def _stats(run_dir: Path, as_json: bool) -> None:
             "pools": kv.pools, "kv_cache_usage_perc": scheduler.kv_usage,
             "prefix_cache_queries": queries, "prefix_cache_hits": scheduler.prefix_cache_hits,
             "prefix_cache_hit_rate": hit_rate, "preemptions": scheduler.num_preemptions,
-            "host_swap_bytes": 0, "swaps": 0,
+            "host_blocks": scheduler.host_kv_blocks,
+            "host_used_blocks": scheduler.host_kv_used_blocks,
+            "swap_outs": scheduler.num_swap_outs, "swap_ins": scheduler.num_swap_ins,
+            "swapped_out_blocks": scheduler.swapped_out_blocks,
+            "swapped_in_blocks": scheduler.swapped_in_blocks,
+            "swap_fallbacks": scheduler.swap_fallbacks,
             "fork_shared_blocks": scheduler.fork_shared_blocks,
             "cow_block_copies": scheduler.cow_block_copies,
         }).decode())
@@ -94,12 +104,17 @@ def _stats(run_dir: Path, as_json: bool) -> None:
     print(f"kv usage {scheduler.kv_usage:.1%}  prefix cache hit rate {hit_rate:.1%} "
           f"({scheduler.prefix_cache_hits}/{queries} tokens)  preemptions "
           f"{scheduler.num_preemptions}  forks: {scheduler.fork_shared_blocks} blocks shared, "
-          f"{scheduler.cow_block_copies} copied  host swap: none (host tier not built)")
-    rows = [("POOL", "BLOCKS", "USED", "LEASED", "FREE", "CACHED", "EVICTIONS", "REQUESTS")]
+          f"{scheduler.cow_block_copies} copied")
+    print(f"host swap {scheduler.host_kv_used_blocks}/{scheduler.host_kv_blocks} blocks  "
+          f"swaps: {scheduler.num_swap_outs} out ({scheduler.swapped_out_blocks} blocks), "
+          f"{scheduler.num_swap_ins} in ({scheduler.swapped_in_blocks} blocks), "
+          f"{scheduler.swap_fallbacks} sent to recompute by a shrink")
+    rows = [("POOL", "BLOCKS", "USED", "LEASED", "FREE", "CACHED", "EVICTIONS", "REQUESTS",
+             "HOST", "HOST_USED")]
     for p in kv.pools:
         rows.append((p.pool_id, str(p.num_blocks), str(p.used_blocks), str(p.leased_blocks),
                      str(p.free_blocks), str(p.cached_blocks), str(p.evictions),
-                     str(p.requests)))
+                     str(p.requests), str(p.host_num_blocks), str(p.host_used_blocks)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -121,12 +136,26 @@ def _dump(run_dir: Path, request_id: str, as_json: bool) -> None:
         print(f"{i:<5}  {row.block_id:<5}  {row.ref_count:<4}  {row.tier:<6}  {block_hash}")
 
 
+def _set(run_dir: Path, setting: str, value: float) -> None:
+    assert setting == "host-swap-gb"
+    if not value >= 0:
+        raise KvCliError(f"host-swap-gb must be >= 0, got {value}")
+    answer = anyio.run(_ask, mesh_addresses(run_dir).kvcache_addr,
+                       KvSetHostSwap(host_swap_gb=value), KvStats)
+    assert isinstance(answer, KvStats)
+    for p in answer.pools:
+        print(f"{p.pool_id}: host swap {value:g} GB = {p.host_num_blocks} blocks "
+              f"({p.host_used_blocks} in use)")
+
+
 def main(args: argparse.Namespace, run_dir: Path) -> int:
     try:
         if args.kv_command == "stats":
             _stats(run_dir, args.json)
         elif args.kv_command == "dump":
             _dump(run_dir, args.request_id, args.json)
+        elif args.kv_command == "set":
+            _set(run_dir, args.setting, args.value)
     except KvCliError as e:
         print(f"meshserve: {e}", file=sys.stderr)
         return 1

@@ -131,16 +131,67 @@ def test_prefix_cache_off_matches_transformers(
     assert figures["fork_shared_blocks"] > 0 and figures["cow_block_copies"] == 2
 
 
+# 12 blocks of 16 tokens (192 slots): every prompt (up to 153 + 24 tokens) fits
+# alone, but the n=3 request on the longest prompt cannot: its choices share 9
+# full prompt blocks and each needs 3 blocks of its own (the copied partial block
+# and two more for its outputs), 18 in all. The choices arrive in one Submit and
+# run together, so preemption happens however the other requests trickle in.
+SMALL_POOL = [*CHUNKED, "--set", "num_kv_blocks=12", "--set", "lease_blocks=4"]
+FORKED = 8  # the 130-token prefix plus 23 tokens: 10 prompt blocks
+
+
 def test_small_pool_preempts_by_recompute_and_matches_transformers(
         tmp_path: Path, expected: list[tuple[str, int, str]]) -> None:
-    # 24 blocks of 16 tokens: 384 slots for 11 requests of up to 154 + 24 tokens.
     prompts = shared_prefix_prompts()
-    mesh = start_mesh(tmp_path, extra_args=[*CHUNKED, "--set", "num_kv_blocks=24",
-                                            "--set", "lease_blocks=4"])
+    assert expected[FORKED][1] == 24  # no early stop: the choices need all their blocks
+    mesh = start_mesh(tmp_path, extra_args=[*SMALL_POOL, "--set", "preemption_mode=recompute"])
     try:
         got = anyio.run(complete_all, mesh.base_url, prompts)
+        forks = anyio.run(partial(complete_n, mesh.base_url, prompts[FORKED], 3))
         preemptions = metric(mesh.base_url, "vllm:num_preemptions_total")
+        swaps = metric(mesh.base_url, "meshserve:kv_swap_outs_total")
     finally:
         mesh.stop()
     assert got == expected
+    text, _, finish = expected[FORKED]
+    assert forks == [(text, finish)] * 3
     assert preemptions > 0
+    assert swaps == 0
+
+
+def test_small_pool_swaps_to_host_and_matches_transformers(
+        tmp_path: Path, expected: list[tuple[str, int, str]]) -> None:
+    prompts = shared_prefix_prompts()
+    mesh = start_mesh(tmp_path, extra_args=[*SMALL_POOL, "--set", "host_swap_gb=0.01"])
+    try:
+        got = anyio.run(complete_all, mesh.base_url, prompts)
+        forks = anyio.run(partial(complete_n, mesh.base_url, prompts[FORKED], 3))
+        swapped = json.loads(mesh.cli("kv", "stats", "--json").stdout)
+        swap_metric = metric(mesh.base_url, "meshserve:kv_swap_outs_total")
+        # Resize while the mesh runs: no host room, so preemption recomputes.
+        shrink = mesh.cli("kv", "set", "host-swap-gb", "0")
+        shrunk = json.loads(mesh.cli("kv", "stats", "--json").stdout)
+        forks_recomputed = anyio.run(partial(complete_n, mesh.base_url, prompts[FORKED], 3))
+        after_shrink = json.loads(mesh.cli("kv", "stats", "--json").stdout)
+        grow = mesh.cli("kv", "set", "host-swap-gb", "0.005")
+        forks_swapped_again = anyio.run(partial(complete_n, mesh.base_url, prompts[FORKED], 3))
+        regrown = json.loads(mesh.cli("kv", "stats", "--json").stdout)
+        text_stats = mesh.cli("kv", "stats")
+    finally:
+        mesh.stop()
+    assert got == expected
+    text, _, finish = expected[FORKED]
+    assert forks == forks_recomputed == forks_swapped_again == [(text, finish)] * 3
+    # The embedded model's block is 64 KiB (fp32): 0.01 GB is 152 host blocks.
+    assert swapped["host_blocks"] == 10_000_000 // 65_536
+    assert swapped["swap_outs"] > 0 and swapped["swap_ins"] == swapped["swap_outs"]
+    assert swapped["swapped_out_blocks"] > 0 and swapped["host_used_blocks"] == 0
+    assert swap_metric == swapped["swap_outs"]
+    assert shrink.returncode == 0 and "0 blocks" in shrink.stdout, shrink.stderr
+    assert shrunk["host_blocks"] == 0 and shrunk["pools"][0]["host_num_blocks"] == 0
+    assert after_shrink["swap_outs"] == swapped["swap_outs"]
+    assert after_shrink["preemptions"] > swapped["preemptions"]  # by recompute
+    assert grow.returncode == 0, grow.stderr
+    assert regrown["host_blocks"] == 5_000_000 // 65_536
+    assert regrown["swap_outs"] > after_shrink["swap_outs"]
+    assert "host swap" in text_stats.stdout and "HOST_USED" in text_stats.stdout
