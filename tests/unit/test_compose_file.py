@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-COMPOSE = Path(__file__).resolve().parents[2] / "compose.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "compose.yaml"
 MESH = {"kvcache", "scheduler", "api", "tokenizer", "worker", "tts"}
 SCALABLE = {"tokenizer", "worker", "tts"}
 
@@ -102,7 +103,10 @@ def test_cpu_and_gpu_profiles(services: dict[str, dict[str, Any]]) -> None:
     assert any("gpu" in d.get("capabilities", []) for d in devices)
     assert gpu["environment"]["MESHSERVE_DEVICE"].startswith("cuda")
     cpu = services["worker"]
-    assert "cpu" in cpu.get("profiles", ["cpu"]) and cpu["environment"]["MESHSERVE_DEVICE"] == "cpu"
+    assert cpu["profiles"] == ["cpu"] and cpu["environment"]["MESHSERVE_DEVICE"] == "cpu"
+    # A plain `docker compose up` is the CPU mesh: .env selects the cpu profile.
+    env_file = (ROOT / ".env").read_text().splitlines()
+    assert "COMPOSE_PROFILES=cpu" in env_file
     # Everything else runs in either profile.
     for name, service in services.items():
         if name not in ("worker", "worker-gpu"):
