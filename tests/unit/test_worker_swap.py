@@ -82,3 +82,23 @@ def test_host_round_trip_preserves_every_layer(roomy: ModelRunner) -> None:
     host.resize(6)  # shrinking keeps blocks below the new size
     host.swap([], [], [5], [9])
     assert all(torch.equal(cache.k[layer][9], k[layer]) for layer in range(len(cache.k)))
+
+
+def test_inconsistent_swap_lists_are_refused(roomy: ModelRunner) -> None:
+    from shared.protocol.step import StepPlan
+
+    roomy.reset()
+    host_blocks = roomy.host_cache.num_blocks
+
+    def plan(**swaps: object) -> StepPlan:
+        return StepPlan(step_id=1, new=[], request_ids=[], num_tokens=b"", block_owner=b"",
+                        block_ids=b"", finished=[], **swaps)  # type: ignore[arg-type]
+
+    unknown = roomy.execute(plan(swap_in_requests=["ghost"], swap_in_owner=pack_i32([0]),
+                                 swap_in_src=pack_i32([0]), swap_in_dst=pack_i32([1])))
+    assert unknown.error is not None and "unknown request" in unknown.error
+    beyond = roomy.execute(plan(host_num_blocks=2, swap_out_requests=[],
+                                swap_out_owner=pack_i32([0]), swap_out_src=pack_i32([0]),
+                                swap_out_dst=pack_i32([5])))
+    assert beyond.error is not None
+    assert roomy.host_cache.num_blocks == host_blocks  # a refused plan changes nothing
