@@ -18,21 +18,30 @@ from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit
 from tests.unit.test_scheduler_batcher import make_scheduler, run_until_idle, start
 
 W = "worker/0"
+# On CUDA the host tier is pinned memory copied on a side stream: the same tests
+# run there when a GPU is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-def load(num_blocks: int) -> ModelRunner:
-    return ModelRunner(ensure_embedded_model(), "cpu", "float32", num_kv_blocks=num_blocks,
+def load(num_blocks: int, device: str) -> ModelRunner:
+    return ModelRunner(ensure_embedded_model(), device, "float32", num_kv_blocks=num_blocks,
                        block_size=4)
 
 
-@pytest.fixture(scope="module")
-def roomy() -> ModelRunner:
-    return load(64)
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def cramped() -> ModelRunner:
-    return load(12)
+def roomy(device: str) -> ModelRunner:
+    return load(64, device)
+
+
+@pytest.fixture(scope="module")
+def cramped(device: str) -> ModelRunner:
+    return load(12, device)
 
 
 def generate(runner: ModelRunner, mode: str, host_blocks: int
