@@ -247,7 +247,8 @@ class OpenAIRoutes:
     def _succeeded(self, flight: Flight, span: RequestSpan) -> None:
         span.succeed(flight)
         self.metrics.request_succeeded(flight.finish_reasons(), flight.prompt_tokens,
-                                       flight.completion_tokens, span.ttft_s, span.elapsed_s())
+                                       flight.completion_tokens, span.ttft_s, span.elapsed_s(),
+                                       flight.inter_token_latencies())
 
     def _failed(self, flight: Flight, span: RequestSpan, error: ApiError) -> None:
         log.info("request failed", request_id=flight.plan.response_id,

@@ -10,6 +10,7 @@ handlers update; ``render`` is called by ``GET /metrics``.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shared.protocol.generation import SchedulerStatus
@@ -70,6 +71,7 @@ class ApiMetrics:
         self.time_to_first_token = Histogram(LATENCY_BUCKETS)
         self.e2e_latency = Histogram(LATENCY_BUCKETS)
         self.time_per_output_token = Histogram(TPOT_BUCKETS)
+        self.inter_token_latency = Histogram(TPOT_BUCKETS)
         self.request_prompt_tokens = Histogram(TOKEN_BUCKETS)
         self.request_generation_tokens = Histogram(TOKEN_BUCKETS)
 
@@ -80,7 +82,10 @@ class ApiMetrics:
         completion_tokens: int,
         ttft_s: float | None,
         latency_s: float,
+        inter_token_latencies: Iterable[float] = (),
     ) -> None:
+        for gap in inter_token_latencies:
+            self.inter_token_latency.observe(gap)
         self.prompt_tokens += prompt_tokens
         self.generation_tokens += completion_tokens
         self.finished.update(finish_reasons)
@@ -167,6 +172,8 @@ class ApiMetrics:
              "End to end request latency in seconds."),
             ("vllm:request_time_per_output_token_seconds", self.time_per_output_token,
              "Time per output token in seconds, per request."),
+            ("vllm:inter_token_latency_seconds", self.inter_token_latency,
+             "Time between successive tokens of a request in seconds."),
             ("vllm:request_prompt_tokens", self.request_prompt_tokens,
              "Prompt tokens per request."),
             ("vllm:request_generation_tokens", self.request_generation_tokens,

@@ -19,6 +19,7 @@ already delivered reaches the client.
 from __future__ import annotations
 
 import enum
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,18 @@ class Choice:
     failed: bool = False  # the mesh ended it with RequestFailed: nothing to abort
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    last_tokens_at: float | None = None  # when tokens last arrived (monotonic)
+    # Gaps between successive tokens, one per token after the first: the samples
+    # of vLLM's inter-token latency histogram.
+    inter_token_latencies: list[float] = field(default_factory=list)
+
+    def tokens_arrived(self, count: int, now: float) -> None:
+        if count <= 0:
+            return
+        if self.last_tokens_at is not None:
+            # Tokens that arrive together (one delta) share the gap evenly.
+            self.inter_token_latencies.extend([(now - self.last_tokens_at) / count] * count)
+        self.last_tokens_at = now
 
     @property
     def request_id(self) -> str:
@@ -104,6 +117,9 @@ class Flight:
     @property
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
+
+    def inter_token_latencies(self) -> list[float]:
+        return [gap for c in self.choices for gap in c.inter_token_latencies]
 
     def finish_reasons(self) -> list[str]:
         return [c.finish_reason for c in self.choices if c.finish_reason is not None]
@@ -220,6 +236,8 @@ class FlightRegistry:
         choice.delivered_chars = max(choice.delivered_chars, end)
         # A replay recounts from scratch; counts never go backwards for the client.
         choice.prompt_tokens = max(choice.prompt_tokens, delta.prompt_tokens)
+        choice.tokens_arrived(delta.completion_tokens - choice.completion_tokens,
+                              time.monotonic())
         choice.completion_tokens = max(choice.completion_tokens, delta.completion_tokens)
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason

@@ -64,3 +64,22 @@ def test_histogram_buckets_are_cumulative() -> None:
     assert histogram.lines("h", "") == [
         'h_bucket{le="1.0"} 1', 'h_bucket{le="2.0"} 2', 'h_bucket{le="+Inf"} 3',
         "h_sum 5.0", "h_count 3"]
+
+
+def test_inter_token_latency_is_observed_per_token() -> None:
+    from services.api.requests import Choice
+    from shared.protocol.generation import DetokenizeSpec, GenerateRequest, SamplingParams
+
+    choice = Choice(0, GenerateRequest("r", SamplingParams(), DetokenizeSpec(), prompt="x"))
+    choice.tokens_arrived(1, now=10.0)  # the first token: no gap yet
+    choice.tokens_arrived(2, now=10.5)  # two tokens in one delta share the 0.5 s gap
+    choice.tokens_arrived(0, now=11.0)  # text without new tokens changes nothing
+    choice.tokens_arrived(1, now=11.0)
+    assert choice.inter_token_latencies == [0.25, 0.25, 0.5]
+
+    metrics = ApiMetrics("m")
+    metrics.request_succeeded(["stop"], 3, 4, 0.1, 1.0, choice.inter_token_latencies)
+    text = metrics.render(None, tokenizers=1, inflight=0, rejected_messages=0)
+    assert 'vllm:inter_token_latency_seconds_count{model_name="m"} 3' in text
+    assert 'vllm:inter_token_latency_seconds_bucket{model_name="m",le="0.3"} 2' in text
+    assert 'vllm:inter_token_latency_seconds_bucket{model_name="m",le="0.5"} 3' in text
