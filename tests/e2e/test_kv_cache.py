@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 from functools import partial
 from pathlib import Path
 
@@ -36,11 +37,19 @@ def shared_prefix_prompts(seed: int = 11) -> list[list[int]]:
     return prompts
 
 
-def metric(base_url: str, name: str) -> float:
-    text = httpx.get(base_url + "/metrics", timeout=30).text
-    match = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} missing from /metrics"
-    return float(match.group(1))
+def metric(base_url: str, name: str, at_least: float | None = None) -> float:
+    """A /metrics value. The api learns the scheduler's counters from a status sent
+    every heartbeat, so a counter read right after the requests may lag: with
+    ``at_least``, wait (bounded) until it got there."""
+    deadline = time.monotonic() + 15
+    while True:
+        text = httpx.get(base_url + "/metrics", timeout=30).text
+        match = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
+        assert match, f"{name} missing from /metrics"
+        value = float(match.group(1))
+        if at_least is None or value >= at_least or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
 
 
 async def complete_n(base_url: str, prompt: list[int], n: int) -> list[tuple[str, str]]:
@@ -79,8 +88,10 @@ def test_prefix_cache_on_hits_and_matches_transformers(
         # Again: now every prefix is cached from the first round.
         second = anyio.run(complete_all, mesh.base_url, prompts)
         forks = anyio.run(partial(complete_n, mesh.base_url, prompts[5], 3))
-        hits = metric(mesh.base_url, "vllm:prefix_cache_hits_total")
-        queries = metric(mesh.base_url, "vllm:prefix_cache_queries_total")
+        hits = metric(mesh.base_url, "vllm:prefix_cache_hits_total",
+                      at_least=sum((len(p) - 1) // 16 * 16 for p in prompts))
+        queries = metric(mesh.base_url, "vllm:prefix_cache_queries_total",
+                         at_least=sum(len(p) for p in prompts))
         stats = mesh.cli("kv", "stats", "--json")
         # Same prompt, other salts: nothing of the rounds above may be reused.
         salted_hits_before = json.loads(stats.stdout)["prefix_cache_hits"]
@@ -148,7 +159,7 @@ def test_small_pool_preempts_by_recompute_and_matches_transformers(
     try:
         got = anyio.run(complete_all, mesh.base_url, prompts)
         forks = anyio.run(partial(complete_n, mesh.base_url, prompts[FORKED], 3))
-        preemptions = metric(mesh.base_url, "vllm:num_preemptions_total")
+        preemptions = metric(mesh.base_url, "vllm:num_preemptions_total", at_least=1)
         swaps = metric(mesh.base_url, "meshserve:kv_swap_outs_total")
     finally:
         mesh.stop()
@@ -167,7 +178,8 @@ def test_small_pool_swaps_to_host_and_matches_transformers(
         got = anyio.run(complete_all, mesh.base_url, prompts)
         forks = anyio.run(partial(complete_n, mesh.base_url, prompts[FORKED], 3))
         swapped = json.loads(mesh.cli("kv", "stats", "--json").stdout)
-        swap_metric = metric(mesh.base_url, "meshserve:kv_swap_outs_total")
+        swap_metric = metric(mesh.base_url, "meshserve:kv_swap_outs_total",
+                             at_least=swapped["swap_outs"])
         # Resize while the mesh runs: no host room, so preemption recomputes.
         shrink = mesh.cli("kv", "set", "host-swap-gb", "0")
         shrunk = json.loads(mesh.cli("kv", "stats", "--json").stdout)
