@@ -32,6 +32,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from services.kvcache.prefix_index import PrefixIndex
+
 
 class BlockPoolError(ValueError):
     """The scheduler reported something impossible (a block it does not hold)."""
@@ -66,8 +68,7 @@ class BlockPool:
         self._leased: set[int] = set()
         self._refs: list[int] = [0] * num_blocks
         self._owned: dict[str, list[int]] = {}
-        self._hash_of: dict[int, int] = {}  # block -> committed hash
-        self._index: dict[int, int] = {}  # committed hash -> block
+        self._prefix = PrefixIndex()
         self.evictions = 0
         self._num_cached = 0  # free blocks with a hash (kept current: usage() is per step)
 
@@ -97,7 +98,7 @@ class BlockPool:
                 raise BlockPoolError(f"{request_id}: block {block} outside the pool")
             if block in self._leased or self._refs[block] > 0:
                 continue
-            if block not in self._hash_of:
+            if not self._prefix.caches(block):
                 raise BlockPoolError(
                     f"{request_id}: block {block} is free and caches nothing; it is "
                     "not leased"
@@ -133,7 +134,7 @@ class BlockPool:
             if self._refs[block] == 0:
                 self._free[block] = None
                 freed += 1
-                if block in self._hash_of:
+                if self._prefix.caches(block):
                     self._num_cached += 1
         return freed
 
@@ -154,7 +155,7 @@ class BlockPool:
         assert self._refs[block] >= 0, f"block {block} dropped more often than held"
         if self._refs[block] == 0:
             self._free[block] = None
-            if block in self._hash_of:
+            if self._prefix.caches(block):
                 self._num_cached += 1
 
     # -------------------------------------------------------------- prefix index
@@ -166,10 +167,8 @@ class BlockPool:
         out again, to be overwritten) is not indexed either. Returns whether indexed."""
         if not 0 <= block < self.num_blocks:
             raise BlockPoolError(f"block {block} outside a pool of {self.num_blocks}")
-        if block in self._leased or block_hash in self._index or block in self._hash_of:
+        if block in self._leased or not self._prefix.add(block, block_hash):
             return False
-        self._index[block_hash] = block
-        self._hash_of[block] = block_hash
         if self._refs[block] == 0:
             self._num_cached += 1
         return True
@@ -183,21 +182,13 @@ class BlockPool:
 
     def lookup(self, block_hashes: Iterable[int]) -> list[int]:
         """The blocks caching the longest prefix of ``block_hashes`` (a chain)."""
-        hits: list[int] = []
-        for block_hash in block_hashes:
-            block = self._index.get(block_hash)
-            if block is None:
-                break
-            hits.append(block)
-        return hits
+        return self._prefix.lookup(block_hashes)
 
     def hash_of(self, block: int) -> int | None:
-        return self._hash_of.get(block)
+        return self._prefix.hash_of(block)
 
     def _evict(self, block: int, counted: bool = True) -> None:
-        block_hash = self._hash_of.pop(block, None)
-        if block_hash is not None:
-            del self._index[block_hash]
+        if self._prefix.remove(block) is not None:
             if self._refs[block] == 0 and block not in self._leased:
                 self._num_cached -= 1
             if counted:
@@ -224,8 +215,7 @@ class BlockPool:
         self._leased = leased
         self._refs = refs
         self._owned = {r: list(b) for r, b in owned.items() if b}
-        self._hash_of = {}
-        self._index = {}
+        self._prefix = PrefixIndex()
         self._num_cached = 0
         self._free = OrderedDict.fromkeys(
             b for b in range(self.num_blocks) if b not in leased and refs[b] == 0)
@@ -237,7 +227,7 @@ class BlockPool:
         return self._refs[block]
 
     def describe(self, request_id: str) -> list[BlockInfo]:
-        return [BlockInfo(b, self._refs[b], self._hash_of.get(b))
+        return [BlockInfo(b, self._refs[b], self._prefix.hash_of(b))
                 for b in self._owned.get(request_id, ())]
 
     def usage(self) -> PoolUsage:

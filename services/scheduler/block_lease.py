@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from services.kvcache.prefix_index import PrefixIndex
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.kv import KvLease, KvPoolOpen, KvSync, KvUsage, pack_i64
 
@@ -34,9 +35,8 @@ class BlockLease:
         self.target = min(target, num_blocks)
         self._free: deque[int] = deque()
         self.refs: list[int] = [0] * num_blocks
-        # The prefix index mirror: committed hash <-> block.
-        self._index: dict[int, int] = {}
-        self._hash_of: dict[int, int] = {}
+        # The mirror of the KV manager's prefix index (the same structure).
+        self._prefix = PrefixIndex()
         # Since the last sync, per request in order: blocks taken from the lease,
         # and cached blocks shared (prefix hits).
         self._unreported: dict[str, list[int]] = {}
@@ -97,13 +97,7 @@ class BlockLease:
 
     def lookup(self, block_hashes: list[int]) -> list[int]:
         """Blocks caching the longest prefix of this chain of block hashes."""
-        hits: list[int] = []
-        for block_hash in block_hashes:
-            block = self._index.get(block_hash)
-            if block is None:
-                break
-            hits.append(block)
-        return hits
+        return self._prefix.lookup(block_hashes)
 
     def share(self, request_id: str, blocks: list[int]) -> None:
         """``request_id`` holds these cached blocks too (a prefix hit)."""
@@ -146,11 +140,8 @@ class BlockLease:
     def commit(self, block: int, block_hash: int) -> None:
         """A held block is full (its tokens are scheduled): index it. A hash
         already cached elsewhere stays there."""
-        if block_hash in self._index or block in self._hash_of:
-            return
-        self._index[block_hash] = block
-        self._hash_of[block] = block_hash
-        self._commits[block] = block_hash
+        if self._prefix.add(block, block_hash):
+            self._commits[block] = block_hash
 
     def uncache(self, blocks: list[int]) -> None:
         """Forget these blocks' hashes (the step that was to write them failed)."""
@@ -160,9 +151,7 @@ class BlockLease:
         self._uncache.extend(blocks)
 
     def _forget(self, block: int) -> None:
-        block_hash = self._hash_of.pop(block, None)
-        if block_hash is not None:
-            del self._index[block_hash]
+        self._prefix.remove(block)
 
     def release(self, request_id: str, blocks: list[int]) -> None:
         """A request gave up ``blocks`` (all it held). Allocations the KV manager has
@@ -306,8 +295,7 @@ class BlockLease:
         self._host_held = dict(host_held or {})
         self._host_released = []
         self._fresh.clear()
-        self._index = {}
-        self._hash_of = {}
+        self._prefix = PrefixIndex()
         # Blocks granted while held are the pool's own again once it is rebuilt
         # from what is held; the old lease stays ours.
         self._granted_held.clear()
@@ -328,4 +316,4 @@ class BlockLease:
 
     @property
     def cached_blocks(self) -> int:
-        return len(self._index)
+        return len(self._prefix)
