@@ -128,6 +128,27 @@ class UpstreamLost:
     reason: str
 
 
+def decode_frames(
+    frames: list[bytes], decoder: msgspec.msgpack.Decoder[Any]
+) -> tuple[Envelope, Any] | str:
+    """Decode [envelope, body] with the socket family's typed decoder; a string is
+    the reason the message is rejected. The envelope is decoded on its own first,
+    so a bad body can still be blamed on (and answered to) its sender."""
+    if len(frames) != 2:
+        return f"expected 2 frames (envelope, body), got {len(frames)}"
+    try:
+        envelope = decode_envelope(frames[0])
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        return f"bad envelope: {e}"
+    if envelope.version != PROTOCOL_VERSION:
+        return f"protocol version {envelope.version}, this build speaks {PROTOCOL_VERSION}"
+    try:
+        body = decoder.decode(frames[1])
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        return f"bad body from {envelope.sender}: {e}"
+    return envelope, body
+
+
 class RejectionLog:
     """Counts rejected messages and logs at most once per sender per window."""
 
@@ -195,21 +216,8 @@ class _Endpoint(Generic[Body]):
         )
         return [encode_envelope(envelope), self._encoder.encode(body)]
 
-    def _decode(self, frames: list[bytes], sender_hint: str) -> tuple[Envelope, Any] | str:
-        """Decode [envelope, body]; a string is the reason it was rejected."""
-        if len(frames) != 2:
-            return f"expected 2 frames (envelope, body), got {len(frames)}"
-        try:
-            envelope = decode_envelope(frames[0])
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            return f"bad envelope: {e}"
-        if envelope.version != PROTOCOL_VERSION:
-            return f"protocol version {envelope.version}, this build speaks {PROTOCOL_VERSION}"
-        try:
-            body = self._decoder.decode(frames[1])
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            return f"bad body from {envelope.sender}: {e}"
-        return envelope, body
+    def _decode(self, frames: list[bytes]) -> tuple[Envelope, Any] | str:
+        return decode_frames(frames, self._decoder)
 
     def close(self) -> None:
         """Idempotent: close the socket at once (linger 0) and end the inbox."""
@@ -278,7 +286,7 @@ class RouterEndpoint(_Endpoint[Body]):
         while True:
             frames = await self.socket.recv_multipart()
             identity, payload = frames[0], frames[1:]
-            decoded = self._decode(payload, sender_hint=identity.hex())
+            decoded = self._decode(payload)
             if isinstance(decoded, str):
                 self.rejections.record(identity.decode(errors="replace"), decoded)
                 await self.send(identity, Rejected(reason=decoded))
@@ -392,7 +400,7 @@ class DealerEndpoint(_Endpoint[Body]):
     async def _receive_forever(self) -> None:
         while True:
             frames = await self.socket.recv_multipart()
-            decoded = self._decode(frames, sender_hint=self.address)
+            decoded = self._decode(frames)
             if isinstance(decoded, str):
                 # The singleton is our only peer; answering garbage with garbage
                 # would loop, so a dealer only logs and counts.

@@ -27,7 +27,7 @@ from opentelemetry import trace
 
 from services.supervisor.mesh_plan import CONTROL_SOCKET
 from shared.logs import get_logger
-from shared.mesh import Identity, RejectionLog
+from shared.mesh import Identity, RejectionLog, decode_frames
 from shared.protocol.control import (
     ControlReply,
     MeshStatus,
@@ -40,7 +40,6 @@ from shared.protocol.envelope import (
     PROTOCOL_VERSION,
     Envelope,
     MessageIds,
-    decode_envelope,
     encode_envelope,
 )
 from shared.telemetry import context_of, inject_context, tracer
@@ -93,7 +92,7 @@ class ControlServer:
                 while True:
                     frames = await self.socket.recv_multipart()
                     peer, payload = frames[0], frames[1:]
-                    decoded = self._decode(payload)
+                    decoded = decode_frames(payload, self._decoder)
                     if isinstance(decoded, str):
                         self.rejections.record(peer.hex(), decoded)
                         await self._answer(peer, ControlReply(ok=False, message=decoded))
@@ -105,20 +104,6 @@ class ControlServer:
                     tg.start_soon(self._serve, peer, *decoded)
         finally:
             self.socket.close(linger=0)
-
-    def _decode(self, payload: list[bytes]) -> tuple[Envelope, ControlRequest] | str:
-        if len(payload) != 2:
-            return f"expected 2 frames (envelope, body), got {len(payload)}"
-        try:
-            envelope = decode_envelope(payload[0])
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            return f"bad envelope: {e}"
-        if envelope.version != PROTOCOL_VERSION:
-            return f"protocol version {envelope.version}, this build speaks {PROTOCOL_VERSION}"
-        try:
-            return envelope, self._decoder.decode(payload[1])
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            return f"bad control request from {envelope.sender}: {e}"
 
     async def _serve(self, peer: bytes, envelope: Envelope, request: ControlRequest) -> None:
         async with self._limit:
