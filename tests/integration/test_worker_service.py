@@ -22,7 +22,6 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from services.worker.local_engine import LocalEngine
 from services.worker.runner import ModelRunner
 from services.worker.service import PLAN_QUEUE_SIZE
 from shared.embedded_model import ensure_embedded_model
@@ -31,6 +30,7 @@ from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import SamplingParams
 from shared.protocol.step import NewRequest, StepPlan, StepResult
 from tests.integration.procs import mesh_addresses, read_log, running_service
+from tests.local_engine import LocalEngine
 
 pytestmark = pytest.mark.anyio
 

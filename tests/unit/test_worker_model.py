@@ -27,12 +27,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from services.worker.local_engine import LocalEngine
 from services.worker.models.config import UnsupportedModelError, parse_config
 from services.worker.runner import ModelRunner
 from services.worker.step_batch import RequestState, build_step_batch
 from shared.embedded_model import LM_HEAD_STD, WEIGHT_STD, ensure_embedded_model
 from shared.protocol.generation import SamplingParams
+from tests.local_engine import LocalEngine
 
 PROMPT_LENGTHS = (1, 2, 15, 16, 17, 64, 129, 300, 600)
 NEW_TOKENS = 8

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from services.worker.local_engine import LocalEngine
 from services.worker.runner import ModelRunner
 from shared.embedded_model import ensure_embedded_model
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import SamplingParams
 from shared.protocol.step import NewRequest, StepPlan
+from tests.local_engine import LocalEngine
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 

@@ -1,8 +1,9 @@
 """``LocalEngine``: a minimal continuous-batching loop that drives a ``ModelRunner``
-in process with real ``StepPlan``s.
+in process with real ``StepPlan``s: the plan source of the worker's tests.
 
-It is the in-process baseline the mesh benchmark compares against, and the plan
-source of the worker's tests. It speaks the same protocol the scheduler speaks
+It keeps the worker's tests independent of the real scheduler (whose plans the
+mesh tests and ``bench/inprocess.py`` exercise), and adds what those tests need:
+scattered block ids and preemption on demand. It speaks the same protocol the scheduler speaks
 (new requests once, then deltas; block tables append-only; chunked prefill under
 a per-step token budget) but keeps scheduling trivial: first come first served,
 no prefix cache, no preemption under memory pressure (running out of blocks is an
