@@ -60,3 +60,16 @@ def default_num_kv_blocks(device: torch.device, bytes_per_block: int) -> int:
             f"no room for KV blocks on {device}: {free} bytes free, {bytes_per_block} per block"
         )
     return blocks
+
+
+def prefer_shape_agnostic_attention(device: torch.device) -> None:
+    """Keep SDPA off cuDNN's attention on CUDA.
+
+    cuDNN builds an execution plan per input shape, and a chunked prefill's context
+    grows every step, so each step paid a fresh plan: on an H200 a step of 128
+    decodes plus one 32-token chunk took 69 ms instead of 11 ms (pure decode 7.3 ms
+    vs 5.0 ms). The flash and memory-efficient kernels need no per-shape plan.
+    The switch is process-wide, which is right for a worker process.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
-from services.worker.device import default_num_kv_blocks, resolve_device, resolve_dtype
+from services.worker.device import (
+    default_num_kv_blocks,
+    prefer_shape_agnostic_attention,
+    resolve_device,
+    resolve_dtype,
+)
 from services.worker.kv_cache import HostKVStore, PagedKVCache
 from services.worker.models.config import load_config
 from services.worker.models.llama import LlamaModel
@@ -73,6 +78,7 @@ class ModelRunner:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
+        prefer_shape_agnostic_attention(self.device)
         self.dtype = resolve_dtype(dtype, self.device)
         config = load_config(self.model_dir)
         limit = config.max_position_embeddings
