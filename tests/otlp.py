@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 import grpc
+import httpx
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -89,3 +91,39 @@ async def otlp_receiver() -> AsyncIterator[tuple[OtlpCollector, dict[str, str]]]
         yield collector, env
     finally:
         await server.stop(None)
+
+
+MESH_SERVICES = frozenset({"api", "tokenizer", "scheduler", "kvcache", "worker"})
+# Spans that end last in a request's trace: once these are in, the trace is whole.
+TRACE_SPANS = frozenset({"tokenizer.finish", "scheduler.request", "kvcache.sync", "worker.step"})
+
+
+async def traced_chat(tmp_path: Path, max_tokens: int) -> tuple[str, list[ReceivedSpan]]:
+    """One chat completion through a real mesh exporting to a receiver run here:
+    (the response id, every span received once that request's trace is whole)."""
+    from tests.e2e.mesh import start_mesh
+
+    async with otlp_receiver() as (collector, env):
+        mesh = start_mesh(tmp_path, env=env)
+        try:
+            async with httpx.AsyncClient(base_url=mesh.base_url, timeout=60) as client:
+                model = (await client.get("/v1/models")).json()["data"][0]["id"]
+                response = await client.post("/v1/chat/completions", json={
+                    "model": model, "max_tokens": max_tokens, "temperature": 0,
+                    "messages": [{"role": "user", "content": "trace me"}]})
+                assert response.status_code == 200, response.text
+            request_id: str = response.json()["id"]
+
+            def complete(spans: list[ReceivedSpan]) -> bool:
+                root = next((s for s in spans
+                             if s.attributes.get("gen_ai.response.id") == request_id), None)
+                if root is None:
+                    return False
+                mine = [s for s in spans if s.span.trace_id == root.span.trace_id]
+                return ({s.service for s in mine} >= MESH_SERVICES
+                        and {s.span.name for s in mine} >= TRACE_SPANS)
+
+            spans = await collector.wait_until(complete, timeout=90)
+        finally:
+            mesh.stop()
+    return request_id, list(spans)

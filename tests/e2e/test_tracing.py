@@ -6,15 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.e2e.mesh import start_mesh
-from tests.otlp import ReceivedSpan, otlp_receiver
+from tests.otlp import ReceivedSpan, traced_chat
 
 pytestmark = pytest.mark.anyio
-
-SERVICES = {"api", "tokenizer", "scheduler", "kvcache", "worker"}
 
 
 def trace_of(spans: list[ReceivedSpan], trace_id: bytes) -> list[ReceivedSpan]:
@@ -22,34 +18,9 @@ def trace_of(spans: list[ReceivedSpan], trace_id: bytes) -> list[ReceivedSpan]:
 
 
 async def test_one_request_is_one_trace_across_the_mesh(tmp_path: Path) -> None:
-    async with otlp_receiver() as (collector, env):
-        mesh = start_mesh(tmp_path, env=env)
-        try:
-            async with httpx.AsyncClient(base_url=mesh.base_url, timeout=60) as client:
-                model = (await client.get("/v1/models")).json()["data"][0]["id"]
-                response = await client.post("/v1/chat/completions", json={
-                    "model": model, "max_tokens": 4, "temperature": 0,
-                    "messages": [{"role": "user", "content": "trace me"}]})
-                assert response.status_code == 200, response.text
-
-            def root(spans: list[ReceivedSpan]) -> ReceivedSpan | None:
-                return next((s for s in spans if s.service == "api"
-                             and s.span.name.startswith("chat ")), None)
-
-            def complete(spans: list[ReceivedSpan]) -> bool:
-                api = root(spans)
-                if api is None:
-                    return False
-                mine = trace_of(spans, api.span.trace_id)
-                names = {s.span.name for s in mine}
-                return {s.service for s in mine} >= SERVICES and {
-                    "tokenizer.finish", "scheduler.request", "kvcache.sync"} <= names
-            spans = await collector.wait_until(complete, timeout=90)
-        finally:
-            mesh.stop()
-
-    api = root(spans)
-    assert api is not None
+    request_id, spans = await traced_chat(tmp_path, max_tokens=4)
+    api = next(s for s in spans if s.attributes.get("gen_ai.response.id") == request_id)
+    assert api.service == "api" and api.span.name.startswith("chat ")
     mine = trace_of(spans, api.span.trace_id)
     by_id = {s.span.span_id: s for s in mine}
 

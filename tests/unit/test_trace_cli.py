@@ -17,18 +17,15 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import anyio
-import httpx
 import pytest
 from google.protobuf.json_format import MessageToDict
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans
 
 from services.supervisor.cli import main
-from tests.e2e.mesh import start_mesh
-from tests.otlp import ReceivedSpan, otlp_receiver
+from tests.otlp import MESH_SERVICES, ReceivedSpan, traced_chat
 
 pytestmark = pytest.mark.slow
 
-TRACED = {"api", "tokenizer", "scheduler", "kvcache", "worker"}
 
 
 def _hex_ids(span: dict[str, Any]) -> dict[str, Any]:
@@ -119,32 +116,7 @@ class StandInJaeger:
 def mesh_trace(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[ReceivedSpan]]:
     """(request id, every span received) for one chat completion of a real mesh."""
 
-    async def run() -> tuple[str, list[ReceivedSpan]]:
-        async with otlp_receiver() as (collector, env):
-            mesh = start_mesh(tmp_path_factory.mktemp("trace-mesh"), env=env)
-            try:
-                async with httpx.AsyncClient(base_url=mesh.base_url, timeout=60) as client:
-                    model = (await client.get("/v1/models")).json()["data"][0]["id"]
-                    response = await client.post("/v1/chat/completions", json={
-                        "model": model, "max_tokens": 3, "temperature": 0,
-                        "messages": [{"role": "user", "content": "trace me"}]})
-                    assert response.status_code == 200, response.text
-                request_id = response.json()["id"]
-
-                def complete(spans: list[ReceivedSpan]) -> bool:
-                    root = [s for s in spans
-                            if s.attributes.get("gen_ai.response.id") == request_id]
-                    if not root:
-                        return False
-                    mine = [s for s in spans if s.span.trace_id == root[0].span.trace_id]
-                    return {s.service for s in mine} >= TRACED and {s.span.name for s in mine} >= {
-                        "tokenizer.finish", "scheduler.request", "kvcache.sync", "worker.step"}
-                spans = await collector.wait_until(complete, timeout=90)
-            finally:
-                mesh.stop()
-        return request_id, list(spans)
-
-    return anyio.run(run)
+    return anyio.run(traced_chat, tmp_path_factory.mktemp("trace-mesh"), 3)
 
 
 @pytest.fixture
@@ -196,7 +168,7 @@ def test_trace_by_request_id_prints_the_span_tree(
     worker = next(i for i, line in enumerate(lines) if line.strip().startswith("worker.step"))
     assert "[worker]" in lines[worker]
     assert lines[worker + 1].strip().startswith("-> link to scheduler.request [scheduler]")
-    for service in TRACED:
+    for service in MESH_SERVICES:
         assert f"[{service}]" in out
     # The search asked Jaeger for the api's span with this request id.
     (query,) = jaeger.queries
