@@ -123,27 +123,9 @@ def plan_completion(
     max_tokens = body.max_tokens if body.max_tokens is not None else config.max_tokens_default
     sampling = _sampling(body, max_tokens, "max_tokens", config)
     prompt, prompt_ids = _prompt(body.prompt)
-
-    def request(request_id: str, params: SamplingParams) -> GenerateRequest:
-        return GenerateRequest(
-            request_id=request_id,
-            sampling=params,
-            detokenize=_detokenize(body),
-            prompt=prompt,
-            prompt_token_ids=prompt_ids,
-            priority=body.priority,
-            cache_salt=_cache_salt(body),
-        )
-
-    return GenerationPlan(
-        operation="text_completion",
-        response_id=response_id,
-        model=served_model,
-        created=created,
-        stream=body.stream,
-        include_usage=_include_usage(body),
-        requests=_fan_out(response_id, body.n, sampling, request),
-    )
+    return _plan("text_completion", body, served_model=served_model,
+                 response_id=response_id, created=created, sampling=sampling,
+                 prompt=prompt, prompt_token_ids=prompt_ids)
 
 
 def plan_chat(
@@ -174,20 +156,42 @@ def plan_chat(
         max_tokens, param = config.chat_max_tokens_default, "max_tokens"
     sampling = _sampling(body, max_tokens, param, config)
     messages = _messages(body.messages)
+    return _plan("chat", body, served_model=served_model, response_id=response_id,
+                 created=created, sampling=sampling, messages=messages,
+                 add_generation_prompt=body.add_generation_prompt)
+
+
+def _plan(
+    operation: str,
+    body: SamplingFields,
+    *,
+    served_model: str,
+    response_id: str,
+    created: int,
+    sampling: SamplingParams,
+    prompt: str | None = None,
+    prompt_token_ids: bytes | None = None,
+    messages: list[ChatMessage] | None = None,
+    add_generation_prompt: bool = True,
+) -> GenerationPlan:
+    """The plan both endpoints make from a validated body; the prompt arguments say
+    what the tokenizer encodes (a prompt, its ids, or chat messages)."""
 
     def request(request_id: str, params: SamplingParams) -> GenerateRequest:
         return GenerateRequest(
             request_id=request_id,
             sampling=params,
             detokenize=_detokenize(body),
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
             messages=messages,
-            add_generation_prompt=body.add_generation_prompt,
+            add_generation_prompt=add_generation_prompt,
             priority=body.priority,
             cache_salt=_cache_salt(body),
         )
 
     return GenerationPlan(
-        operation="chat",
+        operation=operation,
         response_id=response_id,
         model=served_model,
         created=created,
