@@ -12,4 +12,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     block_size: int = 16
     num_kv_blocks: int = 0  # 0: sized from free memory (cpu: 4096 blocks)
     max_model_len: int = 0  # 0: the model's max_position_embeddings
+    # CUDA: decode steps of up to this many requests replay captured CUDA graphs
+    # (0: never; every step runs eagerly).
+    cuda_graph_max_batch: int = 256
     torch_threads: int = 0  # 0: all cores but one on CPU (the mesh needs one), torch's on CUDA

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +35,9 @@ from services.worker.step_batch import RequestState, blocks_for, build_step_batc
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.step import NewRequest, StepPlan, StepResult
+
+if TYPE_CHECKING:
+    from services.worker.cuda_step import CudaStep
 
 
 @dataclass(slots=True)
@@ -73,6 +77,7 @@ class ModelRunner:
         block_size: int = 16,
         max_model_len: int = 0,
         seed: int | None = None,
+        graph_max_batch: int = 256,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -98,10 +103,20 @@ class ModelRunner:
         if num_kv_blocks <= 0:
             num_kv_blocks = default_num_kv_blocks(self.device, per_block)
         self.num_kv_blocks = num_kv_blocks
-        self.kv_cache = self.model.new_kv_cache(num_kv_blocks, block_size)
+        # On CUDA one block more than the scheduler is told of: CUDA-graph padding
+        # rows write their K/V there, never into a request's block.
+        spare = 1 if self.device.type == "cuda" else 0
+        self.kv_cache = self.model.new_kv_cache(num_kv_blocks + spare, block_size)
         self.host_cache = HostKVStore(self.kv_cache)
         self.sampler = Sampler(self.device, seed)
         self.requests: dict[str, RequestState] = {}
+        self._cuda: CudaStep | None = None
+        if self.device.type == "cuda":
+            # Imported here: Triton ships only with CUDA builds of torch.
+            from services.worker.cuda_step import CudaStep
+
+            self._cuda = CudaStep(self.model, self.kv_cache, block_size, self.max_model_len,
+                                  graph_max_batch, scratch_block=num_kv_blocks)
 
     def details(self) -> WorkerDetails:
         config = self.model.config
@@ -317,12 +332,16 @@ class ModelRunner:
     def _compute(
         self, states: list[RequestState], num_tokens: list[int]
     ) -> tuple[list[str], list[int]]:
-        batch = build_step_batch(states, num_tokens, self.block_size, self.device)
-        samplers = batch.samplers
         with torch.inference_mode():
-            hidden = self.model.forward(
-                batch.input_ids, batch.positions, batch.meta, self.kv_cache, batch.sample_rows
-            )
+            if self._cuda is not None:
+                samplers, hidden = self._cuda.hidden_states(states, num_tokens)
+            else:
+                batch = build_step_batch(states, num_tokens, self.block_size, self.device)
+                samplers = batch.samplers
+                hidden = self.model.forward(
+                    batch.input_ids, batch.positions, batch.meta, self.kv_cache,
+                    batch.sample_rows,
+                )
             tokens = self.sampler.sample(
                 self.model.logits(hidden),
                 [states[i].sampling for i in samplers],

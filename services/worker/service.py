@@ -160,6 +160,7 @@ def _load_runner(config: WorkerConfig) -> ModelRunner:
         num_kv_blocks=config.num_kv_blocks,
         block_size=config.block_size,
         max_model_len=config.max_model_len,
+        graph_max_batch=config.cuda_graph_max_batch,
     )
 
 

@@ -1,0 +1,131 @@
+"""CUDA graphs for decode-only steps.
+
+A decode step of a small model is launch-bound: hundreds of small kernels whose
+launch costs more host time than they take on the GPU. Each batch-size bucket's
+forward pass is captured once at start-up and replayed with one launch.
+
+A graph reads fixed addresses, so every input lives in static buffers sized for
+the largest bucket, and a step of ``n`` requests runs the graph of the smallest
+bucket ``b >= n`` with rows ``n..b-1`` padded: each padded row decodes token 0 at
+position 0 into a scratch block no request owns (the cache keeps one spare block
+for this), so padding never touches real K/V.
+
+    static int32 buffers:  input_ids [B]  positions [B]  seq_lens [B]
+                           block_tables [B, max_blocks_per_request]
+    fixed at capture:      query_start = 0..B, one tile per request
+
+Only the columns a step uses are refilled in ``block_tables``; the kernel never
+reads past a request's ``seq_lens``, so stale columns are harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from services.worker.kernel_batch import KernelAttentionMetadata, StagingBuffer, slot_mapping
+from services.worker.step_batch import RequestState, blocks_for
+
+
+def graph_buckets(max_batch: int) -> list[int]:
+    """vLLM's ladder: 1, 2, 4, then every 8 up to ``max_batch``."""
+    sizes = [1, 2, 4, *range(8, max_batch + 1, 8)]
+    return sorted({s for s in sizes if s <= max_batch} | {max_batch})
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor, KernelAttentionMetadata], torch.Tensor]
+
+
+class DecodeGraphs:
+    """Captured decode forwards, one per bucket; ``run`` returns the hidden states
+    of the step's rows (the graph's output buffer, valid until the next run)."""
+
+    def __init__(self, forward: Forward, device: torch.device, max_batch: int,
+                 max_blocks: int, block_size: int, scratch_block: int) -> None:
+        self.device = device
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.buckets = graph_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        int32 = {"dtype": torch.int32, "device": device}
+        b = self.max_batch
+        self._input_ids = torch.zeros(b, **int32)
+        self._positions = torch.zeros(b, **int32)
+        self._seq_lens = torch.ones(b, **int32)
+        self._tables = torch.full((b, max_blocks), scratch_block, **int32)
+        self._query_start = torch.arange(b + 1, **int32)
+        self._tiles = torch.arange(b, **int32)
+        self._tile_start = torch.zeros(b, **int32)
+        self._staging = StagingBuffer(device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._capture(forward)
+
+    def _meta(self, batch: int) -> KernelAttentionMetadata:
+        tables = self._tables[:batch]
+        ones = self._query_start[1 : batch + 1] - self._query_start[:batch]
+        return KernelAttentionMetadata(
+            slot_mapping=slot_mapping(tables, self._positions[:batch], ones, batch,
+                                      self.block_size),
+            block_tables=tables, seq_lens=self._seq_lens[:batch],
+            query_start=self._query_start[: batch + 1],
+            tile_request=self._tiles[:batch], tile_start=self._tile_start[:batch],
+            max_query_len=1, max_seq_len=0,
+        )
+
+    def _capture(self, forward: Forward) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            # Warm-up outside capture: compiles the decode kernel variant and lets
+            # the allocator and cuBLAS settle on their workspaces.
+            for _ in range(2):
+                forward(self._input_ids, self._positions, self._meta(self.max_batch))
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        # Largest first: smaller graphs reuse the pool's blocks.
+        for batch in reversed(self.buckets):
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                hidden = forward(self._input_ids[:batch], self._positions[:batch],
+                                 self._meta(batch))
+            self._graphs[batch] = (graph, hidden)
+        torch.cuda.synchronize(self.device)
+
+    def bucket(self, batch: int) -> int | None:
+        """The graph a decode step of ``batch`` requests would run, if any."""
+        if batch > self.max_batch:
+            return None
+        return next(b for b in self.buckets if b >= batch)
+
+    def run(self, states: Sequence[RequestState]) -> torch.Tensor:
+        """Decode one token for each of ``states``; hidden states [len(states), H]."""
+        count = len(states)
+        bucket = self.bucket(count)
+        assert bucket is not None, f"no graph for a batch of {count}"
+        ids: list[int] = []
+        positions: list[int] = []
+        tables: list[list[int]] = []
+        for state in states:
+            position = state.num_computed
+            ids.append(state.token_ids[position])
+            positions.append(position)
+            tables.append(state.block_ids[: blocks_for(position + 1, self.block_size)])
+        pad = bucket - count
+        width = max(len(row) for row in tables)
+        flat = [b for row in tables for b in (*row, *([self.scratch_block] * (width - len(row))))]
+        scratch_row = [self.scratch_block] * width
+        uploaded = self._staging.upload(
+            ids + [0] * pad
+            + positions + [0] * pad
+            + [p + 1 for p in positions] + [1] * pad
+            + flat + scratch_row * pad
+        )
+        ids_t, pos_t, seq_t, tables_t = uploaded.split([bucket, bucket, bucket, bucket * width])
+        self._input_ids[:bucket].copy_(ids_t)
+        self._positions[:bucket].copy_(pos_t)
+        self._seq_lens[:bucket].copy_(seq_t)
+        self._tables[:bucket, :width].copy_(tables_t.view(bucket, width))
+        graph, hidden = self._graphs[bucket]
+        graph.replay()
+        return hidden[:count]

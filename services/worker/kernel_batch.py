@@ -1,0 +1,205 @@
+"""One step's inputs for the Triton attention path (CUDA), built without a host sync.
+
+Everything a step needs per token and per request is gathered on the host into
+one int32 buffer in pinned memory and sent to the device with one non-blocking
+copy; the device-side tensors are views of that copy, and the slot mapping is
+computed on the device from them. So the host never waits for the GPU while it
+prepares a step (a pageable ``.to(device)`` waits for every kernel queued before
+it, which serialised host preparation and GPU compute).
+
+Unlike the reference path's decodes-first layout, requests stay in plan order:
+the kernel takes variable-length query runs, so no reordering is needed.
+
+    buffer: [ input_ids T | positions T | seq_lens R | query_start R+1 |
+              block_tables R*W | tile_request N | tile_start N | sample_rows S ]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from services.worker.kernels.paged_attention import (
+    paged_attention,
+    split_decode_attention,
+    tile_rows,
+)
+from services.worker.step_batch import RequestState, blocks_for
+
+# Split a decode's keys when the batch leaves most of the GPU idle and contexts are
+# long: below this many programs (requests x KV heads) and above this context.
+SPLIT_BELOW_PROGRAMS = 128
+SPLIT_MIN_CONTEXT = 2048
+SPLIT_KEYS = 1024  # keys per split
+
+
+@dataclass(slots=True)
+class KernelAttentionMetadata:
+    """Device tensors the Triton kernel reads, shared by every layer of a step."""
+
+    slot_mapping: torch.Tensor  # [T] int64: where each token's K/V go in the flat cache
+    block_tables: torch.Tensor  # [R, W] int32
+    seq_lens: torch.Tensor  # [R] int32: positions cached after this step
+    query_start: torch.Tensor  # [R + 1] int32
+    tile_request: torch.Tensor  # [N] int32
+    tile_start: torch.Tensor  # [N] int32
+    max_query_len: int
+    max_seq_len: int
+    num_splits: int = 1  # > 1: decode-only, keys split this many ways
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, scale: float,
+    ) -> torch.Tensor:
+        kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, self.slot_mapping, k)
+        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, self.slot_mapping, v)
+        return self.attend_cached(q, k_cache, v_cache, window, scale)
+
+    def attend_cached(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        window: int | None, scale: float,
+    ) -> torch.Tensor:
+        """Attention once this step's K/V are already in the cache."""
+        if self.num_splits > 1:
+            return split_decode_attention(
+                q, k_cache, v_cache, self.block_tables, self.seq_lens, self.max_seq_len,
+                self.num_splits, scale, window,
+            )
+        return paged_attention(
+            q, k_cache, v_cache, self.block_tables, self.seq_lens, self.query_start,
+            self.tile_request, self.tile_start, self.max_query_len, scale, window,
+        )
+
+
+@dataclass(slots=True)
+class KernelBatch:
+    input_ids: torch.Tensor  # [T] int32 on the device
+    positions: torch.Tensor  # [T] int32
+    meta: KernelAttentionMetadata
+    sample_rows: torch.Tensor  # [S] int64: flat rows whose logits are sampled
+    samplers: list[int]  # the requests (plan indices) those rows belong to
+    decode_only: bool
+    # Host copies the CUDA-graph path refills its static buffers from.
+    host: HostStep
+
+
+@dataclass(slots=True)
+class HostStep:
+    """The step's int32 arrays as host lists (kept for the graph path)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    seq_lens: list[int]
+    tables: list[list[int]]
+
+
+def slot_mapping(tables: torch.Tensor, positions: torch.Tensor, query_lens: torch.Tensor,
+                 num_tokens: int, block_size: int) -> torch.Tensor:
+    """[T] int64 flat cache slots, computed on the device (no sync: the output
+    size is given)."""
+    rows = torch.repeat_interleave(
+        torch.arange(tables.shape[0], device=tables.device), query_lens, output_size=num_tokens
+    )
+    pos = positions.long()
+    return tables[rows, pos // block_size].long() * block_size + pos % block_size
+
+
+class StagingBuffer:
+    """A pinned host buffer reused every step. Reuse is safe because the runner
+    waits for each step's sampled tokens before it prepares the next one, and
+    those come after the step's input copy on the same stream."""
+
+    def __init__(self, device: torch.device, size: int = 1 << 16) -> None:
+        self.device = device
+        self._pin = device.type == "cuda"  # (the CPU path only runs under Triton's interpreter)
+        self._host = torch.empty(size, dtype=torch.int32, pin_memory=self._pin)
+
+    def upload_sections(self, sections: list[list[int]]) -> list[torch.Tensor]:
+        """Upload several int32 arrays in one copy; each device view starts on a
+        16-byte boundary, so Triton's pointer-alignment specialisation sees the
+        same alignment every step instead of compiling a variant per offset."""
+        flat: list[int] = []
+        bounds: list[tuple[int, int]] = []
+        for values in sections:
+            bounds.append((len(flat), len(values)))
+            flat.extend(values)
+            flat.extend([0] * (-len(flat) % 4))
+        uploaded = self.upload(flat)
+        return [uploaded[start : start + n] for start, n in bounds]
+
+    def upload(self, values: list[int]) -> torch.Tensor:
+        if len(values) > self._host.numel():
+            self._host = torch.empty(2 * len(values), dtype=torch.int32, pin_memory=self._pin)
+        host = self._host[: len(values)]
+        host.copy_(torch.tensor(values, dtype=torch.int32))
+        return host.to(self.device, non_blocking=True) if self._pin else host.clone()
+
+
+def build_kernel_batch(
+    states: Sequence[RequestState], num_tokens: Sequence[int], block_size: int,
+    staging: StagingBuffer, num_heads: int, num_kv_heads: int,
+) -> KernelBatch:
+    """``states[i]`` computes ``num_tokens[i]`` tokens from its ``num_computed``;
+    the caller has checked that tokens and block tables cover those positions."""
+    max_query_len = max(num_tokens)
+    _, block_q = tile_rows(num_heads, num_kv_heads, max_query_len)
+    input_ids: list[int] = []
+    positions: list[int] = []
+    seq_lens: list[int] = []
+    tables: list[list[int]] = []
+    tile_request: list[int] = []
+    tile_start: list[int] = []
+    sample_rows: list[int] = []
+    samplers: list[int] = []
+    for i, (state, n) in enumerate(zip(states, num_tokens, strict=True)):
+        start = state.num_computed
+        end = start + n
+        if n == 1:
+            input_ids.append(state.token_ids[start])
+            positions.append(start)
+            tile_request.append(i)
+            tile_start.append(0)
+        else:
+            input_ids.extend(state.token_ids[start:end])
+            positions.extend(range(start, end))
+            starts = range(0, n, block_q)
+            tile_request.extend([i] * len(starts))
+            tile_start.extend(starts)
+        seq_lens.append(end)
+        tables.append(state.block_ids[: blocks_for(end, block_size)])
+        if end == len(state.token_ids):
+            sample_rows.append(len(input_ids) - 1)
+            samplers.append(i)
+    count = len(states)
+    width = max(len(row) for row in tables)
+    query_start = [0] * (count + 1)
+    for i, n in enumerate(num_tokens):
+        query_start[i + 1] = query_start[i] + n
+    flat_tables = [b for row in tables for b in (*row, *([0] * (width - len(row))))]
+    tokens = len(input_ids)
+    sections = [input_ids, positions, seq_lens, query_start, flat_tables, tile_request,
+                tile_start, sample_rows]
+    ids_t, pos_t, seq_t, qstart_t, tables_t, treq_t, tstart_t, rows_t = staging.upload_sections(
+        sections)
+    tables_t = tables_t.view(count, width)
+    query_lens = qstart_t[1:] - qstart_t[:-1]
+    max_seq_len = max(seq_lens)
+    num_splits = 1
+    if (max_query_len == 1 and count * num_kv_heads < SPLIT_BELOW_PROGRAMS
+            and max_seq_len >= SPLIT_MIN_CONTEXT):
+        # A power of two: the merge kernel reduces over an arange of the splits.
+        num_splits = min(16, 1 << (-(-max_seq_len // SPLIT_KEYS) - 1).bit_length())
+    meta = KernelAttentionMetadata(
+        slot_mapping=slot_mapping(tables_t, pos_t, query_lens, tokens, block_size),
+        block_tables=tables_t, seq_lens=seq_t, query_start=qstart_t,
+        tile_request=treq_t, tile_start=tstart_t,
+        max_query_len=max_query_len, max_seq_len=max_seq_len, num_splits=num_splits,
+    )
+    return KernelBatch(
+        input_ids=ids_t, positions=pos_t, meta=meta, sample_rows=rows_t.long(),
+        samplers=samplers, decode_only=max_query_len == 1,
+        host=HostStep(input_ids, positions, seq_lens, tables),
+    )

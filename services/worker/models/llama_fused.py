@@ -1,0 +1,50 @@
+"""The Llama decoder's CUDA forward: the same math as ``LlamaModel.forward`` with
+fused Triton kernels (``services/worker/kernels``) and the paged-attention kernel.
+
+The residual stream is carried beside the normalised activations so each
+residual add is fused into the next RMSNorm, and rotary is fused with the K/V
+cache write. ``LlamaModel.forward`` stays the reference these are tested against
+(and the CPU path): bf16 rounding differs only where ops are fused (rotary in
+float32 once instead of per op).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from services.worker.kernel_batch import KernelAttentionMetadata
+from services.worker.kernels.fused import add_rms_norm, rms_norm, rotary_and_cache, silu_and_mul
+from services.worker.kv_cache import PagedKVCache
+from services.worker.models.llama import LlamaModel
+
+
+def fused_forward(
+    model: LlamaModel,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    meta: KernelAttentionMetadata,
+    kv_cache: PagedKVCache,
+    output_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Hidden states after the final norm for ``output_rows`` (all rows if None)."""
+    c = model.config
+    tokens = input_ids.shape[0]
+    eps = c.rms_norm_eps
+    residual = F.embedding(input_ids, model.embed_tokens)
+    layers = model.layers
+    x = rms_norm(residual, layers[0].input_norm, eps)
+    for index, layer in enumerate(layers):
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        k_cache, v_cache = kv_cache.k[index], kv_cache.v[index]
+        rotary_and_cache(qkv, model.rotary.cos, model.rotary.sin, positions, meta.slot_mapping,
+                         k_cache, v_cache, c.num_heads, c.num_kv_heads, c.head_dim)
+        q = qkv[:, : c.num_heads * c.head_dim].view(tokens, c.num_heads, c.head_dim)
+        attn = meta.attend_cached(q, k_cache, v_cache, layer.sliding_window, model.scale)
+        out = F.linear(attn.view(tokens, -1), layer.o, layer.o_bias)
+        x = add_rms_norm(out, residual, layer.post_attention_norm, eps)
+        gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
+        down = F.linear(silu_and_mul(gate_up), layer.down, layer.down_bias)
+        following = layers[index + 1].input_norm if index + 1 < len(layers) else model.norm
+        x = add_rms_norm(down, residual, following, eps)
+    return x if output_rows is None else x[output_rows]
