@@ -52,7 +52,6 @@ def host_blocks_for(host_swap_gb: float, block_bytes: int) -> int:
 class KvManager:
     def __init__(self, host_swap_gb: float = 1.0) -> None:
         self.pools: dict[str, BlockPool] = {}
-        self.block_sizes: dict[str, int] = {}
         self.host_swap_gb = host_swap_gb
         self.block_bytes: dict[str, int] = {}
         self.host_tables: dict[str, dict[str, list[int]]] = {}  # pool -> request -> blocks
@@ -62,7 +61,6 @@ class KvManager:
         owned = _grouped(msg.alloc_requests, msg.alloc_owner, msg.alloc_blocks)
         pool.restore(owned, unpack_i32(msg.leased_blocks))
         self.pools[msg.pool_id] = pool
-        self.block_sizes[msg.pool_id] = msg.block_size
         self.block_bytes[msg.pool_id] = msg.block_bytes
         self.host_tables[msg.pool_id] = {}
         granted = pool.top_up(msg.lease_target)
@@ -70,7 +68,6 @@ class KvManager:
 
     def close_pool(self, msg: KvPoolClose) -> None:
         self.pools.pop(msg.pool_id, None)
-        self.block_sizes.pop(msg.pool_id, None)
         self.block_bytes.pop(msg.pool_id, None)
         self.host_tables.pop(msg.pool_id, None)
 

@@ -19,7 +19,7 @@ it frees go to the running requests first (otherwise a victim could be re-admitt
 onto its own cached blocks at once, and the preemption would free nothing).
 
 Prefix caching (``enable_prefix_caching``): a request's full blocks are hashed in a
-chain (services/scheduler/prefix.py) and committed to the pool's prefix index as
+chain (shared/prefix_index.py) and committed to the pool's prefix index as
 soon as their tokens are scheduled; admission looks the prompt up once in the
 lease's mirror of that index and starts the request after the longest cached
 prefix (whole blocks, never the last token, whose logits are needed). A hit may
@@ -74,7 +74,7 @@ from opentelemetry.context import Context
 from services.scheduler.block_lease import BlockLease
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.host_pool import HostPool
-from services.scheduler.prefix import extend_block_hashes
+from shared.prefix_index import extend_block_hashes
 from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import pack_i32, unpack_i32
@@ -523,7 +523,6 @@ class Scheduler:
                 slot.lease.share(request.request_id, hits)
                 self.prefix_cache_queries += len(request.token_ids)
                 self.prefix_cache_hits += cached
-            request.num_cached_tokens = cached
             request.num_scheduled = cached
             request.table_sent = True
             new.append(NewRequest(
@@ -670,7 +669,7 @@ class Scheduler:
             self.fork_shared_blocks += len(fork.block_ids)
             fork.block_hashes = list(leader.block_hashes)
             fork.num_committed_blocks = leader.num_committed_blocks
-            fork.num_scheduled = fork.num_cached_tokens = len(fork.prefill_ids) - 1
+            fork.num_scheduled = len(fork.prefill_ids) - 1
             fork.table_sent = False
             new.append(NewRequest(
                 request_id=fork.request_id,

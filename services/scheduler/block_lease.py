@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from services.kvcache.prefix_index import PrefixIndex
+from shared.prefix_index import PrefixIndex
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.kv import KvLease, KvPoolOpen, KvSync, KvUsage, pack_i64
 
@@ -313,7 +313,3 @@ class BlockLease:
             seq=self._seq,
             block_bytes=block_bytes,
         )
-
-    @property
-    def cached_blocks(self) -> int:
-        return len(self._prefix)
