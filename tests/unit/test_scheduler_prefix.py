@@ -13,7 +13,7 @@ from services.kvcache.manager import KvManager
 from services.scheduler.scheduler import Scheduler
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit
-from tests.unit.test_scheduler_batcher import (
+from tests.unit.test_scheduler_core import (
     BookkeepingWorker,
     details,
     make_scheduler,

@@ -15,7 +15,7 @@ from services.scheduler.scheduler import Scheduler
 from shared.protocol.common import WorkerDetails
 from shared.protocol.kv import KvDumpRequest, KvSetHostSwap
 from shared.protocol.step import StepPlan, StepResult
-from tests.unit.test_scheduler_batcher import (
+from tests.unit.test_scheduler_core import (
     EOS,
     BookkeepingWorker,
     make_scheduler,

@@ -15,7 +15,7 @@ from services.worker.runner import ModelRunner
 from shared.embedded_model import ensure_embedded_model
 from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit
-from tests.unit.test_scheduler_batcher import make_scheduler, run_until_idle, start
+from tests.unit.test_scheduler_core import make_scheduler, run_until_idle, start
 
 W = "worker/0"
 # On CUDA the host tier is pinned memory copied on a side stream: the same tests
