@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 
 from services.kvcache.manager import KvManager
-from services.scheduler.batcher import Scheduler
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.scheduler import Scheduler
 from services.worker.runner import ModelRunner
 from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit

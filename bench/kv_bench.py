@@ -23,8 +23,8 @@ import msgspec
 
 from bench.inprocess import InProcessEngine
 from services.kvcache.manager import KvManager
-from services.scheduler.batcher import Scheduler
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.scheduler import Scheduler
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit
@@ -44,7 +44,7 @@ def fake_step(plan: StepPlan, computed: dict[str, int], lengths: dict[str, int])
         computed.pop(rid, None)
         lengths.pop(rid, None)
     ids: list[str] = []
-    for rid, n in zip(plan.request_ids, unpack_i32(plan.num_tokens), strict=True):
+    for rid, n in zip(plan.batch.request_ids, unpack_i32(plan.batch.num_tokens), strict=True):
         computed[rid] += n
         if computed[rid] >= lengths[rid]:
             lengths[rid] = computed[rid] + 1
@@ -89,7 +89,7 @@ def steady_decode(running: int, block_size: int = 16, prompt_len: int = 100,
             continue
         scheduler.on_result(WORKER, fake_step(plan, computed, lengths))
         scheduler.take_outputs()
-        decoding = len(plan.request_ids) == running and not plan.new
+        decoding = len(plan.batch.request_ids) == running and not plan.new
         warm = warm + 1 if decoding else 0
         if warm > 2:  # every request decodes: the steady state being measured
             plan_times.append(t1 - t0)
@@ -146,8 +146,8 @@ def shared_prefix_workload(args: argparse.Namespace) -> None:
         elapsed = time.perf_counter() - start
         scheduler = engine.scheduler
         tokens = sum(len(p) for p in prompts) + sum(len(c.token_ids) for c in done)
-        rate = (scheduler.prefix_cache_hits / scheduler.prefix_cache_queries
-                if scheduler.prefix_cache_queries else 0.0)
+        rate = (scheduler.stats.prefix_cache_hits / scheduler.stats.prefix_cache_queries
+                if scheduler.stats.prefix_cache_queries else 0.0)
         print(f"  prefix cache {'on ' if caching else 'off'}: hit rate {rate:6.1%}  "
               f"{elapsed:7.2f} s  {args.requests / elapsed:7.2f} req/s  "
               f"{tokens / elapsed:9.0f} tok/s (prompt+output)")

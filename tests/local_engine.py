@@ -21,7 +21,7 @@ from services.worker.runner import ModelRunner
 from services.worker.step_batch import blocks_for
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import SamplingParams
-from shared.protocol.step import NewRequest, StepPlan, StepResult
+from shared.protocol.step import NewRequest, StepBatch, StepPlan, StepResult
 
 
 @dataclass(slots=True)
@@ -103,8 +103,7 @@ class LocalEngine:
         new: list[NewRequest] = []
         request_ids: list[str] = []
         num_tokens: list[int] = []
-        block_owner: list[int] = []
-        block_ids: list[int] = []
+        appends: list[list[int]] = []
         for request in self._running.values():
             count = min(request.num_tokens - request.num_computed, self.chunk_size, budget)
             if count <= 0:
@@ -115,7 +114,8 @@ class LocalEngine:
                 new.append(NewRequest(
                     request.request_id, pack_i32(tokens), len(request.outputs), request.sampling
                 ))
-            owner = len(request_ids)
+            appended: list[int] = []
+            appends.append(appended)
             request_ids.append(request.request_id)
             num_tokens.append(count)
             budget -= count
@@ -126,17 +126,13 @@ class LocalEngine:
                     raise BlocksExhaustedError("LocalEngine ran out of KV blocks")
                 block = self._free_blocks.popleft()
                 request.blocks.append(block)
-                block_owner.append(owner)
-                block_ids.append(block)
+                appended.append(block)
         finished, self._finished_unsent = self._finished_unsent, []
         return StepPlan(
             step_id=self._step_id,
-            new=new,
-            request_ids=request_ids,
-            num_tokens=pack_i32(num_tokens),
-            block_owner=pack_i32(block_owner),
-            block_ids=pack_i32(block_ids),
             finished=finished,
+            new=new,
+            batch=StepBatch.pack(request_ids, num_tokens, appends),
         )
 
     def record(self, result: StepResult) -> None:

@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.kvcache.prefix_index import PrefixIndex
+from shared.prefix_index import PrefixIndex
 
 
 class BlockPoolError(ValueError):
@@ -219,9 +219,6 @@ class BlockPool:
         self._num_cached = 0
         self._free = OrderedDict.fromkeys(
             b for b in range(self.num_blocks) if b not in leased and refs[b] == 0)
-
-    def blocks_of(self, request_id: str) -> list[int]:
-        return list(self._owned.get(request_id, ()))
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]

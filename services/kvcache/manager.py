@@ -10,10 +10,11 @@ syncs; here they are kept for ``kv stats`` (host usage) and ``kv dump`` (tier).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Callable
+from typing import TypeVar
 
 from services.kvcache.block_pool import BlockPool, BlockPoolError
-from shared.protocol.envelope import pack_i32, unpack_i32
+from shared.protocol.envelope import pack_i32
 from shared.protocol.kv import (
     KvBlockRow,
     KvDump,
@@ -26,21 +27,41 @@ from shared.protocol.kv import (
     KvStats,
     KvSync,
     KvUsage,
-    unpack_i64,
 )
+from shared.protocol.tables import TableError, check_ids, unpack_ints
+
+T = TypeVar("T")
 
 
-def _grouped(requests: list[str], owner: bytes, blocks: bytes) -> dict[str, list[int]]:
-    owners = unpack_i32(owner)
-    block_ids = unpack_i32(blocks)
-    if len(owners) != len(block_ids):
-        raise BlockPoolError(f"{len(owners)} owners for {len(block_ids)} blocks")
-    grouped: dict[str, list[int]] = defaultdict(list)
-    for index, block in zip(owners, block_ids, strict=True):
-        if not 0 <= index < len(requests):
-            raise BlockPoolError(f"owner index {index} outside {len(requests)} requests")
-        grouped[requests[index]].append(block)
-    return grouped
+def _checked(what: str, unpack: Callable[[str], T]) -> T:
+    """A table of the message, or BlockPoolError (the actor's rejection) naming it."""
+    try:
+        return unpack(what)
+    except TableError as e:
+        raise BlockPoolError(str(e)) from e
+
+
+def _checked_sync(pool: BlockPool, msg: KvSync) -> tuple[
+        dict[str, list[int]], dict[str, list[int]], dict[str, list[int]],
+        list[tuple[int, int]], list[int]]:
+    """The sync's tables (holds, drops, host holds, commits, uncache), once every
+    check has passed; BlockPoolError otherwise."""
+    holds = _checked("holds", msg.holds.unpack)
+    drops = _checked("drops", msg.drops.unpack)
+    host_holds = _checked("host_holds", msg.host_holds.unpack)
+    commits = _checked("commits", msg.commits.unpack)
+    uncache = _checked("uncache", lambda w: unpack_ints(msg.uncache, w))
+    _checked("block", lambda w: check_ids(
+        [b for b, _ in commits] + uncache, pool.num_blocks, w))
+    # Every check runs before anything changes. Holds are checked before the
+    # frees: freeing never removes a hash, so a hold that passes here (leased,
+    # held, or caching a prefix) is still possible after them.
+    for request_id, blocks in holds.items():
+        pool.check_hold(request_id, blocks)
+    for request_id, blocks in drops.items():
+        for block in blocks:
+            pool.check_drop(request_id, block)
+    return holds, drops, host_holds, commits, uncache
 
 
 def host_blocks_for(host_swap_gb: float, block_bytes: int) -> int:
@@ -52,17 +73,15 @@ def host_blocks_for(host_swap_gb: float, block_bytes: int) -> int:
 class KvManager:
     def __init__(self, host_swap_gb: float = 1.0) -> None:
         self.pools: dict[str, BlockPool] = {}
-        self.block_sizes: dict[str, int] = {}
         self.host_swap_gb = host_swap_gb
         self.block_bytes: dict[str, int] = {}
         self.host_tables: dict[str, dict[str, list[int]]] = {}  # pool -> request -> blocks
 
     def open_pool(self, msg: KvPoolOpen) -> KvLease:
         pool = BlockPool(msg.num_blocks)
-        owned = _grouped(msg.alloc_requests, msg.alloc_owner, msg.alloc_blocks)
-        pool.restore(owned, unpack_i32(msg.leased_blocks))
+        owned = _checked("holds", msg.holds.unpack)
+        pool.restore(owned, _checked("leased_blocks", lambda w: unpack_ints(msg.leased_blocks, w)))
         self.pools[msg.pool_id] = pool
-        self.block_sizes[msg.pool_id] = msg.block_size
         self.block_bytes[msg.pool_id] = msg.block_bytes
         self.host_tables[msg.pool_id] = {}
         granted = pool.top_up(msg.lease_target)
@@ -70,57 +89,34 @@ class KvManager:
 
     def close_pool(self, msg: KvPoolClose) -> None:
         self.pools.pop(msg.pool_id, None)
-        self.block_sizes.pop(msg.pool_id, None)
         self.block_bytes.pop(msg.pool_id, None)
         self.host_tables.pop(msg.pool_id, None)
 
     def sync(self, msg: KvSync) -> KvLease:
         """Apply what the scheduler held, freed and committed, then top its lease up.
 
-        Copy-on-write drops apply first (they refer to holds reported earlier).
-        Frees apply before allocations: a request preempted and re-admitted within
-        one sync interval frees its old blocks and holds new ones. Hashes apply
-        after allocations: a block may be allocated and fill within one interval.
-        Raises BlockPoolError (state unchanged) for an impossible report.
+        The parts apply in the order of ``KvSync``'s fields. Raises BlockPoolError
+        (state unchanged) for an impossible report.
         """
         pool = self.pools.get(msg.pool_id)
         if pool is None:
             raise BlockPoolError(f"unknown pool {msg.pool_id!r}")
-        allocations = _grouped(msg.alloc_requests, msg.alloc_owner, msg.alloc_blocks)
-        commit_blocks = unpack_i32(msg.commit_blocks)
-        commit_hashes = unpack_i64(msg.commit_hashes)
-        if len(commit_blocks) != len(commit_hashes):
-            raise BlockPoolError(f"{len(commit_blocks)} blocks for {len(commit_hashes)} hashes")
-        outside = [b for b in (*commit_blocks, *unpack_i32(msg.uncache_blocks))
-                   if not 0 <= b < pool.num_blocks]
-        if outside:
-            raise BlockPoolError(f"blocks {outside[:8]} outside a pool of {pool.num_blocks}")
-        # Every check runs before anything changes. Holds are checked before the
-        # frees: freeing never removes a hash, so a hold that passes here (leased,
-        # held, or caching a prefix) is still possible after them.
-        for request_id, blocks in allocations.items():
-            pool.check_hold(request_id, blocks)
-        drops = _grouped(msg.drop_requests, msg.drop_owner, msg.drop_blocks)
-        for request_id, blocks in drops.items():
-            for block in blocks:
-                pool.check_drop(request_id, block)
-        host_held = _grouped(msg.host_requests, msg.host_owner, msg.host_blocks)
-        pool.uncache(unpack_i32(msg.uncache_blocks))
-        # Drops before frees: a fork that copied a block and then ended drops it
-        # and frees the rest of its table in one sync.
+        holds, drops, host_holds, commits, uncache = _checked_sync(pool, msg)
+        # The order of KvSync's fields (see there for why).
+        pool.uncache(uncache)
         for request_id, blocks in drops.items():
             for block in blocks:
                 pool.drop(request_id, block)
-        for request_id in msg.freed_requests:
+        for request_id in msg.freed:
             pool.free_request(request_id)
-        for request_id, blocks in allocations.items():
+        for request_id, blocks in holds.items():
             pool.hold(request_id, blocks, checked=True)
-        for block, block_hash in zip(commit_blocks, commit_hashes, strict=True):
+        for block, block_hash in commits:
             pool.commit_hash(block, block_hash)
         host = self.host_tables.setdefault(msg.pool_id, {})
         for request_id in msg.host_released:
             host.pop(request_id, None)
-        host.update(host_held)
+        host.update(host_holds)
         granted = pool.top_up(msg.lease_target)
         return self._lease(msg.pool_id, msg.seq, granted)
 

@@ -21,10 +21,46 @@ manager's count the same holders once the next sync is applied.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
-from services.kvcache.prefix_index import PrefixIndex
+from shared.prefix_index import PrefixIndex
 from shared.protocol.envelope import pack_i32, unpack_i32
-from shared.protocol.kv import KvLease, KvPoolOpen, KvSync, KvUsage, pack_i64
+from shared.protocol.kv import KvLease, KvPoolOpen, KvSync, KvUsage
+from shared.protocol.tables import BlockHashes, RequestBlocks
+
+
+@dataclass(slots=True)
+class SinceSync:
+    """What the scheduler did to one pool since its last sync (or re-open): the next
+    ``KvSync``'s content, plus the bookkeeping that lives exactly as long."""
+
+    # Per request, in order: blocks taken from the lease, and cached blocks shared
+    # (prefix hits).
+    taken: dict[str, list[int]] = field(default_factory=dict)
+    shared: dict[str, list[int]] = field(default_factory=dict)
+    commits: dict[int, int] = field(default_factory=dict)  # block -> hash
+    uncache: list[int] = field(default_factory=list)
+    freed: list[str] = field(default_factory=list)
+    dropped: dict[str, list[int]] = field(default_factory=dict)  # copy-on-write
+    # Blocks taken from the lease: the KV manager counts them as leased, so if every
+    # holder lets go before the sync they are ours again (a fork or a same-step
+    # prefix hit may share one with the request that took it, and both may end
+    # before any sync).
+    fresh: set[int] = field(default_factory=set)
+    # Blocks a grant handed us while a request held them (the race above): the KV
+    # manager counts them as leased until that request's hold arrives.
+    granted_held: set[int] = field(default_factory=set)
+    # Blocks a single allocation wanted and the lease lacked: the next sync asks
+    # for at least that many, so a lease smaller than one chunk cannot stall.
+    shortfall: int = 0
+    # Host tier: swapped-out requests' host blocks, and requests whose reported
+    # host blocks were given up.
+    host_held: dict[str, list[int]] = field(default_factory=dict)
+    host_released: list[str] = field(default_factory=list)
+
+    def has_news(self) -> bool:
+        return bool(self.taken or self.shared or self.freed or self.commits or self.dropped
+                    or self.uncache or self.host_held or self.host_released)
 
 
 class BlockLease:
@@ -37,29 +73,8 @@ class BlockLease:
         self.refs: list[int] = [0] * num_blocks
         # The mirror of the KV manager's prefix index (the same structure).
         self._prefix = PrefixIndex()
-        # Since the last sync, per request in order: blocks taken from the lease,
-        # and cached blocks shared (prefix hits).
-        self._unreported: dict[str, list[int]] = {}
-        self._unreported_shared: dict[str, list[int]] = {}
-        self._commits: dict[int, int] = {}  # block -> hash, not yet reported
-        self._uncache: list[int] = []
-        self._freed: list[str] = []
-        self._dropped: dict[str, list[int]] = {}  # copy-on-write: reported holds given up
-        # Blocks taken from the lease since the last sync: the KV manager counts them
-        # as leased, so if every holder lets go before the sync they are ours again
-        # (a fork or a same-step prefix hit may share one with the request that
-        # took it, and both may end before any sync).
-        self._fresh: set[int] = set()
-        # Blocks a grant handed us while a request held them (the race above): the
-        # KV manager counts them as leased until that request's hold arrives.
-        self._granted_held: set[int] = set()
-        # Blocks a single allocation wanted and the lease lacked: the next sync asks
-        # for at least that many, so a lease smaller than one chunk cannot stall.
-        self._shortfall = 0
-        # Host tier, since the last sync: swapped-out requests' host blocks, and
-        # requests whose reported host blocks were given up.
-        self._host_held: dict[str, list[int]] = {}
-        self._host_released: list[str] = []
+        # Everything since the last sync, replaced whole when a sync is sent.
+        self._since = SinceSync()
         self._seq = 0
         self.sync_in_flight = False
         self.opened = False  # the KV manager granted the first lease
@@ -85,14 +100,14 @@ class BlockLease:
     def take(self, request_id: str, count: int) -> list[int] | None:
         """``count`` blocks for ``request_id``, or None (and nothing taken)."""
         if count > len(self._free):
-            self._shortfall = max(self._shortfall, count)
+            self._since.shortfall = max(self._since.shortfall, count)
             return None
         taken = [self._free.popleft() for _ in range(count)]
-        self._fresh.update(taken)
+        self._since.fresh.update(taken)
         for block in taken:
             self.refs[block] = 1
         if taken:
-            self._unreported.setdefault(request_id, []).extend(taken)
+            self._since.taken.setdefault(request_id, []).extend(taken)
         return taken
 
     def lookup(self, block_hashes: list[int]) -> list[int]:
@@ -104,7 +119,7 @@ class BlockLease:
         for block in blocks:
             self.refs[block] += 1
         if blocks:
-            self._unreported_shared.setdefault(request_id, []).extend(blocks)
+            self._since.shared.setdefault(request_id, []).extend(blocks)
 
     def drop(self, request_id: str, block: int) -> None:
         """``request_id`` gives up one block it holds along with others (copy-on-write:
@@ -113,42 +128,42 @@ class BlockLease:
         back to the lease, like ``release`` does."""
         self.refs[block] -= 1
         assert self.refs[block] >= 0, f"block {block} dropped more often than held"
-        unreported = self._unreported.get(request_id, [])
-        shared = self._unreported_shared.get(request_id, [])
+        unreported = self._since.taken.get(request_id, [])
+        shared = self._since.shared.get(request_id, [])
         if block in unreported:
             unreported.remove(block)
             if self.refs[block] == 0:
                 self._reclaim(block)
         elif block in shared:
             shared.remove(block)
-            if self.refs[block] == 0 and block in self._granted_held:
-                self._granted_held.discard(block)
+            if self.refs[block] == 0 and block in self._since.granted_held:
+                self._since.granted_held.discard(block)
                 self._free.appendleft(block)
-            elif self.refs[block] == 0 and block in self._fresh:
+            elif self.refs[block] == 0 and block in self._since.fresh:
                 self._reclaim(block)
         else:
-            self._dropped.setdefault(request_id, []).append(block)
+            self._since.dropped.setdefault(request_id, []).append(block)
 
     def _reclaim(self, block: int) -> None:
         """A block taken since the last sync that nobody holds: back to the lease,
         without the hash it may have been given (its contents were never reported)."""
-        self._fresh.discard(block)
+        self._since.fresh.discard(block)
         self._forget(block)
-        self._commits.pop(block, None)
+        self._since.commits.pop(block, None)
         self._free.appendleft(block)
 
     def commit(self, block: int, block_hash: int) -> None:
         """A held block is full (its tokens are scheduled): index it. A hash
         already cached elsewhere stays there."""
         if self._prefix.add(block, block_hash):
-            self._commits[block] = block_hash
+            self._since.commits[block] = block_hash
 
     def uncache(self, blocks: list[int]) -> None:
         """Forget these blocks' hashes (the step that was to write them failed)."""
         for block in blocks:
             self._forget(block)
-            self._commits.pop(block, None)
-        self._uncache.extend(blocks)
+            self._since.commits.pop(block, None)
+        self._since.uncache.extend(blocks)
 
     def _forget(self, block: int) -> None:
         self._prefix.remove(block)
@@ -161,99 +176,62 @@ class BlockLease:
         for block in blocks:
             self.refs[block] -= 1
             assert self.refs[block] >= 0, f"block {block} released more often than held"
-        unreported = self._unreported.pop(request_id, [])
-        shared = self._unreported_shared.pop(request_id, [])
+        unreported = self._since.taken.pop(request_id, [])
+        shared = self._since.shared.pop(request_id, [])
         for block in reversed(unreported):
             if self.refs[block] == 0:
                 self._reclaim(block)
             # else: another request shares it; its hold reports the block.
         for block in shared:
-            if self.refs[block] == 0 and block in self._granted_held:
+            if self.refs[block] == 0 and block in self._since.granted_held:
                 # Evicted to us while held; no hold will reach the KV manager now.
-                self._granted_held.discard(block)
+                self._since.granted_held.discard(block)
                 self._free.appendleft(block)
-            elif self.refs[block] == 0 and block in self._fresh:
+            elif self.refs[block] == 0 and block in self._since.fresh:
                 # Taken by a request that ended before any sync: still leased there.
                 self._reclaim(block)
         if len(blocks) > len(unreported) + len(shared):
-            self._freed.append(request_id)
+            self._since.freed.append(request_id)
 
     def host_hold(self, request_id: str, blocks: list[int]) -> None:
         """``request_id`` was swapped out into these host blocks."""
-        self._host_held[request_id] = list(blocks)
+        self._since.host_held[request_id] = list(blocks)
 
     def host_release(self, request_id: str) -> None:
         """``request_id`` no longer holds host blocks (a hold not yet reported is
         simply not reported)."""
-        if self._host_held.pop(request_id, None) is None:
-            self._host_released.append(request_id)
+        if self._since.host_held.pop(request_id, None) is None:
+            self._since.host_released.append(request_id)
 
     # ------------------------------------------------------------ sync
 
     def sync_message(self) -> KvSync | None:
         """The next sync, if one is due and none is in flight."""
+        since = self._since
         if self.sync_in_flight or not self.opened:
             return None
-        if (not self._unreported and not self._unreported_shared and not self._freed
-                and not self._commits and not self._dropped and not self._uncache
-                and not self._host_held and not self._host_released
-                and len(self._free) >= max(self.target // 2, self._shortfall)):
+        if not since.has_news() and len(self._free) >= max(self.target // 2, since.shortfall):
             return None
         held: dict[str, list[int]] = {}
-        for table in (self._unreported, self._unreported_shared):
+        for table in (since.taken, since.shared):
             for request_id, blocks in table.items():
                 held.setdefault(request_id, []).extend(blocks)
-        requests = list(held)
-        owner: list[int] = []
-        blocks: list[int] = []
-        for index, request_id in enumerate(requests):
-            owner.extend([index] * len(held[request_id]))
-            blocks.extend(held[request_id])
-        drop_requests = list(self._dropped)
-        drop_owner: list[int] = []
-        drop_blocks: list[int] = []
-        for index, request_id in enumerate(drop_requests):
-            drop_owner.extend([index] * len(self._dropped[request_id]))
-            drop_blocks.extend(self._dropped[request_id])
-        host_requests = list(self._host_held)
-        host_owner: list[int] = []
-        host_blocks: list[int] = []
-        for index, request_id in enumerate(host_requests):
-            host_owner.extend([index] * len(self._host_held[request_id]))
-            host_blocks.extend(self._host_held[request_id])
         self._seq += 1
         message = KvSync(
             pool_id=self.pool_id,
             seq=self._seq,
-            alloc_requests=requests,
-            alloc_owner=pack_i32(owner),
-            alloc_blocks=pack_i32(blocks),
-            freed_requests=self._freed,
-            lease_target=max(self.target, self._shortfall),
-            commit_blocks=pack_i32(self._commits.keys()),
-            commit_hashes=pack_i64(list(self._commits.values())),
-            uncache_blocks=pack_i32(self._uncache),
-            drop_requests=drop_requests,
-            drop_owner=pack_i32(drop_owner),
-            drop_blocks=pack_i32(drop_blocks),
-            host_requests=host_requests,
-            host_owner=pack_i32(host_owner),
-            host_blocks=pack_i32(host_blocks),
-            host_released=self._host_released,
+            uncache=pack_i32(since.uncache),
+            drops=RequestBlocks.pack(since.dropped),
+            freed=since.freed,
+            holds=RequestBlocks.pack(held),
+            commits=BlockHashes.pack(since.commits),
+            host_released=since.host_released,
+            host_holds=RequestBlocks.pack(since.host_held),
+            lease_target=max(self.target, since.shortfall),
         )
-        self._host_held = {}
-        self._host_released = []
-        self._dropped = {}
-        self._fresh.clear()
-        self._unreported = {}
-        self._unreported_shared = {}
-        self._commits = {}
-        self._uncache = []
-        self._freed = []
-        self._shortfall = 0
-        # Reported holds resolve the grant race: those blocks are held at the KV
-        # manager once this sync applies.
-        self._granted_held.clear()
+        # Reported holds resolve the grant race too: those blocks are held at the
+        # KV manager once this sync applies.
+        self._since = SinceSync()
         self.sync_in_flight = True
         return message
 
@@ -265,9 +243,9 @@ class BlockLease:
         for block in unpack_i32(lease.block_ids):
             # A granted block was evicted: it caches nothing any more.
             self._forget(block)
-            self._commits.pop(block, None)
+            self._since.commits.pop(block, None)
             if self.refs[block] > 0:
-                self._granted_held.add(block)
+                self._since.granted_held.add(block)
             else:
                 self._free.append(block)
         self.usage = lease.usage
@@ -279,26 +257,11 @@ class BlockLease:
         """Open the pool at a (possibly new) KV manager with everything held now:
         ``held`` maps each live request to its whole block table. The new pool
         caches nothing, so the mirror starts empty too."""
-        requests = [r for r, b in held.items() if b]
-        owner: list[int] = []
-        blocks: list[int] = []
-        for index, request_id in enumerate(requests):
-            owner.extend([index] * len(held[request_id]))
-            blocks.extend(held[request_id])
-        self._unreported = {}
-        self._unreported_shared = {}
-        self._commits = {}
-        self._uncache = []
-        self._freed = []
-        self._dropped = {}
-        # The new pool hears of swapped-out requests in the first sync.
-        self._host_held = dict(host_held or {})
-        self._host_released = []
-        self._fresh.clear()
+        # The new pool hears of swapped-out requests in the first sync; blocks
+        # granted while held are the pool's own again once it is rebuilt from what
+        # is held (the old lease stays ours).
+        self._since = SinceSync(host_held=dict(host_held or {}), shortfall=self._since.shortfall)
         self._prefix = PrefixIndex()
-        # Blocks granted while held are the pool's own again once it is rebuilt
-        # from what is held; the old lease stays ours.
-        self._granted_held.clear()
         self.sync_in_flight = True
         self._seq += 1
         return KvPoolOpen(
@@ -306,14 +269,8 @@ class BlockLease:
             num_blocks=self.num_blocks,
             block_size=self.block_size,
             lease_target=self.target,
-            alloc_requests=requests,
-            alloc_owner=pack_i32(owner),
-            alloc_blocks=pack_i32(blocks),
+            holds=RequestBlocks.pack({r: b for r, b in held.items() if b}),
             leased_blocks=pack_i32(self._free),
             seq=self._seq,
             block_bytes=block_bytes,
         )
-
-    @property
-    def cached_blocks(self) -> int:
-        return len(self._prefix)

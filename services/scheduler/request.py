@@ -74,7 +74,6 @@ class Request:
     # they depend on tokens only, so they survive a preemption.
     block_hashes: list[int] = field(default_factory=list)
     num_committed_blocks: int = 0  # of block_ids, indexed in the prefix cache
-    num_cached_tokens: int = 0  # prefix-cache hit at the last admission
     sent_to_worker: bool = False
     num_preemptions: int = 0
     arrived_at: float = field(default_factory=time.monotonic)
@@ -134,7 +133,6 @@ class Request:
         self.inflight_steps = 0
         self.block_ids = []
         self.num_committed_blocks = 0
-        self.num_cached_tokens = 0
         self.sent_to_worker = False
         self.table_sent = True
         self.host_blocks = []

@@ -18,9 +18,10 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, set_span_in_context
 
-from services.scheduler.batcher import RequestFailure, RequestOutput, Scheduler
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.outcomes import RequestFailure, RequestOutput
 from services.scheduler.request import Request
+from services.scheduler.scheduler import Scheduler
 from shared.config import load_config
 from shared.logs import get_logger
 from shared.mesh import (
@@ -111,9 +112,8 @@ class SchedulerActor:
             self.router.rejections.record(peer.name, reason)
             await self.router.send(peer, Rejected(reason=reason))
             return
-        known = self.scheduler.knows(body)
-        takeovers = self.scheduler.submit(body, owner=peer.name, context=event.context)
-        for takeover in takeovers:
+        result = self.scheduler.submit(body, owner=peer.name, context=event.context)
+        for takeover in result.takeovers:
             await self._reassign(takeover.request, peer)
             # The api and the scheduler may pick different successors after a
             # tokenizer died: the replica left behind must drop its state.
@@ -121,21 +121,17 @@ class SchedulerActor:
             if previous is not None:
                 await self.router.send(
                     previous, Abort([takeover.request.request_id], reason="reassigned"))
-        if known:
+        if result.ended:
             # A re-sent n > 1 request: choices that ended already will get no more
             # outputs; the new owner must not keep state for them.
-            ended = self.scheduler.ended_choices(body)
-            if ended:
-                await self.router.send(peer, Abort(ended, reason="finished"))
-        else:
-            for request in self.scheduler.choices_of(body):
-                if request.span is None:
-                    request.span = _tracer.start_span(
-                        "scheduler.request", context=event.context,
-                        attributes={"gen_ai.request.id": request.request_id,
-                                    "gen_ai.usage.input_tokens": request.prompt_len,
-                                    "meshserve.priority": body.priority},
-                    )
+            await self.router.send(peer, Abort(result.ended, reason="finished"))
+        for request in result.queued:
+            request.span = _tracer.start_span(
+                "scheduler.request", context=event.context,
+                attributes={"gen_ai.request.id": request.request_id,
+                            "gen_ai.usage.input_tokens": request.prompt_len,
+                            "meshserve.priority": body.priority},
+            )
         await self._flush()
         await self._pump_all()
 
@@ -150,8 +146,7 @@ class SchedulerActor:
             await self.kv.send(self.scheduler.add_worker(peer.name, hello.worker))
         elif hello.service == "tokenizer":
             # Requests whose tokenizer died while no other replica was up.
-            for request in self.scheduler.owned_by(""):
-                request.owner = peer.name
+            for request in self.scheduler.adopt_orphans(peer.name):
                 await self._reassign(request, peer)
         elif hello.service == "api":
             await self.router.send(peer, self._status())
@@ -167,15 +162,9 @@ class SchedulerActor:
                             requests=len(requeued))
             await self._pump_all()
         elif peer.hello.service == "tokenizer":
-            successors = self.router.peers_of("tokenizer")
-            orphans = self.scheduler.owned_by(peer.name)
-            for index, request in enumerate(orphans):
-                if not successors:
-                    request.owner = ""
-                    continue
-                successor = successors[index % len(successors)]
-                request.owner = successor.name
-                await self._reassign(request, successor)
+            successors = {p.name: p for p in self.router.peers_of("tokenizer")}
+            for request in self.scheduler.reassign(peer.name, list(successors)):
+                await self._reassign(request, successors[request.owner])
 
     async def _reassign(self, request: Request, peer: Peer) -> None:
         await self.router.send(peer, Reassign(
@@ -238,7 +227,7 @@ class SchedulerActor:
                 context=set_span_in_context(traced[0]) if traced else None,
                 links=[Link(s.get_span_context()) for s in traced],
                 attributes={"meshserve.step.id": plan.step_id,
-                            "meshserve.step.batch_size": len(plan.request_ids)},
+                            "meshserve.step.batch_size": len(plan.batch.request_ids)},
             ):
                 step_context = otel_context.get_current()
                 if not await self.router.send(peer, plan):
@@ -251,26 +240,27 @@ class SchedulerActor:
 
     def _status(self) -> SchedulerStatus:
         scheduler = self.scheduler
+        stats = scheduler.stats
         usages = [w.lease.usage for w in scheduler.workers.values() if w.lease.usage]
         return SchedulerStatus(
             workers=len(scheduler.workers),
             running=scheduler.num_running,
             waiting=scheduler.num_waiting,
             kv_usage=scheduler.kv_usage(),
-            prefix_cache_queries=scheduler.prefix_cache_queries,
-            prefix_cache_hits=scheduler.prefix_cache_hits,
-            num_preemptions=scheduler.num_preemptions,
+            prefix_cache_queries=stats.prefix_cache_queries,
+            prefix_cache_hits=stats.prefix_cache_hits,
+            num_preemptions=stats.num_preemptions,
             kv_cached_blocks=sum(u.cached_blocks for u in usages),
             kv_evictions=sum(u.evictions for u in usages),
-            fork_shared_blocks=scheduler.fork_shared_blocks,
-            cow_block_copies=scheduler.cow_block_copies,
-            num_swap_outs=scheduler.num_swap_outs,
-            num_swap_ins=scheduler.num_swap_ins,
-            swapped_out_blocks=scheduler.swapped_out_blocks,
-            swapped_in_blocks=scheduler.swapped_in_blocks,
+            fork_shared_blocks=stats.fork_shared_blocks,
+            cow_block_copies=stats.cow_block_copies,
+            num_swap_outs=stats.num_swap_outs,
+            num_swap_ins=stats.num_swap_ins,
+            swapped_out_blocks=stats.swapped_out_blocks,
+            swapped_in_blocks=stats.swapped_in_blocks,
             host_kv_blocks=sum(w.host.num_blocks for w in scheduler.workers.values()),
             host_kv_used_blocks=sum(w.host.used_blocks for w in scheduler.workers.values()),
-            swap_fallbacks=scheduler.swap_fallbacks,
+            swap_fallbacks=stats.swap_fallbacks,
         )
 
     async def _report_status(self) -> None:

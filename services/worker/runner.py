@@ -33,8 +33,9 @@ from services.worker.models.weights import load_weights
 from services.worker.sampling import Sampler, validate_sampling
 from services.worker.step_batch import RequestState, blocks_for, build_step_batch
 from shared.protocol.common import WorkerDetails
-from shared.protocol.envelope import pack_i32, unpack_i32
+from shared.protocol.envelope import pack_i32
 from shared.protocol.step import NewRequest, StepPlan, StepResult
+from shared.protocol.tables import TableError, check_ids, unpack_ints
 
 if TYPE_CHECKING:
     from services.worker.cuda_step import CudaStep
@@ -42,15 +43,14 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class _CheckedPlan:
-    """A plan that passed every check, with its arrays unpacked."""
+    """A plan that passed every check, with its tables unpacked."""
 
     new: list[RequestState]
     num_tokens: list[int]
-    block_owner: list[int]
-    block_ids: list[int]
+    appends: list[list[int]]  # per batch request, blocks appended to its table
     copy_src: list[int]
     copy_dst: list[int]
-    replaces: list[tuple[int, int, int]]  # (request index, table position, block)
+    replaces: dict[str, list[tuple[int, int]]]  # request -> (table position, block)
     swap_out: dict[str, tuple[list[int], list[int]]]  # request -> (device, host) blocks
     swap_in: dict[str, tuple[list[int], list[int]]]  # request -> (host, device) blocks
 
@@ -60,9 +60,10 @@ class PlanError(ValueError):
 
 
 def _unpack(data: bytes, what: str) -> list[int]:
-    if len(data) % 4:
-        raise PlanError(f"{what}: {len(data)} bytes is not a whole number of int32")
-    return unpack_i32(data).tolist()
+    try:
+        return unpack_ints(data, what)
+    except TableError as e:
+        raise PlanError(str(e)) from e
 
 
 class ModelRunner:
@@ -137,10 +138,11 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step. Results list, in plan order, the requests whose computed
-        count reached their token count; each sampled one token."""
+        count reached their token count; each sampled one token. The plan's parts
+        apply in the order of its fields (see ``StepPlan``)."""
         try:
             checked = self._check(plan)
-        except PlanError as e:
+        except (PlanError, TableError) as e:
             return StepResult(plan.step_id, [], b"", error=str(e))
         for request_id in plan.finished:
             self.requests.pop(request_id, None)
@@ -160,13 +162,14 @@ class ModelRunner:
             [b for h, _ in checked.swap_in.values() for b in h],
             [b for _, d in checked.swap_in.values() for b in d],
         )
-        states = [self.requests[request_id] for request_id in plan.request_ids]
-        for owner, block_id in zip(checked.block_owner, checked.block_ids, strict=True):
-            states[owner].block_ids.append(block_id)
-        for owner, position, block_id in checked.replaces:
-            states[owner].block_ids[position] = block_id
+        for request_id, edits in checked.replaces.items():
+            for position, block_id in edits:
+                self.requests[request_id].block_ids[position] = block_id
         # Copy-on-write: the copies land before any of this step's K/V writes.
         self.kv_cache.copy_blocks(checked.copy_src, checked.copy_dst)
+        states = [self.requests[request_id] for request_id in plan.batch.request_ids]
+        for state, blocks in zip(states, checked.appends, strict=True):
+            state.block_ids.extend(blocks)
         if not states:
             return StepResult(plan.step_id, [], b"")
         sampled_ids, tokens = self._compute(states, checked.num_tokens)
@@ -212,119 +215,81 @@ class ModelRunner:
         )
 
     def _check(self, plan: StepPlan) -> _CheckedPlan:
-        num_tokens = _unpack(plan.num_tokens, "num_tokens")
-        block_owner = _unpack(plan.block_owner, "block_owner")
-        block_ids = _unpack(plan.block_ids, "block_ids")
-        count = len(plan.request_ids)
-        if len(num_tokens) != count:
-            raise PlanError(f"{len(num_tokens)} num_tokens for {count} request_ids")
-        if len(block_owner) != len(block_ids):
-            raise PlanError(f"{len(block_owner)} block_owner for {len(block_ids)} block_ids")
-        if len(set(plan.request_ids)) != count:
-            raise PlanError("request_ids has duplicates")
+        """Every part of the plan, checked against the state it will meet when its
+        turn comes (the order of the plan's fields). Raises PlanError/TableError."""
         finished = set(plan.finished)
         new: dict[str, RequestState] = {}
         for request in plan.new:
             if request.request_id in new:
                 raise PlanError(f"request {request.request_id!r} is new twice")
             new[request.request_id] = self._check_new(request, finished)
-        appended = [0] * count
-        for owner, block_id in zip(block_owner, block_ids, strict=True):
-            if not 0 <= owner < count:
-                raise PlanError(f"block_owner {owner} outside request_ids (0..{count - 1})")
-            if not 0 <= block_id < self.num_kv_blocks:
-                raise PlanError(
-                    f"block id {block_id} outside the pool (0..{self.num_kv_blocks - 1})"
-                )
-            appended[owner] += 1
-        copy_src = _unpack(plan.copy_src, "copy_src")
-        copy_dst = _unpack(plan.copy_dst, "copy_dst")
-        if len(copy_src) != len(copy_dst):
-            raise PlanError(f"{len(copy_src)} copy_src for {len(copy_dst)} copy_dst")
-        for block_id in (*copy_src, *copy_dst):
-            if not 0 <= block_id < self.num_kv_blocks:
-                raise PlanError(
-                    f"copied block {block_id} outside the pool (0..{self.num_kv_blocks - 1})"
-                )
-        replace_owner = _unpack(plan.replace_owner, "replace_owner")
-        replace_index = _unpack(plan.replace_index, "replace_index")
-        replace_block = _unpack(plan.replace_block, "replace_block")
-        if not len(replace_owner) == len(replace_index) == len(replace_block):
-            raise PlanError("replace_owner, replace_index and replace_block differ in length")
-        replaces = list(zip(replace_owner, replace_index, replace_block, strict=True))
-        for owner, _position, block_id in replaces:
-            if not 0 <= owner < count:
-                raise PlanError(f"replace_owner {owner} outside request_ids (0..{count - 1})")
-            if not 0 <= block_id < self.num_kv_blocks:
-                raise PlanError(
-                    f"block id {block_id} outside the pool (0..{self.num_kv_blocks - 1})"
-                )
         host_blocks = (plan.host_num_blocks if plan.host_num_blocks >= 0
                        else self.host_cache.num_blocks)
-        swap_out = self._check_swaps(plan.swap_out_requests, plan.swap_out_owner,
-                                     plan.swap_out_src, plan.swap_out_dst, "swap_out",
+        swap_out = self._check_swaps(plan.swap_out.unpack("swap_out"), "swap_out",
                                      self.num_kv_blocks, host_blocks, finished)
-        swap_in = self._check_swaps(plan.swap_in_requests, plan.swap_in_owner,
-                                    plan.swap_in_src, plan.swap_in_dst, "swap_in",
+        swap_in = self._check_swaps(plan.swap_in.unpack("swap_in"), "swap_in",
                                     host_blocks, self.num_kv_blocks, finished)
-        for i, request_id in enumerate(plan.request_ids):
+        tables = {r: len(s.block_ids) for r, s in self.requests.items() if r not in finished}
+        tables.update((r, 0) for r in new)
+        tables.update((r, 0) for r in swap_out)
+        tables.update((r, len(device)) for r, (_, device) in swap_in.items())
+        replaces = plan.replaces.unpack("replaces")
+        for request_id, edits in replaces.items():
+            if request_id not in tables:
+                raise PlanError(f"replaces: unknown request {request_id!r}")
+            if any(not 0 <= position < tables[request_id] for position, _ in edits):
+                raise PlanError(f"request {request_id!r}: replaces a block beyond its table")
+            check_ids((b for _, b in edits), self.num_kv_blocks, "block id")
+        copy_src, copy_dst = plan.copies.unpack("copy")
+        check_ids((*copy_src, *copy_dst), self.num_kv_blocks, "copied block")
+        num_tokens, appends = plan.batch.unpack()
+        for blocks in appends:
+            check_ids(blocks, self.num_kv_blocks, "block id")
+        for i, request_id in enumerate(plan.batch.request_ids):
+            if request_id in swap_out:
+                raise PlanError(f"request {request_id!r} is swapped out and computed at once")
             state = new.get(request_id)
             if state is None and request_id not in finished:
                 state = self.requests.get(request_id)
             if state is None:
                 raise PlanError(f"unknown request {request_id!r}")
-            n = num_tokens[i]
-            end = state.num_computed + n
-            if n < 1:
-                raise PlanError(f"request {request_id!r}: num_tokens {n} < 1")
-            if end > len(state.token_ids):
-                raise PlanError(
-                    f"request {request_id!r}: computing to {end} but only "
-                    f"{len(state.token_ids)} tokens are known"
-                )
-            if end > self.max_model_len:
-                raise PlanError(
-                    f"request {request_id!r}: position {end - 1} is beyond max_model_len "
-                    f"{self.max_model_len}"
-                )
-            if request_id in swap_out:
-                raise PlanError(f"request {request_id!r} is swapped out and computed at once")
-            table = (len(swap_in[request_id][1]) if request_id in swap_in
-                     else len(state.block_ids))
-            have = table + appended[i]
-            if any(not 0 <= p < have for o, p, _ in replaces if o == i):
-                raise PlanError(f"request {request_id!r}: replaces a block beyond its table")
-            need = blocks_for(end, self.block_size)
-            if have < need:
-                raise PlanError(
-                    f"request {request_id!r}: {end} positions need {need} blocks, "
-                    f"its block table has {have}"
-                )
-        return _CheckedPlan(list(new.values()), num_tokens, block_owner, block_ids,
-                            copy_src, copy_dst, replaces, swap_out, swap_in)
+            self._check_compute(state, num_tokens[i], tables[request_id] + len(appends[i]))
+        return _CheckedPlan(list(new.values()), num_tokens, appends, copy_src, copy_dst,
+                            replaces, swap_out, swap_in)
 
-    def _check_swaps(self, request_ids: list[str], owner: bytes, src: bytes, dst: bytes,
-                     what: str, src_blocks: int, dst_blocks: int, finished: set[str],
+    def _check_compute(self, state: RequestState, n: int, table: int) -> None:
+        """``state`` may compute ``n`` more tokens with a block table of ``table``."""
+        request_id = state.request_id
+        end = state.num_computed + n
+        if n < 1:
+            raise PlanError(f"request {request_id!r}: num_tokens {n} < 1")
+        if end > len(state.token_ids):
+            raise PlanError(
+                f"request {request_id!r}: computing to {end} but only "
+                f"{len(state.token_ids)} tokens are known"
+            )
+        if end > self.max_model_len:
+            raise PlanError(
+                f"request {request_id!r}: position {end - 1} is beyond max_model_len "
+                f"{self.max_model_len}"
+            )
+        need = blocks_for(end, self.block_size)
+        if table < need:
+            raise PlanError(
+                f"request {request_id!r}: {end} positions need {need} blocks, "
+                f"its block table has {table}"
+            )
+
+    def _check_swaps(self, swaps: dict[str, tuple[list[int], list[int]]], what: str,
+                     src_blocks: int, dst_blocks: int, finished: set[str],
                      ) -> dict[str, tuple[list[int], list[int]]]:
-        owners = _unpack(owner, f"{what}_owner")
-        sources = _unpack(src, f"{what}_src")
-        targets = _unpack(dst, f"{what}_dst")
-        if not len(owners) == len(sources) == len(targets):
-            raise PlanError(f"{what}_owner, {what}_src and {what}_dst differ in length")
-        if len(set(request_ids)) != len(request_ids):
-            raise PlanError(f"{what}_requests has duplicates")
-        for request_id in request_ids:
+        for request_id, (sources, targets) in swaps.items():
             if request_id not in self.requests or request_id in finished:
                 raise PlanError(f"{what}: unknown request {request_id!r}")
-        swaps: dict[str, tuple[list[int], list[int]]] = {r: ([], []) for r in request_ids}
-        for index, source, target in zip(owners, sources, targets, strict=True):
-            if not 0 <= index < len(request_ids):
-                raise PlanError(f"{what}_owner {index} outside {what}_requests")
-            if not 0 <= source < src_blocks or not 0 <= target < dst_blocks:
-                raise PlanError(f"{what}: block {source} -> {target} outside the pools "
-                                f"({src_blocks} and {dst_blocks} blocks)")
-            swaps[request_ids[index]][0].append(source)
-            swaps[request_ids[index]][1].append(target)
+            for source, target in zip(sources, targets, strict=True):
+                if not 0 <= source < src_blocks or not 0 <= target < dst_blocks:
+                    raise PlanError(f"{what}: block {source} -> {target} outside the pools "
+                                    f"({src_blocks} and {dst_blocks} blocks)")
         return swaps
 
     # -- compute ------------------------------------------------------------------

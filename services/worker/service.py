@@ -57,7 +57,8 @@ class QueuedPlan:
 
 def _num_tokens(plan: StepPlan) -> int:
     """Tokens the plan computes (0 when its array is malformed; the runner says why)."""
-    return sum(unpack_i32(plan.num_tokens)) if len(plan.num_tokens) % 4 == 0 else 0
+    num_tokens = plan.batch.num_tokens
+    return sum(unpack_i32(num_tokens)) if len(num_tokens) % 4 == 0 else 0
 
 
 class WorkerActor:
@@ -130,7 +131,7 @@ class WorkerActor:
         links = [Link(ctx) for ctx in map(span_context_of, plan.trace_links) if ctx.is_valid]
         attributes = {
             "meshserve.step_id": plan.step_id,
-            "meshserve.batch_size": len(plan.request_ids),
+            "meshserve.batch_size": len(plan.batch.request_ids),
             "meshserve.num_tokens": _num_tokens(plan),
             "meshserve.new_requests": len(plan.new),
         }

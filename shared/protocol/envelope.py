@@ -20,7 +20,8 @@ from collections.abc import Iterable
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+# 2: the step and KV tables became nested structs (shared/protocol/tables.py).
+PROTOCOL_VERSION = 2
 
 
 class Envelope(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -66,5 +67,16 @@ def pack_i32(values: Iterable[int]) -> bytes:
 
 def unpack_i32(data: bytes) -> array[int]:
     unpacked = array("i")
+    unpacked.frombytes(data)
+    return unpacked
+
+
+# Chained block hashes are 64-bit.
+def pack_i64(values: Iterable[int]) -> bytes:
+    return array("q", values).tobytes()
+
+
+def unpack_i64(data: bytes) -> array[int]:
+    unpacked = array("q")
     unpacked.frombytes(data)
     return unpacked

@@ -13,32 +13,31 @@ lease or shared), hashes of blocks that filled, hashes to forget. The KV manager
 stays the authority: it decides which blocks to lease, i.e. which cached prefixes
 to evict (least recently freed first).
 
-Schema evolution: new fields go last, with defaults.
+Schema evolution: new fields go last, with defaults; a breaking change bumps
+``PROTOCOL_VERSION`` (shared/protocol/envelope.py).
 """
 
 from __future__ import annotations
 
-from array import array
-
 import msgspec
+
+from shared.protocol.tables import BlockHashes, RequestBlocks
 
 
 class KvPoolOpen(msgspec.Struct, frozen=True, tag=True):
     """Open (or re-open) a worker's pool. Answered by a KvLease.
 
     A new worker opens an empty pool. After a KV manager restart the scheduler
-    re-opens every pool with what it still holds (its allocations and its unused
-    lease), so the new incarnation rebuilds the exact state instead of handing out
-    blocks that are in use.
+    re-opens every pool with what it still holds (its requests' blocks and its
+    unused lease), so the new incarnation rebuilds the exact state instead of
+    handing out blocks that are in use.
     """
 
     pool_id: str
     num_blocks: int
     block_size: int
     lease_target: int
-    alloc_requests: list[str] = []
-    alloc_owner: bytes = b""  # packed int32, index into alloc_requests
-    alloc_blocks: bytes = b""  # packed int32
+    holds: RequestBlocks = RequestBlocks()  # every live request's whole table
     leased_blocks: bytes = b""  # packed int32
     seq: int = 0  # echoed in the KvLease answer
     block_bytes: int = 0  # one block's bytes at the worker: sizes the host pool
@@ -51,40 +50,38 @@ class KvPoolClose(msgspec.Struct, frozen=True, tag=True):
 
 
 class KvSync(msgspec.Struct, frozen=True, tag=True, gc=False):
-    """What the scheduler did with its lease since the last sync.
+    """What the scheduler did with its lease since the last sync. The KV manager
+    checks it whole (an impossible report changes nothing), then applies its fields
+    in this order:
 
-    ``alloc_owner[j]`` indexes ``alloc_requests`` for block ``alloc_blocks[j]``,
-    which that request now holds: a leased block (an allocation) or a block another
-    request holds or a free block caching a prefix (a prefix hit).
-
-    Applied in this order: ``uncache_blocks``, ``freed_requests``, allocations,
-    ``commit_blocks``/``commit_hashes`` (packed int64, one per block), lease top-up.
+    1. ``uncache``: forget these blocks' hashes (the step that was to write them
+       failed);
+    2. ``drops``: copy-on-write, each request no longer holds these blocks (it holds
+       a fresh copy instead, reported in ``holds``); before the frees, since a fork
+       may copy a block and end within one interval;
+    3. ``freed``: these requests gave up every block they held;
+    4. ``holds``: each request now holds these blocks too: leased blocks it
+       allocated, or blocks caching a prefix (a hit; held by others, or free);
+       after the frees, since a request preempted and re-admitted within one
+       interval frees its old blocks and holds new ones;
+    5. ``commits``: these blocks now cache these chained hashes; after the holds,
+       since a block may be allocated and fill within one interval;
+    6. ``host_released``: these requests gave up their host blocks (swapped in,
+       ended, or dropped by a shrink);
+    7. ``host_holds``: requests swapped out, and the host blocks each now holds;
+    8. ``lease_target``: top the lease up to this many free blocks.
     """
 
     pool_id: str
     seq: int
-    alloc_requests: list[str]
-    alloc_owner: bytes  # packed int32
-    alloc_blocks: bytes  # packed int32
-    freed_requests: list[str]
-    lease_target: int
-    commit_blocks: bytes = b""  # packed int32
-    commit_hashes: bytes = b""  # packed int64, the chained hash of each block
-    uncache_blocks: bytes = b""  # packed int32
-    # Copy-on-write: request ``drop_requests[drop_owner[j]]`` no longer holds block
-    # ``drop_blocks[j]`` (it holds a fresh copy instead, reported as an allocation).
-    # Applied right after ``uncache_blocks``, before the frees.
-    drop_requests: list[str] = []
-    drop_owner: bytes = b""  # packed int32
-    drop_blocks: bytes = b""  # packed int32
-    # Host tier: requests swapped out since the last sync and the host blocks
-    # each now holds (``host_owner[j]`` indexes ``host_requests``), and requests
-    # whose host blocks were given up (swapped in, ended, or dropped by a shrink).
-    # Releases apply before holds.
-    host_requests: list[str] = []
-    host_owner: bytes = b""  # packed int32
-    host_blocks: bytes = b""  # packed int32
+    uncache: bytes = b""  # packed int32
+    drops: RequestBlocks = RequestBlocks()
+    freed: list[str] = []
+    holds: RequestBlocks = RequestBlocks()
+    commits: BlockHashes = BlockHashes()
     host_released: list[str] = []
+    host_holds: RequestBlocks = RequestBlocks()
+    lease_target: int = 0
 
 
 class KvUsage(msgspec.Struct, frozen=True):
@@ -151,12 +148,3 @@ class KvDump(msgspec.Struct, frozen=True, tag=True):
     pool_id: str  # "" when no pool holds the request
     blocks: list[KvBlockRow]
 
-
-def pack_i64(values: list[int]) -> bytes:
-    return array("q", values).tobytes()
-
-
-def unpack_i64(data: bytes) -> array[int]:
-    unpacked = array("q")
-    unpacked.frombytes(data)
-    return unpacked

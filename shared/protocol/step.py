@@ -2,20 +2,36 @@
 
 The worker keeps per-request state (prompt, computed tokens, block table, last
 sampled token, sampling params). A request's prompt and params travel once, in
-``NewRequest``; every later step sends only what changed, with int arrays packed.
+``NewRequest``; every later step sends only what changed, as the per-request
+tables of shared/protocol/tables.py (int arrays packed).
 
-Block tables are append-only while a request lives, so a step only appends; a
-preempted request is finished at the worker and comes back as a new one.
+Block tables only grow while a request runs (appends), except for copy-on-write
+(a position gets a fresh copy) and the host tier (a swap-out empties the table, a
+swap-in gives it a whole new one); a request preempted by recompute is finished at
+the worker and comes back as a new one.
 
 Decode input tokens are never sent: the worker feeds a request's own last sampled
 token. That lets the scheduler plan step N+1 before step N's tokens come back.
+
+Schema evolution: new fields get defaults and go last; a breaking change bumps
+``PROTOCOL_VERSION`` (shared/protocol/envelope.py).
 """
 
 from __future__ import annotations
 
 import msgspec
 
+from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import SamplingParams
+from shared.protocol.tables import (
+    BlockCopies,
+    BlockMoves,
+    BlockReplaces,
+    TableError,
+    pack_rows,
+    split_rows,
+    unpack_ints,
+)
 
 
 class NewRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -29,55 +45,66 @@ class NewRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
     num_computed_tokens: int = 0
 
 
-class StepPlan(msgspec.Struct, frozen=True, tag=True, gc=False):
-    """What to compute in one step.
+class StepBatch(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """The requests computed in a step: ``request_ids[i]`` appends the next
+    ``num_blocks[i]`` of ``block_ids`` to its table, then computes ``num_tokens[i]``
+    more tokens (a prefill chunk, or 1 decode token)."""
 
-    ``request_ids[i]`` computes ``num_tokens[i]`` more tokens (a prefill chunk or 1
-    decode token). ``block_owner[j]`` is the index into ``request_ids`` that block
-    ``block_ids[j]`` is appended to. ``finished`` requests are dropped before the
-    step runs; ``new`` requests are registered before it.
+    request_ids: list[str] = []
+    num_tokens: bytes = b""  # packed int32, one per request
+    num_blocks: bytes = b""  # packed int32, one per request
+    block_ids: bytes = b""  # packed int32, rows concatenated
+
+    @classmethod
+    def pack(cls, request_ids: list[str], num_tokens: list[int],
+             appends: list[list[int]]) -> StepBatch:
+        counts, blocks = pack_rows(appends)
+        return cls(request_ids, pack_i32(num_tokens), counts, blocks)
+
+    def unpack(self) -> tuple[list[int], list[list[int]]]:
+        """(num_tokens, appended blocks) per request. Raises TableError."""
+        count = len(self.request_ids)
+        num_tokens = unpack_ints(self.num_tokens, "num_tokens")
+        if len(num_tokens) != count:
+            raise TableError(f"{len(num_tokens)} num_tokens for {count} request_ids")
+        if len(set(self.request_ids)) != count:
+            raise TableError("request_ids has duplicates")
+        (appends,) = split_rows(self.num_blocks, count, [(self.block_ids, "block_ids")],
+                                "num_blocks")
+        return num_tokens, appends
+
+
+class StepPlan(msgspec.Struct, frozen=True, tag=True, gc=False):
+    """What to compute in one step. The worker checks the whole plan first (an
+    inconsistent one changes nothing), then applies its fields in this order:
+
+    1. ``finished``: drop these requests (ids it does not know are ignored);
+    2. ``new``: register these requests (an id just dropped may come back);
+    3. ``host_num_blocks``: >= 0 resizes the host block store to that many blocks
+       (blocks below it keep their contents); -1: unchanged;
+    4. ``swap_out``: device block -> host block, per request; its table is then
+       empty (it stays registered, with its tokens and computed count);
+    5. ``swap_in``: host block -> device block, per request; the device blocks, in
+       order, become its whole table;
+    6. ``replaces``: copy-on-write, a table position gets the fresh copy of the block
+       it shared (positions within the table before this step's appends);
+    7. ``copies``: copy-on-write, block ``src`` into ``dst`` (all layers, K and V), in
+       order, before any of this step's K/V writes;
+    8. ``batch``: appends to the tables, then the compute itself.
     """
 
     step_id: int
-    new: list[NewRequest]
-    request_ids: list[str]
-    num_tokens: bytes  # packed int32, one per request_ids entry
-    block_owner: bytes  # packed int32
-    block_ids: bytes  # packed int32
-    finished: list[str]
+    finished: list[str] = []
+    new: list[NewRequest] = []
+    host_num_blocks: int = -1
+    swap_out: BlockMoves = BlockMoves()
+    swap_in: BlockMoves = BlockMoves()
+    replaces: BlockReplaces = BlockReplaces()
+    copies: BlockCopies = BlockCopies()
+    batch: StepBatch = StepBatch()
     # W3C traceparents of the requests in this step, so the worker's step span can
     # link to each; empty when tracing is off.
     trace_links: list[str] = []
-    # Copy-on-write: before computing, the worker copies block ``copy_src[j]`` into
-    # ``copy_dst[j]`` (all layers, K and V), in order. The destination was just
-    # appended to a request's table in place of the source (a fork about to write
-    # into a block it shares).
-    copy_src: bytes = b""  # packed int32
-    copy_dst: bytes = b""  # packed int32
-    # Copy-on-write replaces a block *inside* a table: ``replace_owner[j]`` (index
-    # into request_ids) swaps table position ``replace_index[j]`` for block
-    # ``replace_block[j]``. Applied after the appends above.
-    replace_owner: bytes = b""  # packed int32
-    replace_index: bytes = b""  # packed int32
-    replace_block: bytes = b""  # packed int32
-    # Host tier. ``host_num_blocks`` >= 0 resizes the worker's host block store to
-    # that many blocks (blocks below it keep their contents); -1: unchanged.
-    host_num_blocks: int = -1
-    # Swap-out: request ``swap_out_requests[swap_out_owner[j]]`` moves device block
-    # ``swap_out_src[j]`` into host block ``swap_out_dst[j]``; its block table is
-    # then empty (it stays registered, with its tokens and computed count).
-    swap_out_requests: list[str] = []
-    swap_out_owner: bytes = b""  # packed int32
-    swap_out_src: bytes = b""  # packed int32, device blocks
-    swap_out_dst: bytes = b""  # packed int32, host blocks
-    # Swap-in: host block ``swap_in_src[j]`` goes into device block
-    # ``swap_in_dst[j]``; a request's destinations, in order, become its whole block
-    # table. Order at the worker: drop finished, register new, swap-outs, swap-ins,
-    # appends, replaces, copies, compute.
-    swap_in_requests: list[str] = []
-    swap_in_owner: bytes = b""  # packed int32
-    swap_in_src: bytes = b""  # packed int32, host blocks
-    swap_in_dst: bytes = b""  # packed int32, device blocks
 
 
 class StepResult(msgspec.Struct, frozen=True, tag=True, gc=False):

@@ -11,8 +11,9 @@ import zmq.asyncio
 
 from shared.mesh import DealerEndpoint, Identity, Received, UpstreamJoined
 from shared.protocol.common import Rejected
-from shared.protocol.envelope import pack_i32, unpack_i32
+from shared.protocol.envelope import unpack_i32
 from shared.protocol.kv import KvLease, KvPoolOpen, KvStats, KvStatsRequest, KvSync
+from shared.protocol.tables import RequestBlocks
 from tests.integration.procs import mesh_addresses, read_log, running_service
 
 pytestmark = pytest.mark.anyio
@@ -48,8 +49,8 @@ async def test_lease_commit_free_and_garbage(ipc_dir: Path) -> None:
                 assert len(leased) == 4 and lease.usage.leased_blocks == 4
 
                 # Commit two blocks to a request: the lease is topped up to 4 again.
-                await scheduler.send(KvSync("worker/0", 1, ["a"], pack_i32([0, 0]),
-                                            pack_i32(leased[:2]), [], lease_target=4))
+                await scheduler.send(KvSync("worker/0", 1, holds=RequestBlocks.pack(
+                    {"a": leased[:2]}), lease_target=4))
                 lease = await expect(scheduler, KvLease)
                 assert lease.seq == 1 and lease.usage.used_blocks == 2
                 assert len(unpack_i32(lease.block_ids)) == 2
@@ -58,8 +59,8 @@ async def test_lease_commit_free_and_garbage(ipc_dir: Path) -> None:
                 # refused; state unchanged. (Holding a held block is sharing: legal.)
                 granted = set(leased) | set(unpack_i32(lease.block_ids))
                 never_leased = min(set(range(8)) - granted)
-                await scheduler.send(KvSync("worker/0", 2, ["b"], pack_i32([0]),
-                                            pack_i32([never_leased]), [], lease_target=4))
+                await scheduler.send(KvSync("worker/0", 2, holds=RequestBlocks.pack(
+                    {"b": [never_leased]}), lease_target=4))
                 rejected = await expect(scheduler, Rejected)
                 assert "not leased" in rejected.reason
 
@@ -71,7 +72,7 @@ async def test_lease_commit_free_and_garbage(ipc_dir: Path) -> None:
                     frames = await raw.recv_multipart()
                 assert b"Rejected" in frames[1]
 
-                await scheduler.send(KvSync("worker/0", 3, [], b"", b"", ["a"], lease_target=4))
+                await scheduler.send(KvSync("worker/0", 3, freed=["a"], lease_target=4))
                 lease = await expect(scheduler, KvLease)
                 assert lease.usage.used_blocks == 0 and lease.usage.free_blocks == 4
                 await scheduler.send(KvStatsRequest())
@@ -89,7 +90,8 @@ async def test_prefix_commit_share_dump_and_cli(ipc_dir: Path) -> None:
     """Blocks held by two requests (a prefix hit), hashes committed, then
     ``meshserve kv dump`` / ``kv stats`` code paths against the live service."""
     from services.supervisor.kv_cli import _ask
-    from shared.protocol.kv import KvDump, KvDumpRequest, pack_i64
+    from shared.protocol.kv import KvDump, KvDumpRequest
+    from shared.protocol.tables import BlockHashes
 
     addr = mesh_addresses(ipc_dir).kvcache_addr
     ctx = zmq.asyncio.Context()
@@ -105,9 +107,9 @@ async def test_prefix_commit_share_dump_and_cli(ipc_dir: Path) -> None:
                 leased = list(unpack_i32((await expect(scheduler, KvLease)).block_ids))
                 # "a" allocates two blocks and fills them; "b" shares the first.
                 await scheduler.send(KvSync(
-                    "worker/0", 1, ["a", "b"], pack_i32([0, 0, 1]),
-                    pack_i32([leased[0], leased[1], leased[0]]), [], lease_target=4,
-                    commit_blocks=pack_i32(leased[:2]), commit_hashes=pack_i64([11, 22])))
+                    "worker/0", 1, lease_target=4,
+                    holds=RequestBlocks.pack({"a": leased[:2], "b": [leased[0]]}),
+                    commits=BlockHashes.pack({leased[0]: 11, leased[1]: 22})))
                 lease = await expect(scheduler, KvLease)
                 assert lease.usage.used_blocks == 2
                 dump = await _ask(addr, KvDumpRequest("a"), KvDump)
@@ -115,8 +117,7 @@ async def test_prefix_commit_share_dump_and_cli(ipc_dir: Path) -> None:
                 assert [(r.block_id, r.ref_count, r.block_hash, r.tier) for r in dump.blocks] == [
                     (leased[0], 2, 11, "device"), (leased[1], 1, 22, "device")]
                 # Both end: the blocks stay cached (free, hash kept) until leased.
-                await scheduler.send(KvSync("worker/0", 2, [], b"", b"", ["a", "b"],
-                                            lease_target=4))
+                await scheduler.send(KvSync("worker/0", 2, freed=["a", "b"], lease_target=4))
                 lease = await expect(scheduler, KvLease)
                 assert lease.usage.used_blocks == 0 and lease.usage.cached_blocks == 2
                 stats = await _ask(addr, KvStatsRequest(), KvStats)

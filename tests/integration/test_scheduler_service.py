@@ -31,7 +31,7 @@ from shared.protocol.generation import (
 from shared.protocol.kv import KvPoolClose, KvPoolOpen, KvSync
 from shared.protocol.step import StepPlan
 from tests.integration.procs import mesh_addresses, read_log, running_service
-from tests.unit.test_scheduler_batcher import EOS, BookkeepingWorker
+from tests.unit.test_scheduler_core import EOS, BookkeepingWorker
 
 pytestmark = pytest.mark.anyio
 

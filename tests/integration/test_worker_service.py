@@ -26,9 +26,9 @@ from services.worker.runner import ModelRunner
 from services.worker.service import PLAN_QUEUE_SIZE
 from shared.embedded_model import ensure_embedded_model
 from shared.mesh import Identity, Peer, PeerJoined, Received, RouterEndpoint
-from shared.protocol.envelope import pack_i32
+from shared.protocol.envelope import PROTOCOL_VERSION, pack_i32
 from shared.protocol.generation import SamplingParams
-from shared.protocol.step import NewRequest, StepPlan, StepResult
+from shared.protocol.step import NewRequest, StepBatch, StepPlan, StepResult
 from tests.integration.procs import mesh_addresses, read_log, running_service
 from tests.local_engine import LocalEngine
 
@@ -121,8 +121,12 @@ async def scheduler(worker_dir: Path) -> AsyncIterator[FakeScheduler]:
 
 def plan(step_id: int, work: dict[str, int], *, new: list[NewRequest] | None = None,
          owners: list[int] | None = None, blocks: list[int] | None = None) -> StepPlan:
-    return StepPlan(step_id, new or [], list(work), pack_i32(work.values()),
-                    pack_i32(owners or []), pack_i32(blocks or []), [])
+    """``blocks[j]`` is appended to the table of the ``owners[j]``-th request of ``work``."""
+    appends: list[list[int]] = [[] for _ in work]
+    for owner, block in zip(owners or [], blocks or [], strict=True):
+        appends[owner].append(block)
+    return StepPlan(step_id, new=new or [],
+                    batch=StepBatch.pack(list(work), list(work.values()), appends))
 
 
 async def test_hello_and_steps_match_the_in_process_runner(
@@ -182,13 +186,13 @@ async def test_garbage_and_wrong_plans_are_refused_and_the_worker_keeps_serving(
         await socket.send_multipart([identity, os.urandom(64)])
         await socket.send_multipart([identity, b"\x93\x01\x02", os.urandom(32)])
         # A valid envelope around a message of a type the worker never accepts.
-        envelope = msgspec.msgpack.encode([1, 7, "scheduler/0", "", ""])
+        envelope = msgspec.msgpack.encode([PROTOCOL_VERSION, 7, "scheduler/0", "", ""])
         wrong_type = msgspec.msgpack.encode(StepResult(5, [], b""))
         await socket.send_multipart([identity, envelope, wrong_type])
 
         unknown = await fake.step(plan(2, {"ghost": 1}))
         assert unknown.error is not None and "unknown request" in unknown.error
-        mismatched = StepPlan(3, [], ["a"], pack_i32([1, 1]), b"", b"", [])
+        mismatched = StepPlan(3, batch=StepBatch(["a"], pack_i32([1, 1]), pack_i32([0])))
         reply = await fake.step(mismatched)
         assert reply.error is not None and "num_tokens" in reply.error
         short_table = await fake.step(plan(4, {"a": 1, "b": 20}, new=[

@@ -21,6 +21,7 @@ from shared.mesh import (
     UpstreamJoined,
 )
 from shared.protocol.common import Rejected
+from shared.protocol.envelope import PROTOCOL_VERSION
 from shared.protocol.generation import Abort
 
 pytestmark = pytest.mark.anyio
@@ -74,7 +75,8 @@ async def test_garbage_is_rejected_with_reply_and_router_keeps_serving(ipc_dir: 
             await raw.send_multipart([b"\xff\xfe", b"\x01"])
             # A well-formed envelope around a body of the wrong type.
             enc = msgspec.msgpack.encode
-            await raw.send_multipart([enc([1, 7, "x/0", "", ""]), enc({"type": "Nope"})])
+            envelope = enc([PROTOCOL_VERSION, 7, "x/0", "", ""])
+            await raw.send_multipart([envelope, enc({"type": "Nope"})])
             replies = []
             with anyio.fail_after(5):
                 while len(replies) < 3:

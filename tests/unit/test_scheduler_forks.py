@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 
 from services.kvcache.manager import KvManager
-from services.scheduler.batcher import Scheduler
+from services.scheduler.scheduler import Scheduler
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit
-from tests.unit.test_scheduler_batcher import (
+from tests.unit.test_scheduler_core import (
     BookkeepingWorker,
     details,
     make_scheduler,
@@ -68,9 +68,9 @@ def test_forks_share_the_prompt_and_copy_only_the_written_block(prompt_len: int)
     assert done == {f"r-{i}": [100 + k + 50 * (1 + i) for k in range(6)] for i in range(3)}
     prompt_blocks = -(-prompt_len // 4)
     # Each fork took over all prompt blocks, the partial last one included ...
-    assert s.fork_shared_blocks == 2 * prompt_blocks
+    assert s.stats.fork_shared_blocks == 2 * prompt_blocks
     # ... and n - 1 copies of the prompt's last block were made, nothing else.
-    assert s.cow_block_copies == 2 and len(worker.copies) == 2
+    assert s.stats.cow_block_copies == 2 and len(worker.copies) == 2
     assert len({src for src, _ in worker.copies}) == 1
     # Only the leader computed the prompt; each fork recomputed its last token.
     assert worker.cached_tokens == 2 * (prompt_len - 1)
@@ -117,7 +117,7 @@ def test_aborting_the_leader_before_it_forked_promotes_the_next_choice() -> None
     worker = BookkeepingWorker(block_size=4)
     submit_n(s, "r", list(range(10, 30)), n=3)  # 20 tokens: 3 chunks
     plan = s.plan(W)
-    assert plan is not None and plan.request_ids == ["r-0"]
+    assert plan is not None and plan.batch.request_ids == ["r-0"]
     s.on_result(W, worker.execute(plan))
     s.abort(["r-0", "r-2"])
     aborted, _ = s.take_outputs()
@@ -125,7 +125,7 @@ def test_aborting_the_leader_before_it_forked_promotes_the_next_choice() -> None
         ("r-0", "abort"), ("r-2", "abort")]
     done = run_until_idle(s, kv, worker)
     assert done == {"r-1": [100 + k + 100 for k in range(6)]}
-    assert s.cow_block_copies == 0
+    assert s.stats.cow_block_copies == 0
     assert_no_leak(s, kv)
 
 
@@ -154,7 +154,7 @@ def test_forks_preempted_by_recompute_finish_alike() -> None:
     submit_n(s, "r", list(range(10, 20)), n=3, max_tokens=14)
     done = run_until_idle(s, kv, BookkeepingWorker(block_size=4))
     assert done == {f"r-{i}": [100 + k + 50 * (1 + i) for k in range(14)] for i in range(3)}
-    assert s.num_preemptions > 0
+    assert s.stats.num_preemptions > 0
     assert_no_leak(s, kv)
 
 
@@ -165,9 +165,9 @@ def test_resent_submit_moves_every_live_choice() -> None:
     msg = Submit("r", pack_i32(range(10, 20)), SamplingParams(temperature=0.0, seed=1),
                  DetokenizeSpec(), n=3)
     s.abort(["r-2"])
-    takeovers = s.submit(msg, owner="tokenizer/1")
-    assert sorted(t.request.request_id for t in takeovers) == ["r-0", "r-1"]
-    assert s.ended_choices(msg) == ["r-2"]
+    result = s.submit(msg, owner="tokenizer/1")
+    assert sorted(t.request.request_id for t in result.takeovers) == ["r-0", "r-1"]
+    assert result.ended == ["r-2"] and result.queued == []
 
 
 def test_cache_salt_separates_prefixes() -> None:
@@ -179,11 +179,11 @@ def test_cache_salt_separates_prefixes() -> None:
     run_until_idle(s, kv, worker)
     submit_n(s, "b", prompt, n=1, salt="bob")
     run_until_idle(s, kv, worker)
-    assert s.prefix_cache_hits == 0
+    assert s.stats.prefix_cache_hits == 0
     submit_n(s, "c", prompt, n=1, salt="alice")
     plan = s.plan(W)
     assert plan is not None and plan.new[0].num_computed_tokens == 20
-    assert list(unpack_i32(plan.num_tokens)) == [1]
+    assert list(unpack_i32(plan.batch.num_tokens)) == [1]
 
 
 @settings(max_examples=40, deadline=None)

@@ -10,10 +10,10 @@ import hypothesis.strategies as st
 from hypothesis import given, settings
 
 from services.kvcache.manager import KvManager
-from services.scheduler.batcher import Scheduler
+from services.scheduler.scheduler import Scheduler
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit
-from tests.unit.test_scheduler_batcher import (
+from tests.unit.test_scheduler_core import (
     BookkeepingWorker,
     details,
     make_scheduler,
@@ -47,10 +47,10 @@ def test_hit_on_a_finished_requests_blocks_skips_their_tokens() -> None:
     plan = s.plan(W)
     assert plan is not None
     assert [n.num_computed_tokens for n in plan.new] == [20]
-    assert list(unpack_i32(plan.num_tokens)) == [2]
+    assert list(unpack_i32(plan.batch.num_tokens)) == [2]
     worker.execute(plan)
-    assert s.prefix_cache_hits == 20
-    assert s.prefix_cache_queries == 21 + 22
+    assert s.stats.prefix_cache_hits == 20
+    assert s.stats.prefix_cache_queries == 21 + 22
 
 
 def test_full_prompt_hit_recomputes_the_last_token() -> None:
@@ -63,7 +63,7 @@ def test_full_prompt_hit_recomputes_the_last_token() -> None:
     submit_ids(s, "b", prompt)
     plan = s.plan(W)
     assert plan is not None and plan.new[0].num_computed_tokens == 12
-    assert list(unpack_i32(plan.num_tokens)) == [4]
+    assert list(unpack_i32(plan.batch.num_tokens)) == [4]
 
 
 def test_same_step_siblings_share_the_prompt() -> None:
@@ -77,9 +77,7 @@ def test_same_step_siblings_share_the_prompt() -> None:
     plan = s.plan(W)
     assert plan is not None
     assert [n.num_computed_tokens for n in plan.new] == [0, 20, 20]
-    owners = list(unpack_i32(plan.block_owner))
-    blocks = list(unpack_i32(plan.block_ids))
-    tables = [[b for o, b in zip(owners, blocks, strict=True) if o == i] for i in range(3)]
+    _, tables = plan.batch.unpack()
     assert tables[0][:5] == tables[1][:5] == tables[2][:5]
     assert len({tables[0][5], tables[1][5], tables[2][5]}) == 3  # own partial blocks
 
@@ -91,7 +89,7 @@ def test_caching_off_never_hits() -> None:
     for i in range(3):
         submit_ids(s, f"r{i}", list(range(10, 40)))
     run_until_idle(s, kv, worker)
-    assert worker.cached_tokens == 0 and s.prefix_cache_hits == 0
+    assert worker.cached_tokens == 0 and s.stats.prefix_cache_hits == 0
     assert kv.usage(W).cached_blocks == 0
 
 

@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 import pytest
 
 from services.kvcache.manager import KvManager
-from services.scheduler.batcher import Scheduler
 from services.scheduler.request import RequestStatus
+from services.scheduler.scheduler import Scheduler
 from shared.protocol.common import WorkerDetails
-from shared.protocol.envelope import unpack_i32
 from shared.protocol.kv import KvDumpRequest, KvSetHostSwap
 from shared.protocol.step import StepPlan, StepResult
-from tests.unit.test_scheduler_batcher import (
+from tests.unit.test_scheduler_core import (
     EOS,
     BookkeepingWorker,
     make_scheduler,
@@ -65,24 +64,20 @@ class SwappingWorker(BookkeepingWorker):
         self.registrations += len(plan.new)
         if plan.host_num_blocks >= 0:
             self.host_num_blocks = plan.host_num_blocks
-        owners = unpack_i32(plan.swap_out_owner)
-        for owner, src, dst in zip(owners, unpack_i32(plan.swap_out_src),
-                                    unpack_i32(plan.swap_out_dst), strict=True):
-            rid = plan.swap_out_requests[owner]
+        for rid, (sources, targets) in plan.swap_out.unpack("swap_out").items():
             assert rid in self.tokens, "swapping out an unknown request"
-            assert 0 <= dst < self.host_num_blocks, "host block beyond the host tier"
-            assert src in self.blocks[rid], "swapping out a block the request does not hold"
-            self._move(self.slots, self.host, src, dst)
-        for rid in plan.swap_out_requests:
+            for src, dst in zip(sources, targets, strict=True):
+                assert 0 <= dst < self.host_num_blocks, "host block beyond the host tier"
+                assert src in self.blocks[rid], "swapping out a block the request does not hold"
+                self._move(self.slots, self.host, src, dst)
             self.blocks[rid] = []
             self.swapped_out += 1
-        tables: dict[str, list[int]] = {rid: [] for rid in plan.swap_in_requests}
-        for owner, src, dst in zip(unpack_i32(plan.swap_in_owner),
-                                    unpack_i32(plan.swap_in_src),
-                                    unpack_i32(plan.swap_in_dst), strict=True):
-            assert 0 <= src < self.host_num_blocks, "host block beyond the host tier"
-            self._move(self.host, self.slots, src, dst)
-            tables[plan.swap_in_requests[owner]].append(dst)
+        tables: dict[str, list[int]] = {}
+        for rid, (sources, targets) in plan.swap_in.unpack("swap_in").items():
+            for src, dst in zip(sources, targets, strict=True):
+                assert 0 <= src < self.host_num_blocks, "host block beyond the host tier"
+                self._move(self.host, self.slots, src, dst)
+            tables[rid] = targets
         for rid, table in tables.items():
             assert rid in self.tokens and self.blocks[rid] == [], "swap-in of a live table"
             self.blocks[rid] = table
@@ -111,11 +106,11 @@ def test_swap_preemption_resumes_without_recompute(caching: bool) -> None:
     worker = SwappingWorker(block_size=4)
     done = run_until_idle(s, kv, worker)
     assert done == expected(3, 20)
-    assert s.num_swap_outs > 0 and s.num_swap_ins == s.num_swap_outs
-    assert worker.swapped_out == worker.swapped_in == s.num_swap_outs
-    assert s.num_preemptions == s.num_swap_outs
+    assert s.stats.num_swap_outs > 0 and s.stats.num_swap_ins == s.stats.num_swap_outs
+    assert worker.swapped_out == worker.swapped_in == s.stats.num_swap_outs
+    assert s.stats.num_preemptions == s.stats.num_swap_outs
     assert worker.registrations == 3  # nobody was recomputed
-    assert s.swapped_out_blocks == s.swapped_in_blocks > 0
+    assert s.stats.swapped_out_blocks == s.stats.swapped_in_blocks > 0
     assert kv.usage(W).used_blocks == 0 and kv.usage(W).host_used_blocks == 0
     assert s.workers[W].host.used_blocks == 0 and s.workers[W].host.num_blocks == 64
 
@@ -124,7 +119,7 @@ def test_recompute_mode_never_swaps() -> None:
     s, kv = crowded(mode="recompute")
     worker = SwappingWorker(block_size=4)
     assert run_until_idle(s, kv, worker) == expected(3, 20)
-    assert s.num_preemptions > 0 and s.num_swap_outs == 0 and worker.swapped_out == 0
+    assert s.stats.num_preemptions > 0 and s.stats.num_swap_outs == 0 and worker.swapped_out == 0
     assert worker.registrations > 3
 
 
@@ -132,7 +127,7 @@ def test_no_host_room_falls_back_to_recompute() -> None:
     s, kv = crowded(host_blocks=2)  # no victim's table fits in 2 host blocks
     worker = SwappingWorker(block_size=4)
     assert run_until_idle(s, kv, worker) == expected(3, 20)
-    assert s.num_preemptions > 0 and s.num_swap_outs == 0
+    assert s.stats.num_preemptions > 0 and s.stats.num_swap_outs == 0
 
 
 def drive_until(s: Scheduler, kv: KvManager, worker: BookkeepingWorker,
@@ -169,7 +164,7 @@ def test_host_shrink_sends_swapped_requests_to_recompute() -> None:
     assert stats.pools[0].host_num_blocks == 0 and stats.pools[0].host_used_blocks == 0
     for resize in resizes:
         s.resize_host(resize)
-    assert s.swap_fallbacks == len(swapped) and not slot.swapped
+    assert s.stats.swap_fallbacks == len(swapped) and not slot.swapped
     assert all(s.requests[r].status == RequestStatus.WAITING for r in swapped)
     after = run_until_idle(s, kv, worker)
     tokens = {r: before.get(r, []) + after.get(r, []) for r in after}
@@ -187,7 +182,7 @@ def test_host_grow_at_run_time_enables_swapping() -> None:
         s.resize_host(resize)
     worker = SwappingWorker(block_size=4)
     assert run_until_idle(s, kv, worker) == expected(3, 20)
-    assert s.num_swap_outs > 0 and worker.registrations == 3
+    assert s.stats.num_swap_outs > 0 and worker.registrations == 3
 
 
 def test_abort_of_a_swapped_request_frees_its_host_blocks() -> None:

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from services.kvcache.manager import KvManager
-from services.scheduler.batcher import Scheduler
+from services.scheduler.scheduler import Scheduler
 from services.worker.runner import ModelRunner
 from shared.embedded_model import ensure_embedded_model
 from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit
-from tests.unit.test_scheduler_batcher import make_scheduler, run_until_idle, start
+from tests.unit.test_scheduler_core import make_scheduler, run_until_idle, start
 
 W = "worker/0"
 
@@ -40,7 +40,7 @@ def test_greedy_forks_match_a_single_request(runner: ModelRunner, prompt_len: in
     _, single = generate(runner, prompt, 1, greedy)
     s, forks = generate(runner, prompt, 3, greedy)
     assert forks == {f"r-{i}": single["r"] for i in range(3)}
-    assert s.cow_block_copies == 2
+    assert s.stats.cow_block_copies == 2
 
 
 def test_seeded_forks_sample_like_separate_seeded_requests(runner: ModelRunner) -> None:

@@ -9,7 +9,7 @@ from services.worker.runner import ModelRunner
 from shared.embedded_model import ensure_embedded_model
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import SamplingParams
-from shared.protocol.step import NewRequest, StepPlan
+from shared.protocol.step import NewRequest, StepBatch, StepPlan
 from tests.local_engine import LocalEngine
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
@@ -29,15 +29,16 @@ def plan(
     blocks: list[int] | None = None,
     finished: list[str] | None = None,
 ) -> StepPlan:
+    """``blocks[j]`` is appended to the table of the ``owners[j]``-th request of ``work``."""
     work = work or {}
+    appends: list[list[int]] = [[] for _ in work]
+    for owner, block in zip(owners or [], blocks or [], strict=True):
+        appends[owner].append(block)
     return StepPlan(
         step_id=step_id,
-        new=new or [],
-        request_ids=list(work),
-        num_tokens=pack_i32(work.values()),
-        block_owner=pack_i32(owners or []),
-        block_ids=pack_i32(blocks or []),
         finished=finished or [],
+        new=new or [],
+        batch=StepBatch.pack(list(work), list(work.values()), appends),
     )
 
 
@@ -78,14 +79,17 @@ def test_results_follow_plan_order_not_compute_order(runner: ModelRunner) -> Non
 
 BAD_PLANS = {
     "unknown request": plan(9, work={"ghost": 1}),
-    "num_tokens for": StepPlan(9, [], ["a"], pack_i32([1, 1]), b"", b"", []),
-    "block_owner for": StepPlan(9, [], ["a"], pack_i32([1]), pack_i32([0]), b"", []),
-    "whole number of int32": StepPlan(9, [], ["a"], b"\x01\x00", b"", b"", []),
-    "duplicates": StepPlan(9, [], ["a", "a"], pack_i32([1, 1]), b"", b"", []),
+    "num_tokens for": StepPlan(9, batch=StepBatch(["a"], pack_i32([1, 1]), pack_i32([0]))),
+    "num_blocks counts for": StepPlan(9, batch=StepBatch(["a"], pack_i32([1]), b"",
+                                                         pack_i32([0]))),
+    "whole number of int32": StepPlan(9, batch=StepBatch(["a"], b"\x01\x00", pack_i32([0]))),
+    "duplicates": StepPlan(9, batch=StepBatch(["a", "a"], pack_i32([1, 1]),
+                                              pack_i32([0, 0]))),
     "only 6 tokens are known": plan(9, work={"a": 2}, owners=[0], blocks=[3]),
     "need 2 blocks": plan(9, work={"a": 1, "b": 5}, new=[new("b", [1] * 8)],
                           owners=[1], blocks=[4]),
-    "outside request_ids": plan(9, work={"a": 1}, owners=[3], blocks=[4]),
+    "counts add up to": StepPlan(9, batch=StepBatch(["a"], pack_i32([1]), pack_i32([0]),
+                                                    pack_i32([4]))),
     "outside the pool": plan(9, work={"a": 1}, owners=[0], blocks=[128]),
     "outside [0, 2048)": plan(9, new=[new("b", [1, 99999])]),
     "already running": plan(9, new=[new("a", [1, 2])]),

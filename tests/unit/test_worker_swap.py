@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from services.kvcache.manager import KvManager
-from services.scheduler.batcher import Scheduler
+from services.scheduler.scheduler import Scheduler
 from services.worker.kv_cache import HostKVStore
 from services.worker.runner import ModelRunner
 from shared.embedded_model import ensure_embedded_model
 from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit
-from tests.unit.test_scheduler_batcher import make_scheduler, run_until_idle, start
+from tests.unit.test_scheduler_core import make_scheduler, run_until_idle, start
 
 W = "worker/0"
 # On CUDA the host tier is pinned memory copied on a side stream: the same tests
@@ -62,10 +62,11 @@ def generate(runner: ModelRunner, mode: str, host_blocks: int
 def test_swapped_requests_sample_as_if_never_preempted(
         roomy: ModelRunner, cramped: ModelRunner) -> None:
     calm, reference = generate(roomy, "swap", 64)
-    assert calm.num_preemptions == 0
+    assert calm.stats.num_preemptions == 0
     swapped, got = generate(cramped, "swap", 64)
-    assert swapped.num_swap_outs > 0 and swapped.num_swap_ins == swapped.num_swap_outs
-    assert swapped.num_preemptions == swapped.num_swap_outs  # no recompute at all
+    stats = swapped.stats
+    assert stats.num_swap_outs > 0 and stats.num_swap_ins == stats.num_swap_outs
+    assert stats.num_preemptions == stats.num_swap_outs  # no recompute at all
     assert got == reference
     assert cramped.host_cache.allocated_blocks > 0
 
@@ -95,19 +96,14 @@ def test_host_round_trip_preserves_every_layer(roomy: ModelRunner) -> None:
 
 def test_inconsistent_swap_lists_are_refused(roomy: ModelRunner) -> None:
     from shared.protocol.step import StepPlan
+    from shared.protocol.tables import BlockMoves
 
     roomy.reset()
     host_blocks = roomy.host_cache.num_blocks
 
-    def plan(**swaps: object) -> StepPlan:
-        return StepPlan(step_id=1, new=[], request_ids=[], num_tokens=b"", block_owner=b"",
-                        block_ids=b"", finished=[], **swaps)  # type: ignore[arg-type]
-
-    unknown = roomy.execute(plan(swap_in_requests=["ghost"], swap_in_owner=pack_i32([0]),
-                                 swap_in_src=pack_i32([0]), swap_in_dst=pack_i32([1])))
+    unknown = roomy.execute(StepPlan(1, swap_in=BlockMoves.pack({"ghost": ([0], [1])})))
     assert unknown.error is not None and "unknown request" in unknown.error
-    beyond = roomy.execute(plan(host_num_blocks=2, swap_out_requests=[],
-                                swap_out_owner=pack_i32([0]), swap_out_src=pack_i32([0]),
-                                swap_out_dst=pack_i32([5])))
+    beyond = roomy.execute(StepPlan(1, host_num_blocks=2, swap_out=BlockMoves(
+        [], b"", pack_i32([0]), pack_i32([5]))))
     assert beyond.error is not None
     assert roomy.host_cache.num_blocks == host_blocks  # a refused plan changes nothing

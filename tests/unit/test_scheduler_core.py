@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.kvcache.manager import KvManager
-from services.scheduler.batcher import Scheduler
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.scheduler import Scheduler
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit
@@ -80,15 +80,12 @@ class BookkeepingWorker:
             self.outputs[new.request_id] = new.num_output_tokens
             self.blocks[new.request_id] = []
             self.seeds[new.request_id] = new.sampling.seed or 0
-        for owner, block in zip(unpack_i32(plan.block_owner), unpack_i32(plan.block_ids),
-                                strict=True):
-            self.blocks[plan.request_ids[owner]].append(block)
-        for owner, index, block in zip(unpack_i32(plan.replace_owner),
-                                       unpack_i32(plan.replace_index),
-                                       unpack_i32(plan.replace_block), strict=True):
-            self.blocks[plan.request_ids[owner]][index] = block
+        # The plan's parts in the order of its fields: replaces, copies, appends.
+        for rid, edits in plan.replaces.unpack("replaces").items():
+            for index, block in edits:
+                self.blocks[rid][index] = block
         # Copy-on-write copies land before the step writes anything.
-        for src, dst in zip(unpack_i32(plan.copy_src), unpack_i32(plan.copy_dst), strict=True):
+        for src, dst in zip(*plan.copies.unpack("copies"), strict=True):
             self.copies.append((src, dst))
             for offset in range(self.block_size):
                 key = self.slots.get(src * self.block_size + offset)
@@ -96,7 +93,10 @@ class BookkeepingWorker:
                     self.slots.pop(dst * self.block_size + offset, None)
                 else:
                     self.slots[dst * self.block_size + offset] = key
-        counts = list(zip(plan.request_ids, unpack_i32(plan.num_tokens), strict=True))
+        num_tokens, appends = plan.batch.unpack()
+        for rid, blocks in zip(plan.batch.request_ids, appends, strict=True):
+            self.blocks[rid].extend(blocks)
+        counts = list(zip(plan.batch.request_ids, num_tokens, strict=True))
         # A step writes every K/V before any attention reads (as the real worker).
         for rid, count in counts:
             start = self.computed[rid]
@@ -183,7 +183,7 @@ def test_chunked_prefill_respects_budget_and_chunk() -> None:
     submit(s, "short", prompt_len=10)
     plan = s.plan("worker/0")
     assert plan is not None
-    counts = dict(zip(plan.request_ids, unpack_i32(plan.num_tokens), strict=True))
+    counts = dict(zip(plan.batch.request_ids, unpack_i32(plan.batch.num_tokens), strict=True))
     assert counts == {"long": 16, "short": 10}
 
 
@@ -194,7 +194,7 @@ def test_priority_then_fcfs_admission() -> None:
     submit(s, "high", prompt_len=4, priority=0)
     submit(s, "high-2", prompt_len=4, priority=0)
     plan = s.plan("worker/0")
-    assert plan is not None and plan.request_ids == ["high"]
+    assert plan is not None and plan.batch.request_ids == ["high"]
 
 
 def test_queue_overflow_is_busy() -> None:
@@ -211,7 +211,7 @@ def test_abort_waiting_running_and_before_submit() -> None:
     start(s, kv, details())
     submit(s, "run", prompt_len=8, max_tokens=100)
     plan = s.plan("worker/0")
-    assert plan is not None and plan.request_ids == ["run"]
+    assert plan is not None and plan.batch.request_ids == ["run"]
     submit(s, "wait", prompt_len=4)
     s.abort(["run", "wait", "ghost"])
     s.abort(["run"])  # idempotent
@@ -221,7 +221,7 @@ def test_abort_waiting_running_and_before_submit() -> None:
     submit(s, "ghost", prompt_len=4)  # the abort overtook its submit
     assert "ghost" not in s.requests
     nxt = s.plan("worker/0")
-    assert nxt is not None and nxt.finished == ["run"] and nxt.request_ids == []
+    assert nxt is not None and nxt.finished == ["run"] and nxt.batch.request_ids == []
 
 
 def test_preemption_by_recompute_when_pool_is_exhausted() -> None:
@@ -232,7 +232,7 @@ def test_preemption_by_recompute_when_pool_is_exhausted() -> None:
         submit(s, f"r{i}", prompt_len=12, max_tokens=20)
     done = run_until_idle(s, kv, BookkeepingWorker(block_size=4))
     assert done == {f"r{i}": [100 + k for k in range(20)] for i in range(3)}
-    assert s.num_preemptions > 0
+    assert s.stats.num_preemptions > 0
     assert kv.usage("worker/0").used_blocks == 0
 
 

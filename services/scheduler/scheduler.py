@@ -1,0 +1,497 @@
+"""Continuous batching: who runs in each worker's next step. Pure, no I/O.
+
+The actor feeds the ``Scheduler`` submits, aborts, worker joins/losses, step
+results and KV leases, and asks it for a ``StepPlan`` per worker; results for the
+tokenizers accumulate in ``outputs`` and ``failures`` for the actor to send. The
+parts, each in its own module:
+
+    waiting_queue.py  WaitingQueue (heap, count) and AbortedIds (tombstones)
+    worker_slot.py    WorkerSlot: one worker's lease, host tier, running requests
+    step_builder.py   StepBuilder: one step's lists, packed into the StepPlan
+    forks.py          n > 1: choices, copy-on-write forks of the leader's table
+    host_swap.py      preemption by swap to the worker's host tier
+    block_lease.py    the KV lease and prefix-index mirror of one worker's pool
+    block_tables.py   a request's table on that lease: growth, copy-on-write, prefixes
+    stats.py          SchedulerStats, the counters
+    outcomes.py       RequestOutput, RequestFailure, SubmitResult
+
+Policy, per worker step, under ``max_num_batched_tokens``:
+1. running requests first, in admission order: a prefill chunk (at most
+   ``max_prefill_chunk`` tokens) or one decode token;
+2. then waiting requests by (priority, arrival), while there is budget, a free
+   running slot and KV room for their first chunk.
+
+When a running request needs a block and the whole pool is exhausted, the
+lowest-priority, latest-admitted running request is preempted: it stops being
+scheduled, and once its in-flight steps have come back it is swapped out to the
+worker's host tier (``preemption_mode = swap``, the default, when the host pool
+has room; see host_swap.py) or its blocks are freed and it re-enters the waiting
+queue with its outputs as part of its prompt (recompute). A step in which a
+running request went short of blocks admits nobody: the blocks it frees go to the
+running requests first (otherwise a victim could be re-admitted onto its own
+cached blocks at once, and the preemption would free nothing).
+
+Prefix caching and copy-on-write: block_tables.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+
+from opentelemetry.context import Context
+
+from services.scheduler import block_tables, forks, host_swap
+from services.scheduler.block_lease import BlockLease
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.outcomes import RequestFailure, RequestOutput, SubmitResult, Takeover
+from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
+from services.scheduler.stats import SchedulerStats
+from services.scheduler.step_builder import StepBuilder
+from services.scheduler.waiting_queue import AbortedIds, WaitingQueue
+from services.scheduler.worker_slot import WorkerSlot
+from shared.protocol.common import WorkerDetails
+from shared.protocol.envelope import unpack_i32
+from shared.protocol.generation import RequestFailed, Submit
+from shared.protocol.kv import KvHostResize, KvLease, KvPoolOpen
+from shared.protocol.step import StepPlan, StepResult
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.requests: dict[str, Request] = {}
+        self.workers: dict[str, WorkerSlot] = {}
+        self.waiting = WaitingQueue()
+        self.stats = SchedulerStats()
+        self.outputs: list[RequestOutput] = []
+        self.failures: list[RequestFailure] = []
+        self._aborted = AbortedIds()
+        self._groups = forks.ChoiceGroups()
+        self._arrivals = itertools.count()
+        self._step_ids = itertools.count(1)
+
+    # ----------------------------------------------------------------- requests
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(w.running) for w in self.workers.values())
+
+    def max_model_len(self) -> int:
+        lengths = [w.max_total_len for w in self.workers.values()]
+        if self.config.max_model_len:
+            lengths.append(self.config.max_model_len)
+        return min(lengths) if lengths else 0
+
+    def submit(self, msg: Submit, owner: str, context: Context | None = None) -> SubmitResult:
+        """Queue a tokenized request (with ``n > 1``, its choices ``<id>-<i>``). A
+        duplicate id (a re-sent request after a tokenizer failover) changes only
+        who detokenizes it. A refused one fails (``failures``) with the reason."""
+        existing = self._live_choices(msg.request_id)
+        if existing:
+            return self._take_over(msg, existing, owner)
+        if msg.request_id in self._aborted:
+            return SubmitResult()
+        prompt = unpack_i32(msg.prompt_token_ids)
+        refusal = self._refusal(msg, len(prompt))
+        if refusal is not None:
+            self.failures.extend(RequestFailure(owner, RequestFailed(request_id, *refusal))
+                                 for request_id in forks.choice_ids(msg))
+            return SubmitResult()
+        choices = [
+            Request(
+                request_id=request_id,
+                prompt_len=len(prompt),
+                token_ids=array("i", prompt),
+                sampling=forks.choice_sampling(msg.sampling, i),
+                detokenize=msg.detokenize,
+                priority=msg.priority,
+                arrival=next(self._arrivals),
+                owner=owner,
+                context=context,
+                salt=msg.cache_salt,
+                group=msg.request_id if msg.n > 1 else None,
+            )
+            for i, request_id in enumerate(forks.choice_ids(msg))
+            if request_id not in self._aborted  # an abort overtook the Submit
+        ]
+        if not choices:
+            return SubmitResult()
+        for request in choices:
+            self.requests[request.request_id] = request
+        if msg.n > 1:
+            self._groups.add(msg.request_id, choices)
+        self.waiting.push(choices[0])
+        return SubmitResult(queued=choices)
+
+    def _live_choices(self, submit_id: str) -> list[Request]:
+        if submit_id in self._groups:
+            return self._groups.get(submit_id)
+        request = self.requests.get(submit_id)
+        return [request] if request is not None else []
+
+    def _take_over(self, msg: Submit, existing: list[Request], owner: str) -> SubmitResult:
+        takeovers = []
+        for request in existing:
+            if request.owner != owner and not request.status.finished:
+                previous, request.owner = request.owner, owner
+                takeovers.append(Takeover(request, previous))
+        return SubmitResult(takeovers=takeovers, ended=self._groups.ended(msg))
+
+    def _refusal(self, msg: Submit, prompt_len: int) -> tuple[int, str, str] | None:
+        """(HTTP status, error type, message) for a Submit that cannot be queued."""
+        limit = self.max_model_len()
+        invalid = "invalid_request_error"
+        if not prompt_len:
+            return 400, invalid, "the prompt is empty"
+        if limit and prompt_len >= limit:
+            return 400, invalid, (f"the prompt has {prompt_len} tokens; this model serves at "
+                                  f"most {limit} tokens in all (prompt and output)")
+        if msg.n < 1:
+            return 400, invalid, f"n must be at least 1, got {msg.n}"
+        if len(self.waiting) >= self.config.max_waiting:
+            return 429, "server_busy", (f"the waiting queue is full "
+                                        f"({self.config.max_waiting} requests); retry later")
+        return None
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Idempotent: finish these requests as aborted and free what they hold;
+        ids not seen yet are remembered so their Submit is dropped."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                self._aborted.add(request_id)
+                continue
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            self.outputs.append(RequestOutput(request, [], request.num_outputs, "abort"))
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.waiting.discard(request)
+        request.status = status
+        self.requests.pop(request.request_id, None)
+        slot = self.workers.get(request.worker) if request.worker else None
+        if slot is not None:
+            self._release(slot, request)
+        leader = self._groups.on_finished(request)
+        if leader is not None:
+            self.waiting.push(leader)
+
+    def _release(self, slot: WorkerSlot, request: Request) -> None:
+        host_swap.drop_host(slot, request)
+        slot.running.pop(request.request_id, None)
+        slot.lease.release(request.request_id, request.block_ids)
+        if request.sent_to_worker:
+            slot.finished.append(request.request_id)
+        request.block_ids = []
+
+    # --------------------------------------------------------------- ownership
+
+    def adopt_orphans(self, owner: str) -> list[Request]:
+        """Tokenizer ``owner`` joined: it takes over the requests whose tokenizer
+        died while no other replica was up. Returns them (it needs their state)."""
+        orphans = [r for r in self.requests.values() if r.owner == ""]
+        for request in orphans:
+            request.owner = owner
+        return orphans
+
+    def reassign(self, lost: str, successors: list[str]) -> list[Request]:
+        """Tokenizer ``lost`` died: its requests go round-robin to ``successors``
+        (orphans, owned by "", when there is none). Returns the reassigned ones."""
+        orphans = [r for r in self.requests.values() if r.owner == lost]
+        for index, request in enumerate(orphans):
+            request.owner = successors[index % len(successors)] if successors else ""
+        return orphans if successors else []
+
+    # ------------------------------------------------------------------ workers
+
+    def add_worker(self, name: str, details: WorkerDetails) -> KvPoolOpen:
+        """Register a worker; the returned message opens its KV pool."""
+        lease = BlockLease(name, details.num_kv_blocks, details.block_size,
+                           self.config.lease_blocks)
+        self.workers[name] = WorkerSlot(name, details, lease)
+        return lease.open_message({}, details.kv_block_bytes)
+
+    def remove_worker(self, name: str) -> list[Request]:
+        """A worker died: its requests go back to waiting, to be recomputed."""
+        slot = self.workers.pop(name, None)
+        if slot is None:
+            return []
+        requeued = [r for r in slot.running.values() if not r.status.finished]
+        for request in requeued:
+            request.reset_for_recompute()
+            self.waiting.push(request)
+        for request in slot.swapped.values():
+            # Its host blocks died with the worker; its queue entry stays valid.
+            request.reset_for_recompute()
+        return requeued + list(slot.swapped.values())
+
+    def reopen_pools(self) -> list[KvPoolOpen]:
+        """The KV manager restarted: tell it everything each pool holds."""
+        return [
+            slot.lease.open_message(
+                {r.request_id: r.block_ids for r in slot.running.values()},
+                slot.details.kv_block_bytes,
+                {r.request_id: r.host_blocks for r in slot.swapped.values()})
+            for slot in self.workers.values()
+        ]
+
+    def on_lease(self, lease: KvLease) -> None:
+        slot = self.workers.get(lease.pool_id)
+        if slot is not None:
+            slot.lease.on_lease(lease)
+            if slot.lease.usage is not None:
+                self.resize_host(KvHostResize(lease.pool_id, slot.lease.usage.host_num_blocks))
+
+    def resize_host(self, msg: KvHostResize) -> None:
+        slot = self.workers.get(msg.pool_id)
+        if slot is not None and msg.host_num_blocks != slot.host.num_blocks:
+            host_swap.resize_host(slot, msg.host_num_blocks, self.stats)
+
+    def kv_usage(self) -> float:
+        used = total = 0
+        for slot in self.workers.values():
+            if slot.lease.usage is not None:
+                used += slot.lease.usage.used_blocks
+                total += slot.lease.usage.num_blocks
+        return used / total if total else 0.0
+
+    # ----------------------------------------------------------------- planning
+
+    def has_work(self, name: str) -> bool:
+        slot = self.workers.get(name)
+        if slot is None:
+            return False
+        return bool(slot.finished or slot.running or slot.pending_swap_out
+                    or self.waiting.peek() is not None)
+
+    def plan(self, name: str) -> StepPlan | None:
+        """The next step for worker ``name``, or None when it has nothing to do
+        or already has ``steps_in_flight`` steps outstanding."""
+        slot = self.workers.get(name)
+        if slot is None or not slot.lease.opened:
+            return None
+        if len(slot.inflight) >= self.config.steps_in_flight:
+            return None
+        self._finish_preemptions(slot)
+        builder = StepBuilder()
+        budget = self.config.max_num_batched_tokens
+        starved, budget = self._schedule_running(slot, builder, budget)
+        if not starved:
+            self._admit_waiting(slot, builder, budget)
+        swap_out, slot.pending_swap_out = slot.pending_swap_out, []
+        if not builder.has_work() and not slot.finished and not swap_out:
+            return None
+        host_num_blocks = slot.host_num_blocks_news()
+        slot.host.free(slot.host_freed_after_plan)
+        slot.host_freed_after_plan = []
+        step_id = next(self._step_ids)
+        slot.inflight[step_id] = builder.batch
+        finished, slot.finished = slot.finished, []
+        return builder.build(step_id, finished, swap_out, host_num_blocks)
+
+    def _next_count(self, request: Request, budget: int) -> int:
+        """Tokens ``request`` computes next: a prefill chunk, 1 decode token, or 0
+        (its last tokens are in flight)."""
+        if not request.prefill_done:
+            return min(len(request.prefill_ids) - request.num_scheduled, budget,
+                       self.config.max_prefill_chunk)
+        return 1 if request.can_decode() else 0
+
+    def _schedule_running(self, slot: WorkerSlot, builder: StepBuilder,
+                          budget: int) -> tuple[bool, int]:
+        """Running requests first, in admission order. Returns whether one went
+        short of blocks (then nobody is admitted), and the budget left."""
+        starved = False
+        for request in list(slot.running.values()):
+            if budget <= 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue
+            count = self._next_count(request, budget)
+            if not count:
+                continue
+            taken = block_tables.grow(slot.lease, request, count)
+            if taken is None:
+                starved = True
+                if slot.lease.pool_exhausted:
+                    self._preempt_one(slot, needing=request)
+                continue
+            blocks, copies = taken
+            self.stats.cow_block_copies += len(copies)
+            self._schedule(slot, builder, request, count, blocks, copies)
+            budget -= count
+        return starved, budget
+
+    def _admit_waiting(self, slot: WorkerSlot, builder: StepBuilder, budget: int) -> None:
+        """Waiting requests by (priority, arrival), while there is room. The head
+        of the queue that does not fit keeps its place."""
+        while budget > 0 and len(slot.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            if request is None:
+                return
+            if request.status == RequestStatus.SWAPPED:
+                # Its K/V live on its own worker: only that one may take it back.
+                count = self._swap_in(slot, builder, request, budget)
+                if count is None:
+                    return
+                budget -= count
+                continue
+            if len(request.token_ids) >= slot.max_total_len:
+                self.waiting.pop(request)
+                self._fail_too_long(request, slot)
+                continue
+            count = self._admit(slot, builder, request, budget)
+            if count is None:
+                return  # no KV room
+            budget -= count
+
+    def _swap_in(self, slot: WorkerSlot, builder: StepBuilder, request: Request,
+                 budget: int) -> int | None:
+        """Tokens the swapped-in request computes in this step; None when it stays
+        in the queue (another worker's, or the lease is short)."""
+        if request.worker != slot.name:
+            return None
+        count = self._next_count(request, budget)
+        blocks = host_swap.swap_in(slot, request, count, builder, self.stats)
+        if blocks is None:
+            return None
+        self.waiting.pop(request)
+        if count:
+            self._schedule(slot, builder, request, count, blocks, [])
+        return count
+
+    def _admit(self, slot: WorkerSlot, builder: StepBuilder, request: Request,
+               budget: int) -> int | None:
+        """Start a waiting request after its longest cached prefix; the tokens it
+        computes in this step, or None (nothing changed) when the lease is short."""
+        caching = self.config.enable_prefix_caching
+        hits = block_tables.lookup(slot.lease, request) if caching else []
+        cached = len(hits) * slot.lease.block_size
+        count = min(len(request.token_ids) - cached, budget, self.config.max_prefill_chunk)
+        blocks = slot.lease.take(request.request_id,
+                                 slot.lease.blocks_for(cached + count) - len(hits))
+        if blocks is None:
+            return None
+        self.waiting.pop(request)
+        slot.admit(request)
+        if caching:
+            slot.lease.share(request.request_id, hits)
+            self.stats.prefix_cache_queries += len(request.token_ids)
+            self.stats.prefix_cache_hits += cached
+        request.num_scheduled = cached
+        request.table_sent = True
+        builder.register(request, cached)
+        self._schedule(slot, builder, request, count, hits + blocks, [])
+        return count
+
+    def _schedule(self, slot: WorkerSlot, builder: StepBuilder, request: Request, count: int,
+                  blocks: list[int], copies: list[tuple[int, int, int]]) -> None:
+        """``request`` computes ``count`` more tokens in this step, its table grown
+        by ``blocks``."""
+        builder.schedule(request, count, blocks, copies)
+        request.block_ids.extend(blocks)
+        request.num_scheduled += count
+        if request.prefill_done:
+            request.num_sampling += 1
+            if request.pending_forks:
+                for choice in forks.fork(slot, request, self.stats):
+                    builder.register(choice, choice.num_scheduled)
+        request.inflight_steps += 1
+        if self.config.enable_prefix_caching:
+            block_tables.commit_full_blocks(slot.lease, request)
+
+    def _fail_too_long(self, request: Request, slot: WorkerSlot) -> None:
+        request.status = RequestStatus.FINISHED_ABORTED
+        self.requests.pop(request.request_id, None)
+        self.failures.append(RequestFailure(request.owner, RequestFailed(
+            request.request_id, 400, "invalid_request_error",
+            f"the request has {len(request.token_ids)} tokens; worker {slot.name} serves at "
+            f"most {slot.max_total_len}",
+        )))
+
+    def _preempt_one(self, slot: WorkerSlot, needing: Request) -> None:
+        """Mark the lowest-priority, latest-admitted running request as a victim."""
+        candidates = [r for r in slot.running.values() if r.status == RequestStatus.RUNNING]
+        if not candidates:
+            return
+        victim = max(candidates, key=lambda r: (r.priority, r.arrival))
+        if victim is needing and len(candidates) == 1:
+            return  # alone and still short: wait for blocks other workers free
+        victim.status = RequestStatus.PREEMPTING
+        self.stats.num_preemptions += 1
+        self._finish_preemptions(slot)
+
+    def _finish_preemptions(self, slot: WorkerSlot) -> None:
+        """Victims whose steps have drained: swapped out, or back to waiting to be
+        recomputed."""
+        swap = self.config.preemption_mode == "swap"
+        for request in list(slot.running.values()):
+            if request.status == RequestStatus.PREEMPTING and request.inflight_steps == 0:
+                if not (swap and host_swap.swap_out(slot, request, self.stats)):
+                    self._release(slot, request)
+                    request.reset_for_recompute()
+                self.waiting.push(request)
+
+    # ------------------------------------------------------------------ results
+
+    def on_result(self, name: str, result: StepResult) -> None:
+        slot = self.workers.get(name)
+        if slot is None:
+            return
+        batch = slot.inflight.pop(result.step_id, None)
+        if batch is None:
+            return  # a step from before this worker's restart
+        for request in batch:
+            request.inflight_steps -= 1
+        if result.error is not None:
+            self._fail_step(slot, batch, result.error)
+            return
+        token_ids = unpack_i32(result.token_ids)
+        if len(token_ids) != len(result.request_ids):
+            self._fail_step(slot, batch, "step result with mismatched arrays")
+            return
+        for request_id, token in zip(result.request_ids, token_ids, strict=True):
+            request = self.requests.get(request_id)
+            if request is None or request.worker != name or request.status.finished:
+                continue  # finished (stop, abort) while this step was in flight
+            self._on_token(slot, request, token)
+        self._finish_preemptions(slot)
+
+    def _on_token(self, slot: WorkerSlot, request: Request, token: int) -> None:
+        request.num_sampling -= 1
+        prior = request.num_outputs
+        request.token_ids.append(token)
+        if self.config.enable_prefix_caching:
+            block_tables.commit_full_blocks(slot.lease, request)
+        status = request.finish_reason_after(token)
+        if status is not None:
+            self._finish(request, status)
+        self.outputs.append(RequestOutput(
+            request, [token], prior, FINISH_REASONS.get(status) if status else None,
+        ))
+
+    def _fail_step(self, slot: WorkerSlot, batch: list[Request], error: str) -> None:
+        # The step's K/V were never written: no block it was to fill may stay in
+        # the prefix cache, and a request that shares one (a hit in a later step)
+        # would read garbage, so it fails too.
+        spoiled = {b for request in batch for b in request.block_ids}
+        if spoiled:
+            slot.lease.uncache(sorted(spoiled))
+            batch = batch + [r for r in slot.running.values()
+                             if r not in batch and spoiled.intersection(r.block_ids)]
+        for request in batch:
+            if request.status.finished:
+                continue
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            self.failures.append(RequestFailure(request.owner, RequestFailed(
+                request.request_id, 500, "server_error", f"worker {slot.name} failed: {error}",
+            )))
+
+    def take_outputs(self) -> tuple[list[RequestOutput], list[RequestFailure]]:
+        outputs, self.outputs = self.outputs, []
+        failures, self.failures = self.failures, []
+        return outputs, failures

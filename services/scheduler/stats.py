@@ -1,0 +1,20 @@
+"""The scheduler's counters, reported in ``SchedulerStatus`` (``meshserve kv stats``,
+the api's /metrics). Counted since the scheduler started."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_preemptions: int = 0  # by swap and by recompute
+    prefix_cache_queries: int = 0  # prompt tokens looked up (vLLM counts tokens)
+    prefix_cache_hits: int = 0  # of those, found cached
+    fork_shared_blocks: int = 0  # blocks forks took over from their leader
+    cow_block_copies: int = 0  # blocks copied because a fork wrote a shared one
+    num_swap_outs: int = 0  # preemptions by swap (requests)
+    num_swap_ins: int = 0
+    swapped_out_blocks: int = 0
+    swapped_in_blocks: int = 0
+    swap_fallbacks: int = 0  # swapped requests sent to recompute by a host shrink

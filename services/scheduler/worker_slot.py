@@ -1,0 +1,51 @@
+"""One worker as the scheduler sees it: its KV lease, host tier, running requests
+and steps in flight. Pure."""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+
+from services.scheduler.block_lease import BlockLease
+from services.scheduler.host_pool import HostPool
+from services.scheduler.request import Request, RequestStatus
+from shared.protocol.common import WorkerDetails
+
+
+@dataclass(eq=False, slots=True)
+class WorkerSlot:
+    name: str
+    details: WorkerDetails
+    lease: BlockLease
+    running: dict[str, Request] = field(default_factory=dict)  # admission order
+    inflight: dict[int, list[Request]] = field(default_factory=dict)  # step id -> batch
+    finished: list[str] = field(default_factory=list)  # to drop at the worker next step
+    host: HostPool = field(default_factory=HostPool)
+    swapped: dict[str, Request] = field(default_factory=dict)  # on this worker's host tier
+    # (request, device blocks, host blocks) swap-outs for the next plan
+    pending_swap_out: list[tuple[Request, list[int], list[int]]] = field(default_factory=list)
+    host_freed_after_plan: list[int] = field(default_factory=list)  # swapped in this plan
+    host_blocks_sent: int = -1  # host pool size the worker was last told
+
+    @property
+    def max_total_len(self) -> int:
+        capacity = self.details.num_kv_blocks * self.details.block_size
+        return min(self.details.max_model_len, capacity)
+
+    def admit(self, request: Request) -> None:
+        """``request`` runs here from now on; the worker gets it as a new request
+        (its tokens so far are what it prefills)."""
+        request.status = RequestStatus.RUNNING
+        request.worker = self.name
+        request.prefill_ids = array("i", request.token_ids)
+        request.max_total_len = self.max_total_len
+        request.eos_token_ids = frozenset(self.details.eos_token_ids)
+        request.sent_to_worker = True
+        self.running[request.request_id] = request
+
+    def host_num_blocks_news(self) -> int:
+        """The host pool size if the worker has not been told it yet, else -1."""
+        if self.host_blocks_sent == self.host.num_blocks:
+            return -1
+        self.host_blocks_sent = self.host.num_blocks
+        return self.host_blocks_sent
