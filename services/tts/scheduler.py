@@ -159,7 +159,6 @@ class SchedulerStats:
     cancelled: int
     cancelled_running: int
     busy_rejections: int
-    failed: int
 
 
 class TtsScheduler:
@@ -189,7 +188,6 @@ class TtsScheduler:
         self.cancelled = 0
         self.cancelled_running = 0
         self.busy_rejections = 0
-        self.failed = 0
 
     # ------------------------------------------------------------ admission
 
@@ -349,7 +347,6 @@ class TtsScheduler:
     ) -> None:
         self._abort_running(progress, out)
         del self._requests[progress.request_id]
-        self.failed += 1
         out.failures.append(RequestFailure(progress.request_id, status, code, message))
 
     def cancel(self, request_ids: list[str]) -> SchedulerOutput:
@@ -440,5 +437,4 @@ class TtsScheduler:
             cancelled=self.cancelled,
             cancelled_running=self.cancelled_running,
             busy_rejections=self.busy_rejections,
-            failed=self.failed,
         )
