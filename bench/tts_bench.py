@@ -1,6 +1,6 @@
 """Speech benchmark: time to first audio and real-time factor under concurrency.
 
-    python bench/tts_bench.py                      # starts its own dev api + tts replica
+    python bench/tts_bench.py                      # starts its own api + tts replica
     python bench/tts_bench.py --url http://127.0.0.1:8000   # against a running mesh
 
 For each concurrency level (default 1, 16, 64) it keeps that many streaming
@@ -63,11 +63,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def local_mesh(replicas: int, engines: int, max_queued: int) -> Iterator[str]:
-    """The speech dev api and ``replicas`` tts replicas as subprocesses; yields the URL."""
+    """The api and ``replicas`` tts replicas as subprocesses; yields the URL.
+
+    The api is the real one (``python -m services.api``): its speech side serves on
+    its own, the text side's tokenizer and scheduler are not started."""
     ipc_dir = Path(tempfile.mkdtemp(prefix="ms-bench-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHSERVE_", "OTEL_"))}
     env.update(
         MESHSERVE_SPEECH_ADDR=f"ipc://{ipc_dir}/speech.sock",
+        # The api also binds for tokenizers and dials the scheduler (none here).
+        MESHSERVE_API_ADDR=f"ipc://{ipc_dir}/api.sock",
+        MESHSERVE_SCHEDULER_ADDR=f"ipc://{ipc_dir}/scheduler.sock",
         MESHSERVE_PORT="0",
         MESHSERVE_ENGINES=str(engines),
         MESHSERVE_MAX_QUEUED_REQUESTS=str(max_queued),
@@ -78,7 +84,7 @@ def local_mesh(replicas: int, engines: int, max_queued: int) -> Iterator[str]:
     with ExitStack() as stack:
         stack.callback(rmtree, ipc_dir, ignore_errors=True)
         api = subprocess.Popen(
-            [sys.executable, "-m", "services.tts.dev_api"],
+            [sys.executable, "-m", "services.api"],
             env=env | {"MESHSERVE_LOG_LEVEL": "info"},
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True,

@@ -1,4 +1,5 @@
-"""The Starlette app: OpenAI's routes over the api actor.
+"""The Starlette app: OpenAI's text routes over the api actor, /health, /metrics,
+and whatever joins through ``extra_routes`` (the speech routes, ``speech_routes.py``).
 
 Every failure is an OpenAI error body with a 4xx/5xx status, including routing
 errors and bugs (a 500 with a message, never a traceback). A generation request
@@ -12,20 +13,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import anyio
-import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
 
+from services.api.body import read_json
 from services.api.config import ApiConfig
-from services.api.disconnect import cancelled_on_disconnect, wait_for_disconnect
-from services.api.errors import ApiError, from_decode_error
+from services.api.disconnect import cancelled_on_disconnect
+from services.api.errors import ApiError
 from services.api.generation_plan import GenerationPlan, plan_chat, plan_completion
 from services.api.metrics import ApiMetrics
 from services.api.openai_schema import (
@@ -33,71 +32,20 @@ from services.api.openai_schema import (
     CompletionRequest,
     ModelCard,
     ModelList,
-    decode_body,
 )
 from services.api.render import ResponseCollector, StreamRenderer, usage_of
 from services.api.requests import ChoiceUpdate, Flight
+from services.api.responses import (
+    StreamingBody,
+    client_gone_response,
+    error_response,
+    json_response,
+)
 from services.api.service import ApiActor
 from services.api.spans import RequestSpan, context_from_headers
 from shared.logs import get_logger
 
 log = get_logger("meshserve.api.http")
-
-_json = msgspec.json.Encoder()
-
-
-def json_response(payload: msgspec.Struct, status: int = 200) -> Response:
-    return Response(_json.encode(payload), status_code=status, media_type="application/json")
-
-
-def error_response(error: ApiError) -> Response:
-    return Response(error.encode(), status_code=error.status, media_type="application/json")
-
-
-class EventStream(Response):
-    """A ``text/event-stream`` response that stops as soon as the client goes away
-    and then always calls ``on_close(disconnected)``, even when the client left
-    before the first byte (an async generator that never started would not run
-    its own ``finally``)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(
-        self,
-        events: AsyncIterator[bytes],
-        on_close: Callable[[bool], Awaitable[None]],
-    ) -> None:
-        self.events = events
-        self.on_close = on_close
-        self.status_code = 200
-        self.background = None
-        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        disconnected = False
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def watch() -> None:
-                    nonlocal disconnected
-                    await wait_for_disconnect(receive)
-                    disconnected = True
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                await send({"type": "http.response.start", "status": self.status_code,
-                            "headers": self.raw_headers})
-                async for chunk in self.events:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                aclose = getattr(self.events, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                await self.on_close(disconnected)
-
 
 MetricsSource = Callable[[], str]
 
@@ -157,7 +105,7 @@ class OpenAIRoutes:
         return json_response(report, 200 if report.status == "ok" else 503)
 
     async def completions(self, request: Request) -> Response:
-        body = await _decode(request, CompletionRequest, self.config.max_request_bytes)
+        body = await read_json(request, CompletionRequest, self.config.max_request_bytes)
         plan = plan_completion(
             body, served_model=self.served_model, config=self.config,
             response_id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
@@ -165,8 +113,7 @@ class OpenAIRoutes:
         return await self._generate(request, plan)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await _decode(request, ChatCompletionRequest,
-                             self.config.max_request_bytes)
+        body = await read_json(request, ChatCompletionRequest, self.config.max_request_bytes)
         plan = plan_chat(
             body, served_model=self.served_model, config=self.config,
             response_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
@@ -192,7 +139,7 @@ class OpenAIRoutes:
         log.info("request submitted", request_id=plan.response_id, n=len(plan.requests),
                  stream=plan.stream)
         if plan.stream:
-            return EventStream(self._stream(flight, span), self._closer(flight, span))
+            return StreamingBody(self._stream(flight, span), self._closer(flight, span))
         try:
             return await self._respond(request, flight, span)
         finally:
@@ -269,39 +216,13 @@ class OpenAIRoutes:
             log.info("client disconnected", request_id=flight.plan.response_id)
             span.client_gone()
             self.metrics.client_disconnected()
-            # Nobody reads this; 499 is what proxies log for "client closed request".
-            return Response(status_code=499)
+            return client_gone_response()
         if failure is not None:
             self._failed(flight, span, failure)
             return error_response(failure)
         self._succeeded(flight, span)
         usage = usage_of(flight.prompt_tokens, flight.completion_tokens)
         return json_response(collector.render(usage))
-
-
-async def _decode(request: Request, kind: type[Any], max_bytes: int) -> Any:
-    """Read and decode a JSON body, refusing one larger than ``max_bytes`` before
-    holding it all in memory."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    try:
-        return decode_body(body, kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise from_decode_error(e) from e
-
-
-def _too_large(max_bytes: int) -> ApiError:
-    return ApiError(413, f"the request body is larger than {max_bytes} bytes",
-                    code="request_too_large")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -1,7 +1,7 @@
-"""Prometheus metrics of the text path, in the text exposition format, under
-vLLM's names where vLLM has one (so existing dashboards work) and
-``meshserve:api_*`` where it does not. Every vLLM metric carries
-``model_name``, as vLLM's do.
+"""Prometheus metrics of the api, in the text exposition format: the text path under
+vLLM's names where vLLM has one (so existing dashboards work) and ``meshserve:api_*``
+where it does not (every vLLM metric carries ``model_name``, as vLLM's do); the
+speech path under ``meshserve:speech_*`` (vLLM has no speech metrics to match).
 
 No I/O and no client library: counters and histograms are plain numbers that the
 handlers update; ``render`` is called by ``GET /metrics``.
@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shared.protocol.generation import SchedulerStatus
+from shared.protocol.speech import SpeechStatus
 
 # vLLM's buckets for request latencies (seconds) and token counts.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
@@ -56,6 +57,24 @@ class Histogram:
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Exposition:
+    """Exposition text under construction: each metric is its HELP and TYPE lines
+    followed by its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_text: str, *samples: str) -> None:
+        self.lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
+
+    def histogram(self, name: str, histogram: Histogram, help_text: str,
+                  labels: str = "") -> None:
+        self.metric(name, "histogram", help_text, *histogram.lines(name, labels))
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
 
 
 class ApiMetrics:
@@ -112,11 +131,8 @@ class ApiMetrics:
         rejected_messages: int,
     ) -> str:
         labels = self.labels
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, *samples: str) -> None:
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
-
+        out = Exposition()
+        metric = out.metric
         if scheduler is not None:
             metric("vllm:num_requests_running", "gauge", "Requests in model execution batches.",
                    f"vllm:num_requests_running{{{labels}}} {scheduler.running}")
@@ -179,7 +195,7 @@ class ApiMetrics:
             ("vllm:request_generation_tokens", self.request_generation_tokens,
              "Generation tokens per request."),
         ):
-            metric(name, "histogram", help_text, *histogram.lines(name, labels))
+            out.histogram(name, histogram, help_text, labels)
         metric("meshserve:api_request_errors_total", "counter",
                "Requests that ended in an HTTP error, by status and code.",
                *(f'meshserve:api_request_errors_total{{status="{status}",code="{_escape(code)}"}}'
@@ -197,4 +213,80 @@ class ApiMetrics:
         metric("meshserve:api_rejected_messages_total", "counter",
                "Mesh messages the api rejected (undecodable or nonsensical).",
                f"meshserve:api_rejected_messages_total {rejected_messages}")
-        return "\n".join(lines) + "\n"
+        return out.text()
+
+
+SPEECH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                          30.0, 60.0)
+RTF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+# SpeechStatus fields shown per tts replica: gauges, then lifetime counters (``_total``).
+_REPLICA_GAUGES = ("engines", "engines_ready", "engines_busy", "requests", "queued_chunks",
+                   "running_chunks")
+_REPLICA_COUNTERS = ("completed", "cancelled", "cancelled_running", "busy_rejections",
+                     "engine_restarts")
+
+
+class SpeechMetrics:
+    """What the api counts about speech requests (``meshserve:speech_*``)."""
+
+    PREFIX = "meshserve:speech_"
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()  # by outcome: ok | error | cancelled
+        self.audio_seconds = 0.0
+        self.input_chars = 0
+        self.running = 0
+        self.ready_replicas = 0
+        self.time_to_first_audio = Histogram(SPEECH_SECONDS_BUCKETS)
+        self.request_duration = Histogram(SPEECH_SECONDS_BUCKETS)
+        self.real_time_factor = Histogram(RTF_BUCKETS)  # wall time / audio time, ok requests
+
+    def finished(
+        self,
+        outcome: str,
+        input_chars: int,
+        audio_s: float,
+        first_audio_s: float | None,
+        elapsed_s: float,
+    ) -> None:
+        self.requests[outcome] += 1
+        self.input_chars += input_chars
+        self.audio_seconds += audio_s
+        if first_audio_s is not None:
+            self.time_to_first_audio.observe(first_audio_s)
+        if outcome == "ok":
+            self.request_duration.observe(elapsed_s)
+            if audio_s > 0:
+                self.real_time_factor.observe(elapsed_s / audio_s)
+
+    def render(self, replicas: dict[str, SpeechStatus]) -> str:
+        """Exposition text, with each tts replica's last status (by replica name)."""
+        p = self.PREFIX
+        out = Exposition()
+        out.metric(f"{p}requests_total", "counter", "Speech requests ended, by outcome.",
+                   *(f'{p}requests_total{{outcome="{outcome}"}} {count}'
+                     for outcome, count in sorted(self.requests.items())))
+        out.metric(f"{p}audio_seconds_total", "counter", "Seconds of audio delivered.",
+                   f"{p}audio_seconds_total {self.audio_seconds}")
+        out.metric(f"{p}input_characters_total", "counter", "Input characters of ended requests.",
+                   f"{p}input_characters_total {self.input_chars}")
+        out.metric(f"{p}requests_running", "gauge", "Speech requests in flight.",
+                   f"{p}requests_running {self.running}")
+        out.metric(f"{p}replicas_ready", "gauge", "Ready tts replicas.",
+                   f"{p}replicas_ready {self.ready_replicas}")
+        out.histogram(f"{p}time_to_first_audio_seconds", self.time_to_first_audio,
+                      "Time to the first audio of a request in seconds.")
+        out.histogram(f"{p}request_duration_seconds", self.request_duration,
+                      "Duration of successful speech requests in seconds.")
+        out.histogram(f"{p}real_time_factor", self.real_time_factor,
+                      "Wall time over audio time of successful speech requests.")
+        statuses = sorted(replicas.items())
+        for name in _REPLICA_GAUGES + _REPLICA_COUNTERS:
+            counter = name in _REPLICA_COUNTERS
+            metric = f"{p}tts_{name}" + ("_total" if counter else "")
+            out.metric(metric, "counter" if counter else "gauge",
+                       f"Each tts replica's {name.replace('_', ' ')}, as it last reported.",
+                       *(f'{metric}{{replica="{_escape(replica)}"}} {getattr(status, name)}'
+                         for replica, status in statuses))
+        return out.text()

@@ -1,5 +1,6 @@
 """The HTTP side's structs: OpenAI request bodies (plus vLLM's sampling extensions)
-and the response objects, field for field as OpenAI sends them.
+and the response objects, field for field as OpenAI sends them; text first, then
+speech (``/v1/audio/speech`` and its SSE events, ``/v1/audio/voices``).
 
 Request structs accept unknown fields (clients send what they like, e.g. ``user``)
 but type-check every field they know. Fields meshserve does not implement are
@@ -16,6 +17,9 @@ from typing import Any, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
+
+from services.api.audio import DEFAULT_SAMPLE_RATE
+from services.api.errors import ErrorDetail
 
 # --- requests ---------------------------------------------------------------------
 
@@ -183,6 +187,67 @@ class HealthReport(msgspec.Struct, frozen=True, kw_only=True):
     scheduler_connected: bool
     workers: int
     missing: list[str]
+
+
+# --- speech -----------------------------------------------------------------------
+
+
+class VoiceRef(msgspec.Struct, frozen=True):
+    id: str
+
+
+class SpeechBody(msgspec.Struct, frozen=True):
+    """OpenAI's speech request body (unknown fields are ignored, as OpenAI does)."""
+
+    model: str
+    input: str
+    voice: str | VoiceRef
+    response_format: str = "wav"
+    speed: float = 1.0
+    stream_format: str = "audio"
+    instructions: str = ""
+    # meshserve extensions
+    sample_rate: int = DEFAULT_SAMPLE_RATE
+    stream: bool = True
+
+    @property
+    def voice_name(self) -> str:
+        return self.voice if isinstance(self.voice, str) else self.voice.id
+
+
+class SpeechAudioDelta(msgspec.Struct, frozen=True):
+    type: str
+    audio: str  # base64 of the audio bytes (a WAV header in front of the first)
+
+
+class SpeechUsage(msgspec.Struct, frozen=True):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class SpeechAudioDone(msgspec.Struct, frozen=True):
+    type: str
+    usage: SpeechUsage
+
+
+class SpeechStreamError(msgspec.Struct, frozen=True):
+    type: str
+    error: ErrorDetail
+
+
+class VoiceCard(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: str = "voice"
+    name: str
+    language: str
+    gender: str | None
+    description: str
+
+
+class VoiceList(msgspec.Struct, frozen=True, kw_only=True):
+    object: str = "list"
+    data: list[VoiceCard]
 
 
 T = TypeVar("T")

@@ -23,7 +23,8 @@ from starlette.types import ASGIApp
 from services.api.app import build_app
 from services.api.config import ApiConfig
 from services.api.service import ApiActor
-from services.api.speech import SpeechGateway, speech_routes
+from services.api.speech_gateway import SpeechGateway
+from services.api.speech_routes import speech_routes
 from shared.config import load_config
 from shared.logs import get_logger
 from shared.model_source import served_model_name
@@ -104,13 +105,13 @@ async def main(runtime: ServiceRuntime) -> None:
     served = served_model_name(config.model, config.served_model_name)
     actor = ApiActor(runtime, config)
     speech = SpeechGateway(
-        runtime.zmq, runtime.addresses.speech_addr, runtime.identity,
+        runtime.zmq, runtime.addresses.speech_addr, runtime.identity, config,
         heartbeat_s=runtime.process.heartbeat_s,
     )
     app = build_app(
         actor, config, served,
-        extra_routes=speech_routes(speech, request_timeout_s=config.request_timeout_s),
-        metrics_sources=[speech.metrics.render],
+        extra_routes=speech_routes(speech, config),
+        metrics_sources=[speech.render_metrics],
     )
     log.info("serving", model=served)
     async with anyio.create_task_group() as tg:

@@ -1,5 +1,6 @@
-"""The TTS scheduler: which text chunk runs on which engine slot next, and in what
-order audio goes out. Pure: no I/O, no clock (callers pass ``now``).
+"""The TTS scheduler: which text chunk runs on which engine slot next, in what order
+audio goes out, and when an engine that ignores a cancel must go. Pure: no I/O, no
+clock (callers pass ``now``).
 
     SpeechRequest ─split─▶ chunks c0 c1 c2 …      slots: [ A.c3 ] [ B.c0 ] [ idle ]
                                     │                               ▲
@@ -18,6 +19,9 @@ Policy:
   reported for the caller to abort at the engine, and the slot stays taken until the
   engine confirms, so an engine is never handed two jobs. Ids cancelled before they
   arrived are remembered (bounded) and their request is dropped on arrival.
+- An abort the engine has not confirmed ``cancel_grace_s`` after it was sent is
+  overdue (``overdue_aborts``): the caller restarts that engine, the only way left
+  to free its slot.
 - A job lost with its engine is re-queued (``max_attempts``); audio already released
   or held for a chunk is not repeated by the retry, which is spliced in at the same
   sample offset (espeak-ng repeats itself to within a few samples, so the seam is off
@@ -133,10 +137,14 @@ class Slot:
     ready: bool = False
     job: SpeechJob | None = None
     cancelling: bool = False  # its job was aborted; waiting for the engine's final
+    abort_deadline: float | None = None  # the engine must confirm the abort by then
 
     @property
     def idle(self) -> bool:
         return self.ready and self.job is None
+
+    def reset(self, *, ready: bool) -> None:
+        self.ready, self.job, self.cancelling, self.abort_deadline = ready, None, False, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +159,6 @@ class SchedulerStats:
     cancelled: int
     cancelled_running: int
     busy_rejections: int
-    failed: int
 
 
 class TtsScheduler:
@@ -164,12 +171,14 @@ class TtsScheduler:
         *,
         max_attempts: int = 3,
         remembered_cancels: int = 4096,
+        cancel_grace_s: float = 2.0,
     ) -> None:
         if slots < 1 or max_requests < 1:
             raise ValueError("a tts scheduler needs at least one slot and one request")
         self.slots = [Slot() for _ in range(slots)]
         self.max_requests = max_requests
         self.max_attempts = max_attempts
+        self.cancel_grace_s = cancel_grace_s
         self._requests: dict[str, RequestProgress] = {}
         self._cancelled_early: OrderedDict[str, None] = OrderedDict()
         self._remembered_cancels = remembered_cancels
@@ -179,7 +188,6 @@ class TtsScheduler:
         self.cancelled = 0
         self.cancelled_running = 0
         self.busy_rejections = 0
-        self.failed = 0
 
     # ------------------------------------------------------------ admission
 
@@ -206,9 +214,6 @@ class TtsScheduler:
             request, self._arrivals, chunks, list(range(len(chunks)))
         )
         return Admission.ADMITTED
-
-    def has(self, request_id: str) -> bool:
-        return request_id in self._requests
 
     # ------------------------------------------------------------- dispatch
 
@@ -269,7 +274,7 @@ class TtsScheduler:
         if final:
             if slot.cancelling and cancelled:
                 self.cancelled_running += 1
-            slot.job, slot.cancelling = None, False
+            slot.reset(ready=slot.ready)
         progress = self._requests.get(job.request_id)
         if progress is None or progress.running.get(job.chunk_index) != job_id:
             return out  # its request was cancelled or failed meanwhile
@@ -342,7 +347,6 @@ class TtsScheduler:
     ) -> None:
         self._abort_running(progress, out)
         del self._requests[progress.request_id]
-        self.failed += 1
         out.failures.append(RequestFailure(progress.request_id, status, code, message))
 
     def cancel(self, request_ids: list[str]) -> SchedulerOutput:
@@ -357,8 +361,29 @@ class TtsScheduler:
             self._abort_running(progress, out)
         return out
 
-    def cancel_all(self) -> SchedulerOutput:
-        return self.cancel(list(self._requests))
+    # ------------------------------------------------------ abort deadlines
+
+    def abort_sent(self, abort: JobAbort, now: float) -> None:
+        """``abort`` reached its engine at ``now``: it has ``cancel_grace_s`` to confirm."""
+        slot = self.slots[abort.slot]
+        if slot.cancelling and slot.job is not None and slot.job.job_id == abort.job_id:
+            slot.abort_deadline = now + self.cancel_grace_s
+
+    def next_abort_deadline(self) -> float | None:
+        """The soonest deadline of an unconfirmed abort, None when there is none."""
+        return min((s.abort_deadline for s in self.slots if s.abort_deadline is not None),
+                   default=None)
+
+    def overdue_aborts(self, now: float) -> list[JobAbort]:
+        """Aborts their engine has not confirmed in time, each reported once: the
+        caller restarts those engines (``slot_lost`` follows)."""
+        overdue = []
+        for index, slot in enumerate(self.slots):
+            if slot.abort_deadline is not None and slot.abort_deadline <= now:
+                assert slot.job is not None, "a deadline outlives its job only by a bug"
+                slot.abort_deadline = None
+                overdue.append(JobAbort(index, slot.job.job_id))
+        return overdue
 
     def _remember_cancel(self, request_id: str) -> None:
         self._cancelled_early[request_id] = None
@@ -369,8 +394,7 @@ class TtsScheduler:
     # ---------------------------------------------------------------- slots
 
     def slot_ready(self, slot_index: int) -> None:
-        slot = self.slots[slot_index]
-        slot.ready, slot.job, slot.cancelling = True, None, False
+        self.slots[slot_index].reset(ready=True)
 
     def slot_lost(self, slot_index: int) -> SchedulerOutput:
         """The slot's engine is gone: re-queue its chunk, or fail a request whose
@@ -378,7 +402,7 @@ class TtsScheduler:
         out = SchedulerOutput()
         slot = self.slots[slot_index]
         job = slot.job
-        slot.ready, slot.job, slot.cancelling = False, None, False
+        slot.reset(ready=False)
         if job is None:
             return out
         progress = self._requests.get(job.request_id)
@@ -413,5 +437,4 @@ class TtsScheduler:
             cancelled=self.cancelled,
             cancelled_running=self.cancelled_running,
             busy_rejections=self.busy_rejections,
-            failed=self.failed,
         )

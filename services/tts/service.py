@@ -1,5 +1,9 @@
 """The tts replica's actor: a thin shell around ``TtsScheduler`` and an ``EngineBackend``.
 
+Validation is ``shared.protocol.speech.request_problem``, scheduling, ordering and
+abort deadlines are the scheduler's, spans are ``SpeechTraces``'; the actor turns
+messages and engine events into their calls and their outputs into messages.
+
 It connects a DealerEndpoint to the api's speech ROUTER (hello with capacity =
 engines, ready once an engine is up), and serves one merged, bounded event stream:
 messages from the api, and audio and slot changes from the engines. Each event is
@@ -10,9 +14,10 @@ failures to the api, jobs and aborts to the engines.
                                 ├─ events ─ actor ─┤
     engines ─EngineAudio/slot─▶ ┘                  └─▶ SpeechChunk/Failed ─▶ api
 
-An engine that does not confirm a cancel within ``cancel_grace_s`` is killed (its
-slot restarts). When the api goes away or restarts, every request is cancelled: a new
-api incarnation re-sends what it still wants.
+An engine that does not confirm a cancel within ``cancel_grace_s`` (the scheduler
+says which are overdue) is killed (its slot restarts). When the api goes away or
+restarts, every request is cancelled: a new api incarnation re-sends what it still
+wants.
 """
 
 from __future__ import annotations
@@ -20,22 +25,20 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from shutil import rmtree
 
 import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, Status, StatusCode
 
 from services.tts.chunking import split_text
 from services.tts.config import TtsConfig
 from services.tts.engine_pool import EngineProcessPool
 from services.tts.engines.base import BackendEvent, EngineBackend, SlotAudio, SlotLost, SlotReady
 from services.tts.scheduler import Admission, SchedulerOutput, SpeechJob, TtsScheduler
+from services.tts.tracing import SpeechTraces
 from shared.config import load_config
 from shared.logs import get_logger
 from shared.mesh import DealerEndpoint, Received, UpstreamJoined, UpstreamLost
@@ -52,27 +55,15 @@ from shared.protocol.speech import (
     SpeechStatus,
     SpeechStatusRequest,
     SpeechToTts,
+    request_problem,
 )
 from shared.service import ServiceRuntime
-from shared.telemetry import tracer
 
 log = get_logger("meshserve.tts")
-_tracer = tracer("meshserve.tts")
 
 EVENT_QUEUE = 1024
-MIN_SPEED, MAX_SPEED = 0.25, 4.0  # OpenAI's range
-MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
 
 ActorEvent = Received[SpeechToTts] | UpstreamJoined | UpstreamLost | BackendEvent
-
-
-@dataclass(slots=True)
-class _RequestTrace:
-    span: Span
-    context: Context  # the span's context, sent with every message about the request
-    sample_rate: int
-    submitted: float
-    samples: int = 0
 
 
 class TtsActor:
@@ -82,13 +73,10 @@ class TtsActor:
         self.runtime = runtime
         self.config = config
         self.backend = backend
-        self.scheduler = TtsScheduler(backend.slots, config.max_queued_requests)
+        self.scheduler = TtsScheduler(backend.slots, config.max_queued_requests,
+                                      cancel_grace_s=config.cancel_grace_s)
         self.catalog: SpeechCatalog | None = None
-        self._voices: frozenset[str] = frozenset()
-        self._models: frozenset[str] = frozenset()
-        self._traces: dict[str, _RequestTrace] = {}
-        self._job_spans: dict[int, Span] = {}
-        self._abort_deadlines: dict[int, tuple[int, float]] = {}  # slot -> (job id, deadline)
+        self.traces = SpeechTraces()
         self._announced = False
         self.dealer: DealerEndpoint[SpeechToTts] = DealerEndpoint(
             runtime.zmq,
@@ -129,11 +117,14 @@ class TtsActor:
                 with anyio.move_on_after(self._until_next_abort_deadline()):
                     event = await events.receive()
                 if event is None:
-                    self._enforce_abort_deadlines()
+                    self._restart_overdue_engines()
+                elif isinstance(event, SlotAudio | SlotReady | SlotLost):
+                    await self._on_engine(event)
                 else:
-                    await self._handle(event)
+                    await self._on_mesh(event)
+                await self._dispatch()
 
-    async def _handle(self, event: ActorEvent) -> None:
+    async def _on_mesh(self, event: Received[SpeechToTts] | UpstreamJoined | UpstreamLost) -> None:
         match event:
             case Received(body=SpeechRequest() as request):
                 await self._on_request(request, event.context)
@@ -144,40 +135,6 @@ class TtsActor:
             case Received(body=SpeechCatalogRequest()):
                 self._announced = False
                 await self._announce()
-            case SlotAudio(slot=slot, audio=audio):
-                job = self.scheduler.job_in(slot)
-                out = self.scheduler.on_audio(
-                    slot, audio.job_id, audio.pcm,
-                    final=audio.final, cancelled=audio.cancelled, error=audio.error,
-                )
-                if audio.final and job is not None and job.job_id == audio.job_id:
-                    self._end_job(job.job_id, cancelled=audio.cancelled, error=audio.error)
-                    self._abort_deadlines.pop(slot, None)
-                await self._apply(out)
-            case SlotReady(slot=slot, info=info):
-                self.scheduler.slot_ready(slot)
-                if self.catalog is None:
-                    self.catalog = SpeechCatalog(
-                        engine=info.engine,
-                        sample_rate=info.sample_rate,
-                        models=info.models,
-                        voices=info.voices,
-                        max_input_chars=self.config.max_input_chars,
-                    )
-                    self._voices = frozenset(v.name for v in info.voices)
-                    self._models = frozenset(info.models)
-                log.info("engine ready", slot=slot, pid=info.pid, engine=info.engine)
-                await self._readiness_changed()
-                await self._announce()
-            case SlotLost(slot=slot, reason=reason):
-                job = self.scheduler.job_in(slot)
-                log.warning("engine lost", slot=slot, reason=reason)
-                if job is not None:
-                    self._end_job(job.job_id, cancelled=False, error=reason)
-                self._abort_deadlines.pop(slot, None)
-                out = self.scheduler.slot_lost(slot)
-                await self._readiness_changed()
-                await self._apply(out)
             case UpstreamJoined(restarted=restarted):
                 if restarted:
                     # A new api incarnation: whatever we run for the old one has no reader.
@@ -194,28 +151,42 @@ class TtsActor:
                 log.warning("api rejected a message", reason=reason)
             case Received(body=body):
                 log.warning("unexpected message", type=type(body).__name__)
-        await self._dispatch()
+
+    async def _on_engine(self, event: BackendEvent) -> None:
+        match event:
+            case SlotAudio(slot=slot, audio=audio):
+                job = self.scheduler.job_in(slot)
+                out = self.scheduler.on_audio(
+                    slot, audio.job_id, audio.pcm,
+                    final=audio.final, cancelled=audio.cancelled, error=audio.error,
+                )
+                if audio.final and job is not None and job.job_id == audio.job_id:
+                    self.traces.job_ended(job.job_id, cancelled=audio.cancelled,
+                                          error=audio.error)
+                await self._apply(out)
+            case SlotReady(slot=slot, info=info):
+                self.scheduler.slot_ready(slot)
+                if self.catalog is None:
+                    self.catalog = SpeechCatalog(
+                        engine=info.engine,
+                        sample_rate=info.sample_rate,
+                        models=info.models,
+                        voices=info.voices,
+                        max_input_chars=self.config.max_input_chars,
+                    )
+                log.info("engine ready", slot=slot, pid=info.pid, engine=info.engine)
+                await self._readiness_changed()
+                await self._announce()
+            case SlotLost(slot=slot, reason=reason):
+                job = self.scheduler.job_in(slot)
+                log.warning("engine lost", slot=slot, reason=reason)
+                if job is not None:
+                    self.traces.job_ended(job.job_id, cancelled=False, error=reason)
+                out = self.scheduler.slot_lost(slot)
+                await self._readiness_changed()
+                await self._apply(out)
 
     # -------------------------------------------------------------- requests
-
-    def _invalid(self, request: SpeechRequest) -> str | None:
-        """Why ``request`` cannot be served, or None."""
-        if not request.request_id:
-            return "request_id is empty"
-        if not request.input.strip():
-            return "input is empty"
-        if len(request.input) > self.config.max_input_chars:
-            return f"input is longer than {self.config.max_input_chars} characters"
-        if request.voice not in self._voices:
-            return f"unknown voice {request.voice!r}; GET /v1/audio/voices lists them"
-        if request.model and request.model not in self._models:
-            return f"unknown model {request.model!r}; known: {sorted(self._models)}"
-        if not (MIN_SPEED <= request.speed <= MAX_SPEED) or math.isnan(request.speed):
-            return f"speed must be within {MIN_SPEED} and {MAX_SPEED}, got {request.speed}"
-        rate = request.sample_rate
-        if rate and not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-            return f"sample_rate must be 0 or {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE}, got {rate}"
-        return None
 
     async def _on_request(self, request: SpeechRequest, received: Context) -> None:
         request_id = request.request_id
@@ -223,7 +194,7 @@ class TtsActor:
             await self._fail(request_id, 503, "service_unavailable", "tts engines are starting",
                              received)
             return
-        problem = self._invalid(request)
+        problem = request_problem(request, self.catalog, self.config.max_input_chars)
         chunks = split_text(request.input, self.config.max_chunk_chars) if problem is None else []
         if problem is None and not chunks:
             problem = "input has nothing to speak"
@@ -243,35 +214,19 @@ class TtsActor:
         if admission is not Admission.ADMITTED:
             log.debug("speech request dropped", request_id=request_id, why=admission.name)
             return
-        span = _tracer.start_span(
-            "tts.request",
-            context=received,
-            attributes={
-                "gen_ai.operation.name": "text_to_speech",
-                "gen_ai.request.model": request.model or self.catalog.engine,
-                "meshserve.speech.voice": request.voice,
-                "meshserve.speech.input_chars": len(request.input),
-                "meshserve.speech.chunks": len(chunks),
-            },
-        )
-        self._traces[request_id] = _RequestTrace(
-            span,
-            trace.set_span_in_context(span, received),
-            request.sample_rate or self.catalog.sample_rate,
-            time.monotonic(),
+        self.traces.admitted(
+            request, received, model=request.model or self.catalog.engine,
+            sample_rate=request.sample_rate or self.catalog.sample_rate, chunks=len(chunks),
         )
 
     async def _cancel(self, request_ids: list[str], reason: str) -> None:
         out = self.scheduler.cancel(request_ids)
         for request_id in request_ids:
-            traced = self._traces.pop(request_id, None)
-            if traced is not None:
-                traced.span.add_event("cancelled", {"reason": reason})
-                traced.span.end()
+            self.traces.cancelled(request_id, reason)
         await self._apply(out)
 
     async def _cancel_everything(self, reason: str) -> None:
-        await self._cancel(list(self._traces), reason)
+        await self._cancel(self.traces.request_ids(), reason)
 
     async def _fail(
         self, request_id: str, status: int, code: str, message: str, ctx: Context
@@ -285,17 +240,8 @@ class TtsActor:
             await self._start_job(job)
 
     async def _start_job(self, job: SpeechJob) -> None:
-        traced = self._traces.get(job.request_id)
         rate = job.sample_rate or (self.catalog.sample_rate if self.catalog else 0)
-        self._job_spans[job.job_id] = _tracer.start_span(
-            "tts.synthesize",
-            context=traced.context if traced else None,
-            attributes={
-                "meshserve.speech.chunk": job.chunk_index,
-                "meshserve.speech.chunk_chars": len(job.text),
-                "meshserve.speech.engine_slot": job.slot,
-            },
-        )
+        self.traces.job_started(job)
         await self.backend.start_job(
             job.slot,
             EngineSynthesize(
@@ -308,30 +254,14 @@ class TtsActor:
             ),
         )
 
-    def _end_job(self, job_id: int, *, cancelled: bool, error: str | None) -> None:
-        span = self._job_spans.pop(job_id, None)
-        if span is None:
-            return
-        span.set_attribute("meshserve.speech.cancelled", cancelled)
-        if error is not None:
-            span.set_status(Status(StatusCode.ERROR, error))
-        span.end()
-
     async def _apply(self, out: SchedulerOutput) -> None:
         for abort in out.aborts:
             await self.backend.cancel_job(abort.slot, abort.job_id)
-            self._abort_deadlines[abort.slot] = (
-                abort.job_id, time.monotonic() + self.config.cancel_grace_s,
-            )
+            self.scheduler.abort_sent(abort, time.monotonic())
         for release in out.releases:
-            traced = self._traces.get(release.request_id)
+            traced = self.traces.released(release)
             if traced is None:
                 continue
-            if release.seq == 0:
-                traced.span.add_event(
-                    "first_audio", {"time_to_first_audio_s": time.monotonic() - traced.submitted}
-                )
-            traced.samples += len(release.pcm) // 2
             await self._send(
                 SpeechChunk(
                     request_id=release.request_id,
@@ -344,41 +274,24 @@ class TtsActor:
                 traced.context,
             )
         for request_id in out.finished:
-            traced = self._traces.pop(request_id, None)
-            if traced is not None:
-                traced.span.set_attribute(
-                    "meshserve.speech.audio_seconds", traced.samples / traced.sample_rate
-                )
-                traced.span.end()
+            self.traces.finished(request_id)
         for failure in out.failures:
-            traced = self._traces.pop(failure.request_id, None)
             log.warning("speech request failed", request_id=failure.request_id,
                         reason=failure.message)
-            if traced is not None:
-                traced.span.set_status(Status(StatusCode.ERROR, failure.message))
-                traced.span.end()
             await self._send(
                 SpeechFailed(failure.request_id, failure.status, failure.code, failure.message),
-                traced.context if traced else None,
+                self.traces.failed(failure.request_id, failure.message),
             )
 
     def _until_next_abort_deadline(self) -> float:
-        if not self._abort_deadlines:
-            return math.inf
-        soonest = min(deadline for _, deadline in self._abort_deadlines.values())
-        return max(0.0, soonest - time.monotonic())
+        deadline = self.scheduler.next_abort_deadline()
+        return math.inf if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _enforce_abort_deadlines(self) -> None:
-        now = time.monotonic()
-        for slot, (job_id, deadline) in list(self._abort_deadlines.items()):
-            if deadline > now:
-                continue
-            del self._abort_deadlines[slot]
-            job = self.scheduler.job_in(slot)
-            if job is not None and job.job_id == job_id:
-                # The fallback: the engine ignored the cancel, so its process goes.
-                self.backend.restart(slot, f"job {job_id} not stopped within "
-                                           f"{self.config.cancel_grace_s} s of its cancel")
+    def _restart_overdue_engines(self) -> None:
+        for abort in self.scheduler.overdue_aborts(time.monotonic()):
+            # The fallback: the engine ignored the cancel, so its process goes.
+            self.backend.restart(abort.slot, f"job {abort.job_id} not stopped within "
+                                             f"{self.config.cancel_grace_s} s of its cancel")
 
     # ------------------------------------------------------------------ mesh
 

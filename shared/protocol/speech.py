@@ -29,7 +29,33 @@ fields are never reordered or reused; a breaking change bumps ``PROTOCOL_VERSION
 
 from __future__ import annotations
 
+import math
+
 import msgspec
+
+# ------------------------------------------------------------------- limits
+# One definition for both sides: the api checks HTTP bodies against them (with the
+# parameter named), a tts replica checks every SpeechRequest again (it may be driven by
+# something other than the api).
+
+MAX_INPUT_CHARS = 4096  # OpenAI's limit on ``input``, what the api accepts
+MIN_SPEED, MAX_SPEED = 0.25, 4.0  # OpenAI's range of ``speed``
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000  # what ``sample_rate`` may ask for
+
+
+def speed_problem(speed: float) -> str | None:
+    """Why ``speed`` is out of range, or None (NaN is out of range)."""
+    if MIN_SPEED <= speed <= MAX_SPEED and not math.isnan(speed):
+        return None
+    return f"speed must be within {MIN_SPEED} and {MAX_SPEED}"
+
+
+def sample_rate_problem(sample_rate: int) -> str | None:
+    """Why ``sample_rate`` is out of range, or None."""
+    if MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        return None
+    return f"sample_rate must be within {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE}"
+
 
 # ---------------------------------------------------------------- api <-> tts
 
@@ -112,6 +138,16 @@ class SpeechCatalog(msgspec.Struct, frozen=True, tag=True):
     voices: list[SpeechVoice]
     max_input_chars: int = 0  # 0: no limit beyond the api's own
 
+    def has_voice(self, voice: str) -> bool:
+        return any(v.name == voice for v in self.voices)
+
+    def has_model(self, model: str) -> bool:
+        """``model`` "" is the replica's default, which every replica has."""
+        return not model or model in self.models
+
+    def serves(self, request: SpeechRequest) -> bool:
+        return self.has_voice(request.voice) and self.has_model(request.model)
+
 
 class SpeechCatalogRequest(msgspec.Struct, frozen=True, tag=True):
     """api -> tts: send your ``SpeechCatalog`` (the api lost track of the replica,
@@ -138,6 +174,31 @@ class SpeechStatus(msgspec.Struct, frozen=True, tag=True):
     busy_rejections: int
     engine_restarts: int
     engine_pids: list[int] = []
+
+
+def request_problem(
+    request: SpeechRequest, catalog: SpeechCatalog, max_input_chars: int
+) -> str | None:
+    """Why a replica offering ``catalog`` cannot serve ``request``, or None.
+
+    ``max_input_chars`` is the replica's own cap (at least the api's
+    ``MAX_INPUT_CHARS``); ``sample_rate`` 0 (the engine's native rate) is valid here.
+    """
+    if not request.request_id:
+        return "request_id is empty"
+    if not request.input.strip():
+        return "input is empty"
+    if len(request.input) > max_input_chars:
+        return f"input is longer than {max_input_chars} characters"
+    if not catalog.has_voice(request.voice):
+        return f"unknown voice {request.voice!r}; GET /v1/audio/voices lists them"
+    if not catalog.has_model(request.model):
+        return f"unknown model {request.model!r}; known: {sorted(catalog.models)}"
+    if (problem := speed_problem(request.speed)) is not None:
+        return problem
+    if request.sample_rate:
+        return sample_rate_problem(request.sample_rate)
+    return None
 
 
 SpeechToTts = SpeechRequest | SpeechCancel | SpeechCatalogRequest | SpeechStatusRequest

@@ -4,6 +4,7 @@ slots, bounded admission, cancellation of queued and running chunks, engine loss
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +13,7 @@ from services.tts.scheduler import Admission, AudioRelease, SpeechJob, TtsSchedu
 from shared.protocol.speech import SpeechRequest
 
 
-def make_scheduler(slots: int = 1, max_requests: int = 8, **kwargs: int) -> TtsScheduler:
+def make_scheduler(slots: int = 1, max_requests: int = 8, **kwargs: Any) -> TtsScheduler:
     scheduler = TtsScheduler(slots, max_requests, **kwargs)
     for slot in range(slots):
         scheduler.slot_ready(slot)
@@ -117,6 +118,28 @@ def test_cancel_of_queued_requests_removes_their_chunks() -> None:
     assert remaining == ["running"]
     stats = scheduler.stats()
     assert (stats.requests, stats.queued_chunks, stats.cancelled) == (0, 0, 1)
+
+
+def test_an_abort_the_engine_does_not_confirm_in_time_is_overdue_once() -> None:
+    scheduler = make_scheduler(slots=2, cancel_grace_s=2.0)
+    submit(scheduler, "ignored", ["a."])
+    submit(scheduler, "confirmed", ["b."])
+    first, second = scheduler.schedule()
+    out = scheduler.cancel(["ignored", "confirmed"])
+    assert scheduler.next_abort_deadline() is None  # nothing sent yet: no clock running
+    for abort in out.aborts:
+        scheduler.abort_sent(abort, now=10.0)
+    assert scheduler.next_abort_deadline() == 12.0
+    # One engine confirms in time: its deadline goes with its job.
+    scheduler.on_audio(second.slot, second.job_id, b"", final=True, cancelled=True)
+    assert scheduler.overdue_aborts(now=11.9) == []
+    [overdue] = scheduler.overdue_aborts(now=12.0)
+    assert (overdue.slot, overdue.job_id) == (first.slot, first.job_id)
+    assert scheduler.overdue_aborts(now=99.0) == [] and scheduler.next_abort_deadline() is None
+    # The caller restarts that engine; its slot comes back idle.
+    scheduler.slot_lost(first.slot)
+    scheduler.slot_ready(first.slot)
+    assert scheduler.stats().slots_busy == 0
 
 
 def test_cancel_of_a_running_chunk_frees_the_slot_only_when_the_engine_confirms() -> None:

@@ -1,4 +1,4 @@
-"""SpeechGateway over real ipc sockets, with the test speaking for tts replicas (real
+"""The api's SpeechGateway over real ipc sockets, with the test speaking for tts replicas (real
 DealerEndpoints): routing by load, busy re-routing, failover without repeated audio,
 cancellation, strays, and the request body and WAV header helpers."""
 
@@ -17,13 +17,14 @@ import pytest
 import zmq.asyncio
 from opentelemetry.context import Context
 
-from services.api.speech import (
-    SpeechError,
-    SpeechFlight,
-    SpeechGateway,
-    parse_speech_body,
-    wav_header,
-)
+from services.api.audio import wav_header
+from services.api.body import decode_json
+from services.api.config import ApiConfig
+from services.api.errors import ApiError
+from services.api.openai_schema import SpeechBody
+from services.api.speech_flight import SpeechFlight
+from services.api.speech_gateway import SpeechGateway
+from services.api.speech_plan import check_speech_body
 from shared.mesh import DealerEndpoint, Identity, Received
 from shared.protocol.speech import (
     SpeechCancel,
@@ -83,13 +84,13 @@ class Replica:
 
 
 @asynccontextmanager
-async def mesh(ipc_dir: Path, capacities: list[int], **gateway_args: int) -> AsyncIterator[
+async def mesh(ipc_dir: Path, capacities: list[int], **config: int) -> AsyncIterator[
     tuple[SpeechGateway, list[Replica]]
 ]:
     ctx = zmq.asyncio.Context()
     address = f"ipc://{ipc_dir}/speech.sock"
-    gateway = SpeechGateway(ctx, address, Identity("api", 0), heartbeat_s=HEARTBEAT_S,
-                            status_interval_s=3600, **gateway_args)
+    gateway = SpeechGateway(ctx, address, Identity("api", 0), ApiConfig(**config),
+                            heartbeat_s=HEARTBEAT_S, status_interval_s=3600)
     replicas = []
     try:
         async with anyio.create_task_group() as tg:
@@ -145,7 +146,7 @@ async def test_busy_replicas_are_skipped_until_none_is_left(ipc_dir: Path) -> No
         await second.wait_for(SpeechRequest)
         assert second.requests() == ["r"]
         await second.dealer.send(SpeechFailed("r", 429, "server_busy", "full"))
-        with pytest.raises(SpeechError) as caught, anyio.fail_after(5):
+        with pytest.raises(ApiError) as caught, anyio.fail_after(5):
             await flight.next()
         assert (caught.value.status, caught.value.code) == (429, "server_busy")
         await gateway.close(flight)
@@ -177,7 +178,7 @@ async def test_failures_reach_the_handler_and_strays_are_cancelled(ipc_dir: Path
         flight = await gateway.open(request("r"), Context())
         await replica.wait_for(SpeechRequest)
         await replica.dealer.send(SpeechFailed("r", 500, "engine_error", "boom"))
-        with pytest.raises(SpeechError, match="boom"), anyio.fail_after(5):
+        with pytest.raises(ApiError, match="boom"), anyio.fail_after(5):
             await flight.next()
         await gateway.close(flight)
         # Audio for a request the api does not have: the replica is told to stop.
@@ -195,11 +196,11 @@ async def test_closing_an_unfinished_flight_cancels_it_at_its_replica(ipc_dir: P
         cancel = await replica.wait_for(SpeechCancel)
         assert cancel.request_ids == ["r"]
         assert gateway.metrics.requests == {"cancelled": 1} and gateway.metrics.running == 0
-        assert 'outcome="cancelled"} 1' in gateway.metrics_text()
+        assert 'outcome="cancelled"} 1' in gateway.render_metrics()
 
 
 async def test_a_client_that_reads_too_slowly_is_cut_off(ipc_dir: Path) -> None:
-    async with mesh(ipc_dir, [1], max_buffered_bytes=1000) as (gateway, (replica,)):
+    async with mesh(ipc_dir, [1], speech_max_buffered_bytes=1000) as (gateway, (replica,)):
         flight = await gateway.open(request("r"), Context())
         await replica.wait_for(SpeechRequest)
         for seq in range(3):
@@ -207,7 +208,7 @@ async def test_a_client_that_reads_too_slowly_is_cut_off(ipc_dir: Path) -> None:
         # A stray is answered in order, after the chunks before it were taken.
         await replica.chunk("ghost", 0, 1, 0)
         await replica.wait_for(SpeechCancel)
-        with pytest.raises(SpeechError) as caught:
+        with pytest.raises(ApiError) as caught:
             await flight.next()
         assert caught.value.code == "client_too_slow"
         await gateway.close(flight)
@@ -215,20 +216,25 @@ async def test_a_client_that_reads_too_slowly_is_cut_off(ipc_dir: Path) -> None:
 
 async def test_requests_no_replica_can_serve_are_refused_up_front(ipc_dir: Path) -> None:
     async with mesh(ipc_dir, [1]) as (gateway, _):
-        with pytest.raises(SpeechError) as caught:
+        with pytest.raises(ApiError) as caught:
             await gateway.open(request("v", voice="nope"), Context())
         assert (caught.value.status, caught.value.param) == (400, "voice")
-        with pytest.raises(SpeechError) as caught:
+        with pytest.raises(ApiError) as caught:
             await gateway.open(request("m", model="nope"), Context())
         assert (caught.value.status, caught.value.code) == (404, "model_not_found")
     ctx = zmq.asyncio.Context()
-    lonely = SpeechGateway(ctx, f"ipc://{ipc_dir}/other.sock", Identity("api", 0),
+    lonely = SpeechGateway(ctx, f"ipc://{ipc_dir}/other.sock", Identity("api", 0), ApiConfig(),
                            heartbeat_s=HEARTBEAT_S)
-    with pytest.raises(SpeechError) as caught:
+    with pytest.raises(ApiError) as caught:
         await lonely.open(request("x"), Context())
     assert caught.value.status == 503
     lonely.router.close()
     ctx.destroy(linger=0)
+
+
+def parse_speech_body(raw: bytes) -> SpeechBody:
+    """What the speech route does with a body it read."""
+    return check_speech_body(decode_json(raw, SpeechBody))
 
 
 def test_request_bodies_are_validated_like_openai() -> None:
@@ -247,10 +253,10 @@ def test_request_bodies_are_validated_like_openai() -> None:
         b"not json": None,
     }
     for raw, param in bad.items():
-        with pytest.raises(SpeechError) as caught:
+        with pytest.raises(ApiError) as caught:
             parse_speech_body(raw)
         assert caught.value.status == 400 and caught.value.param == param, raw
-        error = msgspec.json.decode(caught.value.body())["error"]
+        error = msgspec.json.decode(caught.value.encode())["error"]
         assert error["type"] == "invalid_request_error" and error["message"]
 
 
