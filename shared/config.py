@@ -17,6 +17,11 @@ import msgspec
 
 PREFIX = "MESHSERVE_"
 
+# A peer that missed this many heartbeats (``ProcessConfig.heartbeat_s`` apart) is
+# dead: the mesh endpoints reap it, the supervisor kills it, a container
+# healthcheck fails. One number, so all three agree on when a peer is gone.
+MISSED_BEATS_DEAD = 3
+
 T = TypeVar("T", bound=msgspec.Struct)
 
 

@@ -12,6 +12,10 @@ library sources (files that are not UTF-8 are skipped), the BPE trainer is
 deterministic on a fixed input order, and every tensor comes from its own seeded
 generator. The folder name carries a recipe version and the Python version, since
 the corpus is that Python's library.
+
+Importing this module does not import torch: the api and the tokenizer read its
+constants and its folder, and only a process that generates the folder (first
+use on a machine) pays for torch.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 RECIPE_VERSION = 1
 SERVED_NAME = "meshserve-tiny-llama"
@@ -147,6 +152,8 @@ def _config(eos_ids: list[int], pad_id: int) -> dict[str, object]:
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    import torch  # here, not at the top: see the module docstring
+
     head_dim = HIDDEN // HEADS
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB_SIZE, HIDDEN)}
     for i in range(LAYERS):
@@ -194,6 +201,8 @@ def ensure_embedded_model(cache_dir: Path | None = None) -> Path:
         (staging / "generation_config.json").write_text(
             json.dumps({"eos_token_id": eos_ids, "pad_token_id": pad_id}, indent=2)
         )
+        from safetensors.torch import save_file  # imports torch: only when generating
+
         save_file(_weights(), str(staging / "model.safetensors"), metadata={"format": "pt"})
         try:
             staging.rename(target)

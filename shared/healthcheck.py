@@ -1,5 +1,5 @@
 """Container healthcheck: exit 0 when this container's service reported itself
-ready within the last three heartbeats (see ProcessConfig.health_file)."""
+ready within the last ``MISSED_BEATS_DEAD`` heartbeats (see ProcessConfig.health_file)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import json
 import sys
 import time
 
-from shared.config import ProcessConfig, load_config
-
-MISSED_BEATS = 3
+from shared.config import MISSED_BEATS_DEAD, ProcessConfig, load_config
 
 
 def check(path: str) -> str | None:
@@ -19,7 +17,7 @@ def check(path: str) -> str | None:
     except (OSError, ValueError) as e:
         return f"no health report at {path}: {e}"
     age = time.time() - float(state["at"])
-    if age > MISSED_BEATS * float(state["heartbeat_s"]) + 1.0:
+    if age > MISSED_BEATS_DEAD * float(state["heartbeat_s"]) + 1.0:
         return f"last health report is {age:.1f} s old"
     if not state["ready"]:
         return "the service reports it is not ready"

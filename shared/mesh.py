@@ -33,23 +33,18 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry.context import Context
 
+from shared.config import MISSED_BEATS_DEAD
+from shared.frames import FrameWriter, decode_frames
 from shared.logs import get_logger
 from shared.protocol.common import Hello, Rejected, Welcome
-from shared.protocol.envelope import (
-    PROTOCOL_VERSION,
-    Envelope,
-    MessageIds,
-    decode_envelope,
-    encode_envelope,
-)
-from shared.telemetry import context_of, inject_context
+from shared.protocol.envelope import PROTOCOL_VERSION, Envelope
+from shared.telemetry import context_of
 
 log = get_logger("meshserve.mesh")
 
 Body = TypeVar("Body")
 
 INBOX_SIZE = 4096
-MISSED_BEATS_DEAD = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,27 +123,6 @@ class UpstreamLost:
     reason: str
 
 
-def decode_frames(
-    frames: list[bytes], decoder: msgspec.msgpack.Decoder[Any]
-) -> tuple[Envelope, Any] | str:
-    """Decode [envelope, body] with the socket family's typed decoder; a string is
-    the reason the message is rejected. The envelope is decoded on its own first,
-    so a bad body can still be blamed on (and answered to) its sender."""
-    if len(frames) != 2:
-        return f"expected 2 frames (envelope, body), got {len(frames)}"
-    try:
-        envelope = decode_envelope(frames[0])
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        return f"bad envelope: {e}"
-    if envelope.version != PROTOCOL_VERSION:
-        return f"protocol version {envelope.version}, this build speaks {PROTOCOL_VERSION}"
-    try:
-        body = decoder.decode(frames[1])
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        return f"bad body from {envelope.sender}: {e}"
-    return envelope, body
-
-
 class RejectionLog:
     """Counts rejected messages and logs at most once per sender per window."""
 
@@ -197,24 +171,12 @@ class _Endpoint(Generic[Body]):
         self.socket = ctx.socket(socket_type)
         self.socket.setsockopt(zmq.LINGER, 0)
         self._decoder = msgspec.msgpack.Decoder(body_type | Hello | Welcome | Rejected)
-        self._encoder = msgspec.msgpack.Encoder()
-        self._ids = MessageIds()
+        self._writer = FrameWriter(identity.name)
         self.rejections = RejectionLog(f"{identity.name}@{address}")
         send, receive = anyio.create_memory_object_stream[Any](inbox_size)
         self._inbox_send: MemoryObjectSendStream[Any] = send
         self.inbox: MemoryObjectReceiveStream[Any] = receive
         self._closed = False
-
-    def _frames(self, body: Any, ctx: Context | None, msg_id: int | None = None) -> list[bytes]:
-        traceparent, tracestate = inject_context(ctx)
-        envelope = Envelope(
-            version=PROTOCOL_VERSION,
-            msg_id=msg_id if msg_id is not None else self._ids.next(),
-            sender=self.identity.name,
-            traceparent=traceparent,
-            tracestate=tracestate,
-        )
-        return [encode_envelope(envelope), self._encoder.encode(body)]
 
     def _decode(self, frames: list[bytes]) -> tuple[Envelope, Any] | str:
         return decode_frames(frames, self._decoder)
@@ -272,7 +234,7 @@ class RouterEndpoint(_Endpoint[Body]):
         """Send to one peer; False (and the peer is dropped) if it is gone."""
         identity = peer.identity if isinstance(peer, Peer) else peer
         try:
-            await self.socket.send_multipart([identity, *self._frames(body, ctx)])
+            await self.socket.send_multipart([identity, *self._writer.frames(body, ctx)])
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
@@ -383,7 +345,7 @@ class DealerEndpoint(_Endpoint[Body]):
             self.close()
 
     async def send(self, body: Any, ctx: Context | None = None) -> None:
-        await self.socket.send_multipart(self._frames(body, ctx))
+        await self.socket.send_multipart(self._writer.frames(body, ctx))
 
     async def say_hello(self) -> None:
         await self.send(self._hello())
@@ -438,7 +400,3 @@ def bind_address(address: str) -> str:
         return f"tcp://*:{port}"
     return address
 
-
-def new_context() -> zmq.asyncio.Context:
-    """A fresh ZMQ context per process (never shared across a fork)."""
-    return zmq.asyncio.Context()

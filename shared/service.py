@@ -15,17 +15,17 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import zmq.asyncio
-from anyio.abc import TaskGroup
 
 from shared.config import MeshAddresses, ProcessConfig, load_config
+from shared.endpoints import connect_dealer
 from shared.logs import configure_logging, get_logger
-from shared.mesh import DealerEndpoint, Identity, UpstreamLost, new_context
-from shared.protocol.common import Rejected
+from shared.mesh import DealerEndpoint, Identity, UpstreamLost
+from shared.protocol.common import Hello, Rejected
 from shared.telemetry import configure_telemetry, shutdown_telemetry
 
 log = get_logger("meshserve.service")
@@ -33,32 +33,30 @@ log = get_logger("meshserve.service")
 
 @dataclass
 class ServiceRuntime:
-    """What a service's ``main`` gets: who it is, where the mesh is, a ZMQ context
-    and the task group every one of its tasks lives in."""
+    """What a service's ``main`` gets: who it is, where the mesh is and the ZMQ
+    context its endpoints live in (``shared.endpoints`` builds them from it)."""
 
     identity: Identity
     process: ProcessConfig
     addresses: MeshAddresses
     zmq: zmq.asyncio.Context
-    tasks: TaskGroup
-    # Reported to the supervisor in every heartbeat; a service sets it once it can
-    # do its job (model loaded, upstream reached), and clears it when it cannot.
+    # Reported in every hello (to the supervisor and to the singletons a replica
+    # serves); a service sets it once it can do its job (model loaded, upstream
+    # reached), and clears it when it cannot.
     ready: bool = False
     capacity: int = 1
-    extra: dict[str, object] = field(default_factory=dict)
+
+    def hello(self) -> Hello:
+        """This process's hello as of now: its readiness and capacity."""
+        return self.identity.hello(ready=self.ready, capacity=self.capacity)
 
 
 ServiceMain = Callable[[ServiceRuntime], Awaitable[None]]
 
 
 async def _supervisor_link(runtime: ServiceRuntime) -> None:
-    link: DealerEndpoint[Rejected] = DealerEndpoint(
-        runtime.zmq,
-        runtime.addresses.supervisor_addr,
-        runtime.identity,
-        Rejected,
-        heartbeat_s=runtime.process.heartbeat_s,
-        hello=lambda: runtime.identity.hello(ready=runtime.ready, capacity=runtime.capacity),
+    link: DealerEndpoint[Rejected] = connect_dealer(
+        runtime, runtime.addresses.supervisor_addr, Rejected
     )
     async with anyio.create_task_group() as tg:
         await tg.start(link.run)
@@ -88,7 +86,6 @@ async def _run(service: str, main: ServiceMain) -> None:
                 process=process,
                 addresses=addresses,
                 zmq=ctx,
-                tasks=tg,
             )
 
             async def stop_on_signal() -> None:
@@ -145,4 +142,4 @@ def _profiler(process: ProcessConfig) -> cProfile.Profile | None:
     return cProfile.Profile()
 
 
-__all__ = ["ServiceRuntime", "new_context", "serve"]
+__all__ = ["ServiceRuntime", "serve"]

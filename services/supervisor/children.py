@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.mesh import MISSED_BEATS_DEAD
+from shared.config import MISSED_BEATS_DEAD
 from shared.protocol.control import ChildStatus
 
 

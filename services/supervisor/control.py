@@ -26,8 +26,9 @@ from anyio.abc import TaskStatus
 from opentelemetry import trace
 
 from services.supervisor.mesh_plan import CONTROL_SOCKET
+from shared.frames import FrameWriter, decode_frames
 from shared.logs import get_logger
-from shared.mesh import Identity, RejectionLog, decode_frames
+from shared.mesh import Identity, RejectionLog
 from shared.protocol.control import (
     ControlReply,
     MeshStatus,
@@ -36,13 +37,8 @@ from shared.protocol.control import (
     ShutdownRequest,
     StatusRequest,
 )
-from shared.protocol.envelope import (
-    PROTOCOL_VERSION,
-    Envelope,
-    MessageIds,
-    encode_envelope,
-)
-from shared.telemetry import context_of, inject_context, tracer
+from shared.protocol.envelope import Envelope
+from shared.telemetry import context_of, tracer
 
 log = get_logger("meshserve.supervisor.control")
 
@@ -72,8 +68,7 @@ class ControlServer:
         self._handler = handler
         self._limit = anyio.CapacityLimiter(max_concurrent)
         self._decoder = msgspec.msgpack.Decoder(ControlRequest)
-        self._encoder = msgspec.msgpack.Encoder()
-        self._ids = MessageIds()
+        self._writer = FrameWriter(identity.name)
         self._send_lock = anyio.Lock()
         self.rejections = RejectionLog(f"{identity.name}@{address}")
         self.socket = ctx.socket(zmq.ROUTER)
@@ -115,19 +110,9 @@ class ControlServer:
                 await self._answer(peer, answer)
 
     async def _answer(self, peer: bytes, answer: ControlAnswer) -> None:
-        traceparent, tracestate = inject_context()
-        envelope = Envelope(
-            version=PROTOCOL_VERSION,
-            msg_id=self._ids.next(),
-            sender=self.identity.name,
-            traceparent=traceparent,
-            tracestate=tracestate,
-        )
         async with self._send_lock:
             try:
-                await self.socket.send_multipart(
-                    [peer, encode_envelope(envelope), self._encoder.encode(answer)]
-                )
+                await self.socket.send_multipart([peer, *self._writer.frames(answer)])
             except zmq.ZMQError as e:
                 if e.errno != zmq.EHOSTUNREACH:
                     raise
@@ -143,7 +128,7 @@ class ControlClient:
 
     def __init__(self, run_dir: Path) -> None:
         self.address = control_address(run_dir)
-        self._ids = MessageIds()
+        self._writer = FrameWriter(f"cli/{os.getpid()}")
         self._decoder = msgspec.msgpack.Decoder(ControlAnswer)
 
     def request(self, body: ControlRequest, timeout_s: float) -> ControlAnswer:
@@ -152,15 +137,7 @@ class ControlClient:
         socket.setsockopt(zmq.LINGER, 0)
         try:
             socket.connect(self.address)
-            traceparent, tracestate = inject_context()
-            envelope = Envelope(
-                version=PROTOCOL_VERSION,
-                msg_id=self._ids.next(),
-                sender=f"cli/{os.getpid()}",
-                traceparent=traceparent,
-                tracestate=tracestate,
-            )
-            socket.send_multipart([encode_envelope(envelope), msgspec.msgpack.encode(body)])
+            socket.send_multipart(self._writer.frames(body))
             if not socket.poll(int(timeout_s * 1000), zmq.POLLIN):
                 raise ControlTimeout(
                     f"the supervisor at {self.address} did not answer within {timeout_s:g} s"

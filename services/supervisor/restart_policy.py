@@ -5,17 +5,19 @@ Two independent limits, both driven by explicit timestamps so tests need no cloc
 - ``Backoff`` (per child): a crashing child waits 0.1 s, then 0.2 s, 0.4 s, ...
   capped at 5 s before its next start. A child that stayed healthy for 10 s has
   proved itself, and its next crash starts over at 0.1 s.
-- ``RestartIntensity`` (per service): more than 5 restarts of one service within
-  30 s means restarting does not help (a bad model path, a port in use); the
-  supervisor must give up loudly instead of flapping forever.
+- Restart intensity (per service, a ``shared.child_process.RestartWindow``): more
+  than 5 restarts of one service within 30 s means restarting does not help (a bad
+  model path, a port in use); the supervisor must give up loudly instead of
+  flapping forever.
 
 ``RestartPolicy`` combines them into one decision per exit.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
+
+from shared.child_process import RestartWindow
 
 
 class Backoff:
@@ -43,26 +45,6 @@ class Backoff:
     def pending_s(self) -> float:
         """What ``next_delay`` would return, without advancing."""
         return self._next_s
-
-
-class RestartIntensity:
-    """A sliding window of restart times for one service."""
-
-    def __init__(self, max_restarts: int = 5, period_s: float = 30.0):
-        assert max_restarts >= 0 and period_s > 0
-        self.max_restarts = max_restarts
-        self.period_s = period_s
-        self._restarts: deque[float] = deque()
-
-    def record(self, now: float) -> bool:
-        """Count a restart at ``now``; False when that exceeds the intensity."""
-        self._restarts.append(now)
-        while self._restarts and now - self._restarts[0] > self.period_s:
-            self._restarts.popleft()
-        return len(self._restarts) <= self.max_restarts
-
-    def recent(self, now: float) -> int:
-        return sum(1 for t in self._restarts if now - t <= self.period_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +80,7 @@ class RestartPolicy:
     backoff_max_s: float = 5.0
     backoff_reset_s: float = 10.0
     _backoffs: dict[tuple[str, int], Backoff] = field(default_factory=dict)
-    _intensity: dict[str, RestartIntensity] = field(default_factory=dict)
+    _intensity: dict[str, RestartWindow] = field(default_factory=dict)
 
     def backoff(self, service: str, replica: int) -> Backoff:
         key = (service, replica)
@@ -111,7 +93,7 @@ class RestartPolicy:
     def on_exit(self, service: str, replica: int, now: float) -> Decision:
         """A child of ``service`` ended unexpectedly at ``now``: restart or give up."""
         intensity = self._intensity.setdefault(
-            service, RestartIntensity(self.max_restarts, self.period_s)
+            service, RestartWindow(self.max_restarts, self.period_s)
         )
         if not intensity.record(now):
             return GiveUp(

@@ -4,12 +4,10 @@
     supervisor ◀── Hello(ready) every beat ── children   (health ROUTER)
     supervisor ◀── status/restart/scale/down ── CLI      (control ROUTER)
 
-Each child slot has one task that owns its process: start it, wait for it to
-exit, then ask the ``RestartPolicy`` (one_for_one: only that child restarts).
-Everything else (heartbeat checks, operator commands, shutdown) acts on a child by
-setting its intent (``stopping`` / ``restarting``) and signalling its process;
-the slot's task sees the exit and does the rest, so there is one place where a
-process ends and one where it starts.
+Each child has a ``ChildSlot`` (slot.py) whose task owns its processes: start,
+wait for the exit, restart or give up (one_for_one). This module starts and stops
+the slots, folds the health socket's hellos into them, and serves the operator's
+commands; it acts on a child only through its slot (``stop``, ``kill``).
 """
 
 from __future__ import annotations
@@ -19,14 +17,13 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
 import zmq.asyncio
 from anyio.abc import TaskGroup, TaskStatus
 
-from services.supervisor.children import Child, ChildState
+from services.supervisor.children import Child
 from services.supervisor.control import ControlRequest, ControlServer, control_address
 from services.supervisor.mesh_plan import (
     AT_LEAST_ONE,
@@ -36,10 +33,13 @@ from services.supervisor.mesh_plan import (
     STOP_ORDER,
     MeshSettings,
 )
-from services.supervisor.process import service_command, signal_process, spawn_child
-from services.supervisor.restart_policy import GiveUp, RestartPolicy
+from services.supervisor.process import service_command
+from services.supervisor.restart_policy import RestartPolicy
+from services.supervisor.slot import ChildSlot, SlotHooks
+from shared.child_process import spawn_child
+from shared.endpoints import bind_router
 from shared.logs import get_logger
-from shared.mesh import Identity, Peer, PeerJoined, PeerLost, RouterEndpoint
+from shared.mesh import Identity, PeerJoined, PeerLost, RouterEndpoint
 from shared.protocol.common import Rejected
 from shared.protocol.control import (
     ControlReply,
@@ -49,26 +49,11 @@ from shared.protocol.control import (
     ShutdownRequest,
     StatusRequest,
 )
+from shared.service import ServiceRuntime
 
 log = get_logger("meshserve.supervisor")
 
 ReadyCallback = Callable[[bool, str], None]
-
-
-@dataclass(eq=False)
-class _Slot:
-    """A child record plus the I/O handles its task uses."""
-
-    child: Child
-    process: asyncio.subprocess.Process | None = None
-    # Ends a backoff wait early (a stop or an operator restart arrived).
-    wake: anyio.Event = field(default_factory=anyio.Event)
-    # Set when the slot's task returned: the child will not start again.
-    done: anyio.Event = field(default_factory=anyio.Event)
-    peer: Peer | None = None  # the health ROUTER's Peer of the current process
-    kill_reason: str | None = None
-    # Every pid this slot ever ran: their late hellos are expected, not strangers.
-    past_pids: set[int] = field(default_factory=set)
 
 
 class Supervisor:
@@ -100,7 +85,7 @@ class Supervisor:
         # Off when embedded (tests): signal handlers belong to the main program.
         self._handle_signals = handle_signals
         self._ready_reported = False
-        self._slots: dict[tuple[str, int], _Slot] = {}
+        self._slots: dict[tuple[str, int], ChildSlot] = {}
         self._shutdown = anyio.Event()
         self._shutdown_reason = ""
         self._changed = anyio.Event()
@@ -113,12 +98,10 @@ class Supervisor:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         ctx = zmq.asyncio.Context()
-        health: RouterEndpoint[Rejected] = RouterEndpoint(
-            ctx,
-            self.settings.addresses.supervisor_addr,
-            self.identity,
-            Rejected,
-            heartbeat_s=self.beat_s,
+        # The supervisor is the health socket's singleton, set up like any other.
+        runtime = ServiceRuntime(self.identity, self.settings.process, self.settings.addresses, ctx)
+        health: RouterEndpoint[Rejected] = bind_router(
+            runtime, self.settings.addresses.supervisor_addr, Rejected
         )
         self._health = health
         control = ControlServer(
@@ -184,8 +167,7 @@ class Supervisor:
                     for slot in self._slots.values():
                         slot.child.stopping = True
                         slot.wake.set()
-                        if slot.process is not None:
-                            signal_process(slot.process, signal.SIGKILL)
+                        slot.kill(f"second {name}")
 
     async def _watch_startup(self) -> None:
         deadline_s = self.config.startup_timeout_s
@@ -212,103 +194,26 @@ class Supervisor:
 
     # ------------------------------------------------------------------ children
 
-    def _add_child(self, service: str, replica: int) -> _Slot:
+    def _add_child(self, service: str, replica: int) -> ChildSlot:
         assert self._children_tg is not None
-        slot = _Slot(Child(service, replica))
+        slot = ChildSlot(Child(service, replica), self._slot_hooks)
         self._slots[(service, replica)] = slot
-        self._children_tg.start_soon(self._supervise, slot, name=f"child {service}/{replica}")
+        self._children_tg.start_soon(slot.supervise, name=f"child {service}/{replica}")
         return slot
 
-    async def _supervise(self, slot: _Slot) -> None:
-        """Own one child's processes until it is stopped or its service gives up."""
-        child = slot.child
-        try:
-            while not child.stopping:
-                slot.wake = anyio.Event()
-                slot.kill_reason = None
-                env = self.settings.child_env(child.service, child.replica)
-                try:
-                    process = await spawn_child(self._command(child.service), env)
-                except OSError as e:
-                    log.error("cannot start child", child=child.name, error=str(e))
-                    code: int | None = None
-                else:
-                    slot.process = process
-                    child.spawned(process.pid, time.monotonic())
-                    slot.past_pids.add(process.pid)
-                    log.info("child started", child=child.name, pid=process.pid)
-                    self._notify()
-                    if child.stopping:
-                        # The stop arrived while this process was being started,
-                        # so whoever stopped us could not signal it: do it here.
-                        await self._terminate(slot)
-                    code = await process.wait()
-                slot.peer = None
-                child.exited()
-                self._notify()
-                if child.stopping:
-                    break
-                if child.restarting:
-                    child.restarts += 1
-                    log.info("child restarting on request", child=child.name, exit_code=code)
-                    continue
-                decision = self.policy.on_exit(child.service, child.replica, time.monotonic())
-                log.warning(
-                    "child exited",
-                    child=child.name,
-                    exit_code=code,
-                    reason=slot.kill_reason or "exited on its own",
-                )
-                if isinstance(decision, GiveUp):
-                    child.state = ChildState.FAILED
-                    log.error("giving up", failed_service=decision.service, reason=decision.reason)
-                    self.request_shutdown(decision.reason, failed=True)
-                    return
-                child.state = ChildState.BACKOFF
-                child.restarts += 1
-                log.info("child restart scheduled", child=child.name, delay_s=decision.delay_s)
-                with anyio.move_on_after(decision.delay_s):
-                    await slot.wake.wait()
-            child.state = ChildState.STOPPED
-            log.info("child stopped", child=child.name)
-        finally:
-            # Cancelled from outside (not our ordered stop): leave no orphan behind,
-            # even where PDEATHSIG would only fire when this whole process exits.
-            if slot.process is not None:
-                signal_process(slot.process, signal.SIGKILL)
-            slot.done.set()
-            self._notify()
+    @property
+    def _slot_hooks(self) -> SlotHooks:
+        return SlotHooks(
+            spawn=self._spawn,
+            policy=self.policy,
+            stop_timeout_s=self.config.stop_timeout_s,
+            changed=self._notify,
+            give_up=partial(self.request_shutdown, failed=True),
+        )
 
-    async def _stop_child(self, slot: _Slot, *, restart: bool = False) -> None:
-        """SIGTERM the child's process, SIGKILL after the deadline, wait for its exit.
-        Without ``restart`` also wait until its task ended (it will not start again)."""
-        child = slot.child
-        if restart:
-            child.restarting = True
-        else:
-            child.stopping = True
-        slot.wake.set()
-        if child.alive:
-            await self._terminate(slot)
-        if not restart:
-            await slot.done.wait()
-
-    async def _terminate(self, slot: _Slot) -> None:
-        """SIGTERM the slot's current process; SIGKILL it after the stop deadline.
-        Returns once the process has exited."""
-        process = slot.process
-        if process is None or not signal_process(process, signal.SIGTERM):
-            return
-        with anyio.move_on_after(self.config.stop_timeout_s):
-            await process.wait()
-        if process.returncode is None:
-            log.warning(
-                "child did not stop in time; killing",
-                child=slot.child.name,
-                timeout_s=self.config.stop_timeout_s,
-            )
-            signal_process(process, signal.SIGKILL)
-            await process.wait()
+    async def _spawn(self, child: Child) -> asyncio.subprocess.Process:
+        env = self.settings.child_env(child.service, child.replica)
+        return await spawn_child(self._command(child.service), env)
 
     async def _stop_all(self) -> None:
         log.info("stopping mesh", reason=self._shutdown_reason)
@@ -316,9 +221,9 @@ class Supervisor:
             slots = [s for s in self._slots.values() if s.child.service == service]
             async with anyio.create_task_group() as tg:
                 for slot in slots:
-                    tg.start_soon(self._stop_child, slot)
+                    tg.start_soon(slot.stop)
 
-    def _live_slots(self) -> list[_Slot]:
+    def _live_slots(self) -> list[ChildSlot]:
         return [s for s in self._slots.values() if not s.done.is_set()]
 
     def mesh_healthy(self) -> bool:
@@ -384,9 +289,8 @@ class Supervisor:
                     self.policy.on_healthy(child.service, child.replica, healthy_for)
                 problem = child.liveness_problem(now, self.beat_s, self.config.hello_timeout_s)
                 if problem and slot.kill_reason is None and slot.process is not None:
-                    slot.kill_reason = problem
                     log.error("child unresponsive; killing it", child=child.name, reason=problem)
-                    signal_process(slot.process, signal.SIGKILL)
+                    slot.kill(problem)
             self._notify()
 
     def _notify(self) -> None:
@@ -434,7 +338,9 @@ class Supervisor:
             return ControlReply(ok=False, message=f"mesh is stopping: {self._shutdown_reason}")
         return None
 
-    async def _wait_healthy(self, slots: list[_Slot], old_pids: set[int]) -> ControlReply | None:
+    async def _wait_healthy(
+        self, slots: list[ChildSlot], old_pids: set[int]
+    ) -> ControlReply | None:
         """Wait until every slot runs a new, healthy process; an error reply if not."""
         deadline_s = self.config.startup_timeout_s
 
@@ -475,7 +381,7 @@ class Supervisor:
             log.info("restart requested", children=[s.child.name for s in slots])
             async with anyio.create_task_group() as tg:
                 for slot in slots:
-                    tg.start_soon(partial(self._stop_child, slot, restart=True))
+                    tg.start_soon(partial(slot.stop, restart=True))
             if failed := await self._wait_healthy(slots, old):
                 return failed
             summary = ", ".join(f"{s.child.name} (pid {s.child.pid})" for s in slots)
@@ -514,7 +420,7 @@ class Supervisor:
                 log.info("scaling down", scaled_service=service, replicas=wanted)
                 async with anyio.create_task_group() as tg:
                     for slot in removed:
-                        tg.start_soon(self._stop_child, slot)
+                        tg.start_soon(slot.stop)
                 for slot in removed:
                     del self._slots[(service, slot.child.replica)]
                     self.policy.forget(service, slot.child.replica)

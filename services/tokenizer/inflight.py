@@ -21,7 +21,6 @@ Rules:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +35,7 @@ from shared.protocol.generation import (
     TextDelta,
     TokenOutput,
 )
+from shared.recent_ids import RecentIds
 
 # Ended requests remembered so their late outputs are recognised as stragglers.
 RECENTLY_ENDED = 8192
@@ -87,7 +87,7 @@ class InflightRequests:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._requests: dict[str, InflightRequest] = {}
-        self._recently_ended: OrderedDict[str, None] = OrderedDict()
+        self._recently_ended: RecentIds[str] = RecentIds(RECENTLY_ENDED)
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -117,13 +117,13 @@ class InflightRequests:
             trace=trace,
         )
         self._requests[request_id] = state
-        self._recently_ended.pop(request_id, None)
+        self._recently_ended.discard(request_id)
         return state
 
     def drop(self, request_id: str) -> InflightRequest | None:
         """Forget a request (aborted, failed upstream). Idempotent."""
         state = self._requests.pop(request_id, None)
-        self._remember_ended(request_id)
+        self._recently_ended.add(request_id)
         return state
 
     def drop_all(self) -> list[InflightRequest]:
@@ -165,7 +165,7 @@ class InflightRequests:
             self._requests.pop(message.request_id, None)
             outcome.failed.append(_server_error(message.request_id, str(e)))
             outcome.orphaned.append(message.request_id)
-            self._remember_ended(message.request_id)
+            self._recently_ended.add(message.request_id)
             return outcome
         self._requests.pop(message.request_id, None)
         state = self.admit(message.request_id, prompt_ids, message.detokenize, trace)
@@ -245,12 +245,6 @@ class InflightRequests:
         self.drop(state.request_id)
         outcome.failed.append(_server_error(state.request_id, reason))
         outcome.orphaned.append(state.request_id)
-
-    def _remember_ended(self, request_id: str) -> None:
-        self._recently_ended[request_id] = None
-        self._recently_ended.move_to_end(request_id)
-        while len(self._recently_ended) > RECENTLY_ENDED:
-            self._recently_ended.popitem(last=False)
 
 
 def _server_error(request_id: str, reason: str) -> RequestFailed:

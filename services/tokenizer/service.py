@@ -31,6 +31,7 @@ from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.encoder import PromptEncoder, PromptError
 from services.tokenizer.inflight import Finished, InflightRequests, Outcome
 from shared.config import load_config
+from shared.endpoints import connect_dealer
 from shared.logs import get_logger
 from shared.mesh import (
     DealerEndpoint,
@@ -40,7 +41,8 @@ from shared.mesh import (
     UpstreamLost,
 )
 from shared.model_source import resolve_model_dir
-from shared.protocol.common import Hello, Rejected
+from shared.protocol.choices import choice_ids
+from shared.protocol.common import Rejected
 from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import (
     Abort,
@@ -94,21 +96,14 @@ class TokenizerService:
         # Messages that decode but make no sense (unknown ids, corrupt arrays):
         # counted and logged at most once per window per sender, like the endpoints do.
         self.rejections = RejectionLog(f"{runtime.identity.name} actor")
+        # Both hellos carry this capacity and ``runtime.ready``: the api routes new
+        # requests only to replicas that say they are ready.
         runtime.capacity = config.max_inflight
-        heartbeat_s = runtime.process.heartbeat_s
-        self.api: DealerEndpoint[FromApi] = DealerEndpoint(
-            runtime.zmq, runtime.addresses.api_addr, runtime.identity, FromApi,
-            heartbeat_s=heartbeat_s, hello=self._hello,
+        self.api: DealerEndpoint[FromApi] = connect_dealer(
+            runtime, runtime.addresses.api_addr, FromApi
         )
-        self.scheduler: DealerEndpoint[FromScheduler] = DealerEndpoint(
-            runtime.zmq, runtime.addresses.scheduler_addr, runtime.identity, FromScheduler,
-            heartbeat_s=heartbeat_s, hello=self._hello,
-        )
-
-    def _hello(self) -> Hello:
-        # The api routes new requests only to replicas that say they are ready.
-        return self._runtime.identity.hello(
-            capacity=self._config.max_inflight, ready=self._runtime.ready
+        self.scheduler: DealerEndpoint[FromScheduler] = connect_dealer(
+            runtime, runtime.addresses.scheduler_addr, FromScheduler
         )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -165,10 +160,8 @@ class TokenizerService:
         request_id = request.request_id
         # n > 1: one Submit; the scheduler forks it into choices <id>-<i>, each with
         # its own detokenizer state here.
-        choice_ids = (
-            [request_id] if request.n <= 1 else [f"{request_id}-{i}" for i in range(request.n)]
-        )
-        if any(choice_id in self.requests for choice_id in choice_ids):
+        choices = choice_ids(request_id, request.n)
+        if any(choice in self.requests for choice in choices):
             # A re-sent request: this replica already submitted it.
             self.rejections.record("api", f"duplicate GenerateRequest {request_id} ignored")
             return
@@ -193,12 +186,12 @@ class TokenizerService:
                     "request refused", request_id=request_id,
                     status=refusal.status, reason=refusal.message,
                 )
-                for choice_id in choice_ids:
+                for choice in choices:
                     await self.api.send(
-                        RequestFailed(choice_id, refusal.status, refusal.code, refusal.message)
+                        RequestFailed(choice, refusal.status, refusal.code, refusal.message)
                     )
                 return
-            if any(choice_id in self.requests for choice_id in choice_ids):
+            if any(choice in self.requests for choice in choices):
                 # Taken over by a Reassign while a thread encoded it: the scheduler
                 # has it already.
                 self.rejections.record("api", f"duplicate GenerateRequest {request_id} ignored")
@@ -206,8 +199,8 @@ class TokenizerService:
             span.set_attribute("gen_ai.usage.input_tokens", len(prompt_ids))
             # Submit travels under the encode span so the scheduler's spans join the trace.
             ctx = trace.set_span_in_context(span)
-            for choice_id in choice_ids:
-                self.requests.admit(choice_id, prompt_ids, request.detokenize, trace=ctx)
+            for choice in choices:
+                self.requests.admit(choice, prompt_ids, request.detokenize, trace=ctx)
             await self.scheduler.send(
                 Submit(
                     request_id=request_id,

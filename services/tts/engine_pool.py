@@ -4,27 +4,29 @@ Each slot is kept alive by its own task: start ``python -m services.tts.engine_p
 with a fresh PAIR socket (a new address per start, so a dead engine's pipe can never
 be mistaken for the new one), wait for its ``EngineReady``, relay its audio, and when
 the process exits (crash, or ``restart``'s kill) report ``SlotLost`` and start it
-again. Restarts are rate limited like a supervisor's: too many in a window and the
-pool raises, taking the replica down loudly instead of spinning.
+again. Engines are started and rate limited with the supervisor's own primitive
+(``shared.child_process``): each dies with the replica (PDEATHSIG), and too many
+restarts in a window make the pool raise, taking the replica down loudly instead
+of spinning.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-import subprocess
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import msgspec
 import zmq
 import zmq.asyncio
-from anyio.abc import ObjectSendStream, Process, TaskStatus
+from anyio.abc import ObjectSendStream, TaskStatus
 
 from services.tts.engines.base import BackendEvent, SlotAudio, SlotLost, SlotReady
+from shared.child_process import RestartWindow, spawn_child
 from shared.logs import get_logger
 from shared.protocol.speech import (
     EngineAudio,
@@ -48,26 +50,9 @@ class _EngineProcess:
     slot: int
     generation: int
     socket: zmq.asyncio.Socket
-    process: Process | None = None
+    process: asyncio.subprocess.Process | None = None
     ready: EngineReady | None = None
     kill_reason: str | None = None
-
-
-@dataclass(slots=True)
-class RestartBudget:
-    """At most ``max_restarts`` within ``window_s`` (OTP's restart intensity)."""
-
-    max_restarts: int = 5
-    window_s: float = 30.0
-    _times: deque[float] = field(default_factory=deque)
-
-    def spend(self, now: float) -> bool:
-        while self._times and now - self._times[0] > self.window_s:
-            self._times.popleft()
-        if len(self._times) >= self.max_restarts:
-            return False
-        self._times.append(now)
-        return True
 
 
 class EngineProcessPool:
@@ -94,7 +79,7 @@ class EngineProcessPool:
         self._engines: dict[int, _EngineProcess] = {}
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(EngineEvent)
-        self._budget = RestartBudget()
+        self._restart_window = RestartWindow(max_restarts=5, period_s=30.0)
         self.restarts = 0
 
     async def run(
@@ -139,10 +124,11 @@ class EngineProcessPool:
             reason = await self._run_engine(slot, generation, events)
             await events.send(SlotLost(slot, reason))
             self.restarts += 1
-            if not self._budget.spend(time.monotonic()):
+            window = self._restart_window
+            if not window.record(time.monotonic()):
                 raise EngineCrashLoop(
-                    f"tts engines died {self._budget.max_restarts} times within "
-                    f"{self._budget.window_s:.0f} s (last: slot {slot}, {reason}); see the "
+                    f"tts engines died more than {window.max_restarts} times within "
+                    f"{window.period_s:.0f} s (last: slot {slot}, {reason}); see the "
                     "engine logs above"
                 )
             log.warning("restarting engine", slot=slot, reason=reason)
@@ -158,13 +144,10 @@ class EngineProcessPool:
         engine = _EngineProcess(slot, generation, socket)
         self._engines[slot] = engine
         try:
-            engine.process = await anyio.open_process(
+            engine.process = await spawn_child(
                 [sys.executable, "-m", "services.tts.engine_proc"],
-                env=self._engine_env(slot, path),
+                self._engine_env(slot, path),
                 cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=None,
-                stderr=None,
             )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._relay, engine, events)

@@ -31,6 +31,7 @@ from services.worker.config import WorkerConfig
 from services.worker.device import resolve_device
 from services.worker.runner import ModelRunner
 from shared.config import load_config
+from shared.endpoints import connect_dealer
 from shared.logs import get_logger
 from shared.mesh import DealerEndpoint, Received, UpstreamJoined, UpstreamLost
 from shared.model_source import resolve_model_dir
@@ -65,12 +66,9 @@ class WorkerActor:
     def __init__(self, runtime: ServiceRuntime, runner: ModelRunner) -> None:
         self.runner = runner
         details = runner.details()
-        self.endpoint: DealerEndpoint[StepPlan] = DealerEndpoint(
-            runtime.zmq,
-            runtime.addresses.scheduler_addr,
-            runtime.identity,
-            StepPlan,
-            heartbeat_s=runtime.process.heartbeat_s,
+        # The hello carries the KV geometry the scheduler plans with.
+        self.endpoint: DealerEndpoint[StepPlan] = connect_dealer(
+            runtime, runtime.addresses.scheduler_addr, StepPlan,
             hello=lambda: runtime.identity.hello(capacity=PLAN_QUEUE_SIZE, worker=details),
         )
         plans_in, plans_out = anyio.create_memory_object_stream[QueuedPlan](PLAN_QUEUE_SIZE)
@@ -78,7 +76,6 @@ class WorkerActor:
         self._plans_out: MemoryObjectReceiveStream[QueuedPlan] = plans_out
         self._epoch = 0  # bumped when the scheduler comes back as a new incarnation
         self._runner_epoch = 0
-        self.steps_run = 0
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -139,7 +136,6 @@ class WorkerActor:
             "worker.step", context=queued.context, links=links, attributes=attributes
         ) as span:
             result = await anyio.to_thread.run_sync(self.runner.execute, plan)
-            self.steps_run += 1
             if queued.epoch < self._epoch:
                 # The scheduler restarted while this step ran; its step ids start
                 # over, so this result could be mistaken for one of the new ones.

@@ -223,7 +223,6 @@ async def tokenizer_mesh(
                     addresses=MeshAddresses(api_addr=api.address,
                                             scheduler_addr=scheduler.address),
                     zmq=ctx,
-                    tasks=tg,
                 )
                 service = TokenizerService(
                     runtime, TokenizerConfig(), PromptEncoder.from_folder(model_dir),

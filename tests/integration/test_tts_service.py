@@ -414,7 +414,6 @@ async def test_spans_continue_the_callers_trace(ipc_dir: Path) -> None:
             process=ProcessConfig(heartbeat_s=HEARTBEAT_S),
             addresses=MeshAddresses(speech_addr=f"ipc://{ipc_dir}/speech.sock"),
             zmq=api.ctx,
-            tasks=tg,
         )
         workdir = ipc_dir / "engines"
         workdir.mkdir()

@@ -11,9 +11,9 @@ from services.supervisor.restart_policy import (
     Backoff,
     GiveUp,
     Restart,
-    RestartIntensity,
     RestartPolicy,
 )
+from shared.child_process import RestartWindow
 
 BEAT = 0.5
 
@@ -36,7 +36,7 @@ def test_backoff_resets_only_after_ten_healthy_seconds() -> None:
 
 @given(st.lists(st.floats(min_value=0, max_value=100), min_size=1, max_size=40))
 def test_intensity_allows_at_most_five_within_any_thirty_seconds(gaps: list[float]) -> None:
-    intensity = RestartIntensity(max_restarts=5, period_s=30.0)
+    intensity = RestartWindow(max_restarts=5, period_s=30.0)
     now, accepted = 0.0, []
     for gap in gaps:
         now += gap
