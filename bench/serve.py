@@ -12,7 +12,8 @@ count in no figure.
 
 Prompts: on /v1/completions they are token ids (exact input lengths; the
 vocabulary comes from --tokenizer DIR, else from the model folder the server names
-in /v1/models when it exists on this machine, else --vocab-size). With
+in /v1/models when it exists on this machine, or the embedded model's cache
+folder, else --vocab-size). With
 --text-prompts, and always on /v1/chat/completions, they are text of exact length
 built with that folder's tokenizer (chat adds its template's tokens on top; the
 figures use the server's usage counts).
@@ -115,10 +116,23 @@ async def served_model(client: httpx.AsyncClient, base_url: str, wanted: str) ->
     return wanted, ""  # a server may serve ids it does not list
 
 
-def prompt_source(args: argparse.Namespace, root: str) -> TokenIdPrompts | TextPrompts:
-    folder = Path(args.tokenizer) if args.tokenizer else Path(root) if root else None
-    if folder is not None and not folder.is_dir():
-        folder = None
+def model_folder(args: argparse.Namespace, model: str, root: str) -> Path | None:
+    """--tokenizer, else the served model's folder when it is on this machine (the
+    embedded default is named, not a path: found in its cache folder)."""
+    if args.tokenizer:
+        return Path(args.tokenizer)
+    if root and Path(root).is_dir():
+        return Path(root)
+    # Imported here: shared.embedded_model imports torch, which a client benchmarking
+    # some other server need not have.
+    from shared.embedded_model import SERVED_NAME, embedded_model_dir
+
+    if model == SERVED_NAME and embedded_model_dir().is_dir():
+        return embedded_model_dir()
+    return None
+
+
+def prompt_source(args: argparse.Namespace, folder: Path | None) -> TokenIdPrompts | TextPrompts:
     if args.endpoint != COMPLETIONS or args.text_prompts:
         if folder is None:
             raise SystemExit("text prompts need a tokenizer: pass --tokenizer DIR")
@@ -191,7 +205,8 @@ async def benchmark(args: argparse.Namespace, settings: Settings) -> int:
     pool = min(args.max_concurrency or total, total)
     async with make_client(pool, args.request_timeout) as client:
         model, root = await served_model(client, args.base_url, args.model)
-        source = prompt_source(args, root)
+        folder = model_folder(args, model, root)
+        source = prompt_source(args, folder)
         samples = generate(spec, source, total, args.seed)
         measured, warmups = samples[: args.num_prompts], samples[args.num_prompts :]
         endpoint = Endpoint(args.base_url, args.endpoint, model, args.temperature,
@@ -234,7 +249,7 @@ async def benchmark(args: argparse.Namespace, settings: Settings) -> int:
     run_settings = {
         "label": args.label or ("openai-chat" if endpoint.is_chat else "openai"),
         "base_url": args.base_url, "endpoint": args.endpoint, "model_id": model,
-        "tokenizer_id": args.tokenizer or root, "dataset_name": args.dataset_name,
+        "tokenizer_id": str(folder or ""), "dataset_name": args.dataset_name,
         "dataset": asdict(spec),
         "num_prompts": args.num_prompts, "num_warmups": args.num_warmups, "seed": args.seed,
         "request_rate": args.request_rate, "burstiness": args.burstiness,
