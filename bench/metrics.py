@@ -259,7 +259,8 @@ def format_table(metrics: BenchmarkMetrics, slos: Mapping[str, float] | None = N
         lines.append("{s:{c}^60}".format(s=f" {title} ", c="-"))
         upper = name.upper()
         row(f"Mean {upper} (ms):", dist.mean)
-        row(f"Median {upper} (ms):", dist.median)
+        if 50.0 not in dict(dist.percentiles):  # else P50 says it
+            row(f"Median {upper} (ms):", dist.median)
         for q, value in dist.percentiles:
             row(f"P{q:g} {upper} (ms):", value)
     lines.append("=" * 60)
