@@ -225,7 +225,9 @@ async def benchmark(args: argparse.Namespace, settings: Settings) -> int:
                     print_request(i, batch[i], records[i], text)
                 return records[i].success
 
-            progress = ProgressBar(len(batch), label, enabled=not args.no_progress)
+            # --verbose prints a line per request: that is the progress, and a bar
+            # redrawn between those lines would garble them.
+            progress = ProgressBar(len(batch), label, enabled=not (args.no_progress or verbose))
             return await run_load(send_one, offsets, args.max_concurrency, progress)
 
         def fresh(batch: list[SampleRequest]) -> list[RequestRecord]:
