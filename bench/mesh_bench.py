@@ -11,12 +11,12 @@ one process, no sockets), and prints TTFT, TPOT, ITL, throughput and the ratio.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +30,7 @@ import httpx
 import torch
 
 from bench.inprocess import InProcessEngine
+from bench.metrics import percentile
 from services.worker.runner import ModelRunner
 from shared.model_source import resolve_model_dir
 from shared.protocol.generation import SamplingParams
@@ -133,20 +134,21 @@ async def drive_mesh(url: str, prompts: list[list[int]], max_tokens: int,
 def summarize(name: str, timings: list[RequestTiming], wall: float) -> dict[str, float]:
     tokens = sum(t.output_tokens for t in timings)
     row = {"output_tokens": tokens, "wall_s": wall, "throughput_tok_s": tokens / wall,
-           "e2e_p50_ms": 1000 * statistics.median(t.end - t.start for t in timings)}
+           "e2e_p50_ms": 1000 * percentile([t.end - t.start for t in timings], 50)}
     ttft = [t.chunks[0] - t.start for t in timings if t.chunks]
     if ttft:
-        itl = [b - a for t in timings for a, b in zip(t.chunks, t.chunks[1:], strict=False)]
+        itl = [b - a for t in timings for a, b in itertools.pairwise(t.chunks)]
         tpot = [(t.end - t.chunks[0]) / (t.output_tokens - 1) for t in timings
                 if t.chunks and t.output_tokens > 1]
+        # Percentiles as bench.serve (and vLLM) compute them, so the two tools agree.
         row |= {
-            "ttft_p50_ms": 1000 * statistics.median(ttft),
-            "ttft_p99_ms": 1000 * max(ttft),
-            "tpot_p50_ms": 1000 * statistics.median(tpot) if tpot else 0.0,
+            "ttft_p50_ms": 1000 * percentile(ttft, 50),
+            "ttft_p99_ms": 1000 * percentile(ttft, 99),
+            "tpot_p50_ms": 1000 * percentile(tpot, 50),
         }
         if itl:
-            row |= {"itl_p50_ms": 1000 * statistics.median(itl),
-                    "itl_p99_ms": 1000 * sorted(itl)[int(0.99 * (len(itl) - 1))]}
+            row |= {"itl_p50_ms": 1000 * percentile(itl, 50),
+                    "itl_p99_ms": 1000 * percentile(itl, 99)}
     print(f"{name:>18}: " + "  ".join(f"{k}={v:.2f}" for k, v in row.items()))
     return row
 
