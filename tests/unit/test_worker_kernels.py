@@ -183,7 +183,7 @@ def test_fused_forward_matches_reference_forward() -> None:
     from shared.protocol.generation import SamplingParams
 
     folder = ensure_embedded_model()
-    dtype = "float32" if DTYPE == torch.float32 else "bfloat16"
+    dtype = "float32" if DTYPE is torch.float32 else "bfloat16"
     runner = ModelRunner(folder, "cpu" if DEVICE.type == "cpu" else "cuda", dtype,
                          num_kv_blocks=64, block_size=PAGE, graph_max_batch=0)
     model = runner.model
