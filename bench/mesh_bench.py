@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,6 +25,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 
 import anyio
 import httpx
@@ -31,6 +34,7 @@ import torch
 
 from bench.inprocess import InProcessEngine
 from bench.metrics import percentile
+from bench.results import gpu_name
 from services.worker.runner import ModelRunner
 from shared.model_source import resolve_model_dir
 from shared.protocol.generation import SamplingParams
@@ -184,6 +188,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda (both sides)")
     parser.add_argument("--mesh-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a mesh setting (meshserve up --set), e.g. steps_in_flight=3")
+    parser.add_argument("--result-json", default="",
+                        help="also write the figures, the GPU and this command line here")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch threads of the worker and of the in-process run (0: torch's)")
     args = parser.parse_args()
@@ -229,6 +235,22 @@ def main() -> None:
     local = summarize("in-process", local_timings, local_wall)
     ratio = mesh["throughput_tok_s"] / local["throughput_tok_s"]
     print(f"throughput ratio mesh / in-process: {ratio:.3f}")
+    if args.result_json:
+        write_result(Path(args.result_json), {
+            "benchmark": "bench.mesh_bench", "command": shlex.join(["python", "-m",
+                                                                   "bench.mesh_bench",
+                                                                   *sys.argv[1:]]),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "gpu": gpu_name(),
+            "model": model_dir.name, "requests": args.requests, "prompt_len": args.prompt_len,
+            "max_tokens": args.max_tokens, "mesh": mesh, "in_process": local,
+            "ratio_mesh_over_in_process": ratio,
+        })
+
+
+def write_result(path: Path, result: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

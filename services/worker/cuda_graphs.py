@@ -24,7 +24,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from services.worker.kernel_batch import KernelAttentionMetadata, StagingBuffer, slot_mapping
+from services.worker.kernel_batch import (
+    KernelAttentionMetadata,
+    StagingBuffer,
+    pad_rows,
+    slot_mapping,
+)
 from services.worker.step_batch import RequestState, blocks_for
 
 
@@ -113,7 +118,7 @@ class DecodeGraphs:
             tables.append(state.block_ids[: blocks_for(position + 1, self.block_size)])
         pad = bucket - count
         width = max(len(row) for row in tables)
-        flat = [b for row in tables for b in (*row, *([self.scratch_block] * (width - len(row))))]
+        flat = pad_rows(tables, width, self.scratch_block)
         scratch_row = [self.scratch_block] * width
         uploaded = self._staging.upload(
             ids + [0] * pad
