@@ -15,4 +15,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     # CUDA: decode steps of up to this many requests replay captured CUDA graphs
     # (0: never; every step runs eagerly).
     cuda_graph_max_batch: int = 256
+    # CUDA: steps with prefill chunks of up to this many tokens (and at most
+    # cuda_graph_max_batch requests) replay captured graphs too (0: eager).
+    cuda_graph_max_tokens: int = 2048
     torch_threads: int = 0  # 0: all cores but one on CPU (the mesh needs one), torch's on CUDA

@@ -64,7 +64,11 @@ class DecodeGraphs:
         self._tile_start = torch.zeros(b, **int32)
         self._staging = StagingBuffer(device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._capture(forward)
+        self._forward = forward
+        if device.type == "cuda":
+            self._capture(forward)
+        # Elsewhere (the CPU under Triton's interpreter, in tests) ``run`` calls the
+        # forward on the same static buffers instead of replaying a graph.
 
     def _meta(self, batch: int) -> KernelAttentionMetadata:
         tables = self._tables[:batch]
@@ -131,6 +135,9 @@ class DecodeGraphs:
         self._positions[:bucket].copy_(pos_t)
         self._seq_lens[:bucket].copy_(seq_t)
         self._tables[:bucket, :width].copy_(tables_t.view(bucket, width))
+        if bucket not in self._graphs:
+            return self._forward(self._input_ids[:bucket], self._positions[:bucket],
+                                 self._meta(bucket))[:count]
         graph, hidden = self._graphs[bucket]
         graph.replay()
         return hidden[:count]

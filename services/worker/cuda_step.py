@@ -5,8 +5,11 @@ step's tokens become hidden states on the GPU:
 
 - a decode-only step whose batch fits a captured bucket replays that bucket's
   graph (``cuda_graphs.py``);
-- any other step (prefill chunks, mixed, larger than the largest bucket) runs the
-  fused forward eagerly over one ``KernelBatch`` (``kernel_batch.py``).
+- a step with prefill chunks whose token count fits a bucket replays a mixed
+  graph (``mixed_graphs.py``);
+- anything larger (or long-context decodes of a small batch, which split their
+  keys) runs the fused forward eagerly over one ``KernelBatch``
+  (``kernel_batch.py``).
 
 Both read their inputs from one pinned upload per step, so the host never waits
 on the GPU until the sampled ids come back.
@@ -25,6 +28,7 @@ from services.worker.kernel_batch import (
     build_kernel_batch,
 )
 from services.worker.kv_cache import PagedKVCache
+from services.worker.mixed_graphs import MixedGraphs
 from services.worker.models.llama import LlamaModel
 from services.worker.models.llama_fused import fused_forward
 from services.worker.step_batch import RequestState, blocks_for
@@ -36,16 +40,25 @@ GRAPH_MAX_SPLIT_FREE_CONTEXT = 8192
 
 class CudaStep:
     def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, block_size: int,
-                 max_model_len: int, graph_max_batch: int, scratch_block: int) -> None:
+                 max_model_len: int, graph_max_batch: int, scratch_block: int,
+                 graph_max_tokens: int = 0) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self._staging = StagingBuffer(model.device)
         self.graphs: DecodeGraphs | None = None
+        self.mixed: MixedGraphs | None = None
+        max_blocks = blocks_for(max_model_len, block_size)
         if graph_max_batch > 0:
             self.graphs = DecodeGraphs(
-                self._graph_forward, model.device, graph_max_batch,
-                blocks_for(max_model_len, block_size), block_size, scratch_block,
+                self._graph_forward, model.device, graph_max_batch, max_blocks, block_size,
+                scratch_block,
+            )
+        if graph_max_batch > 0 and graph_max_tokens > 0:
+            c = model.config
+            self.mixed = MixedGraphs(
+                self._graph_forward, model.device, graph_max_tokens, graph_max_batch,
+                max_blocks, block_size, scratch_block, c.num_heads, c.num_kv_heads,
             )
 
     def _graph_forward(self, input_ids, positions, meta):  # type: ignore[no-untyped-def]
@@ -72,6 +85,9 @@ class CudaStep:
             if len(samplers) < len(states):
                 # A 1-token prefill chunk short of the prompt's end: no logits for it.
                 hidden = hidden[torch.tensor(samplers, device=hidden.device, dtype=torch.long)]
+            return samplers, hidden
+        if self.mixed is not None and self.mixed.bucket(len(states), sum(num_tokens)):
+            hidden, _rows, samplers = self.mixed.run(states, num_tokens)
             return samplers, hidden
         c = self.model.config
         batch = build_kernel_batch(states, num_tokens, self.block_size, self._staging,

@@ -79,6 +79,7 @@ class ModelRunner:
         max_model_len: int = 0,
         seed: int | None = None,
         graph_max_batch: int = 256,
+        graph_max_tokens: int = 2048,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -117,7 +118,8 @@ class ModelRunner:
             from services.worker.cuda_step import CudaStep
 
             self._cuda = CudaStep(self.model, self.kv_cache, block_size, self.max_model_len,
-                                  graph_max_batch, scratch_block=num_kv_blocks)
+                                  graph_max_batch, scratch_block=num_kv_blocks,
+                                  graph_max_tokens=graph_max_tokens)
 
     def details(self) -> WorkerDetails:
         config = self.model.config

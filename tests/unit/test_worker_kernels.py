@@ -219,3 +219,74 @@ def test_fused_forward_matches_reference_forward() -> None:
     order = [ref.samplers.index(i) for i in batch.samplers]
     torch.testing.assert_close(got.float(), expected[order].float(),
                                atol=5 * TOL, rtol=5 * TOL)
+
+
+def test_graph_step_layouts_match_reference_forward() -> None:
+    """The padded static-buffer layouts the CUDA graphs replay (mixed steps by
+    token bucket, decodes by batch bucket) give the reference forward's hidden
+    states for the rows that sample. On the CPU (interpreter) the forward runs on
+    those buffers directly; on CUDA the captured graphs replay."""
+    from services.worker.cuda_graphs import DecodeGraphs
+    from services.worker.mixed_graphs import MixedGraphs
+    from services.worker.models.llama_fused import fused_forward
+    from services.worker.runner import ModelRunner
+    from services.worker.step_batch import RequestState, build_step_batch
+    from shared.embedded_model import ensure_embedded_model
+    from shared.protocol.generation import SamplingParams
+
+    dtype = "float32" if DTYPE is torch.float32 else "bfloat16"
+    runner = ModelRunner(ensure_embedded_model(), DEVICE.type, dtype, num_kv_blocks=64,
+                         block_size=PAGE, graph_max_batch=0)
+    model, cache = runner.model, runner.kv_cache
+    c = model.config
+
+    def forward(ids, positions, meta):  # type: ignore[no-untyped-def]
+        return fused_forward(model, ids, positions, meta, cache)
+
+    mixed = MixedGraphs(forward, runner.device, max_tokens=128, max_requests=4, max_blocks=8,
+                        block_size=PAGE, scratch_block=63, num_heads=c.num_heads,
+                        num_kv_heads=c.num_kv_heads)
+    decode = DecodeGraphs(forward, runner.device, max_batch=4, max_blocks=8, block_size=PAGE,
+                          scratch_block=63)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, c.vocab_size, (n,), generator=gen).tolist() for n in (23, 40, 9)]
+
+    def fresh() -> list[RequestState]:
+        return [RequestState(str(i), list(p), 0, list(range(10 * i, 10 * i + 4)),
+                             SamplingParams(), 0) for i, p in enumerate(prompts)]
+
+    def reference(states, num_tokens):  # type: ignore[no-untyped-def]
+        batch = build_step_batch(states, num_tokens, PAGE, runner.device)
+        hidden = model.forward(batch.input_ids, batch.positions, batch.meta, cache,
+                               batch.sample_rows)
+        return dict(zip(batch.samplers, hidden.float(), strict=True))
+
+    with torch.inference_mode():
+        # Step 1: first chunks of two prompts and the whole third (samples only it).
+        ref_states, graph_states = fresh(), fresh()
+        chunks = [16, 24, 9]
+        expected = reference(ref_states, chunks)
+        got, _rows, samplers = mixed.run(graph_states, chunks)
+        assert samplers == [2] == list(expected)
+        torch.testing.assert_close(got.float()[0], expected[2], atol=5 * TOL, rtol=5 * TOL)
+        for states in (ref_states, graph_states):
+            for state, n in zip(states, chunks, strict=True):
+                state.num_computed += n
+        # Step 2: the rest of the first two prompts beside a decode of the third.
+        for states in (ref_states, graph_states):
+            states[2].token_ids.append(5)
+        rest = [7, 16, 1]
+        expected = reference(ref_states, rest)
+        got, _rows, samplers = mixed.run(graph_states, rest)
+        assert samplers == [0, 1, 2]
+        for row, i in enumerate(samplers):
+            torch.testing.assert_close(got.float()[row], expected[i], atol=5 * TOL, rtol=5 * TOL)
+        for states in (ref_states, graph_states):
+            for state, n in zip(states, rest, strict=True):
+                state.num_computed += n
+                state.token_ids.append(7)
+        # Step 3: a decode of all three through the decode buckets (3 pads to 4).
+        expected = reference(ref_states, [1, 1, 1])
+        got = decode.run(graph_states)
+        for i in range(3):
+            torch.testing.assert_close(got.float()[i], expected[i], atol=5 * TOL, rtol=5 * TOL)
