@@ -164,11 +164,16 @@ class OpenAIRoutes:
         """What the flight produces until it is finished; raises its ApiError."""
         timeout = self.config.request_timeout_s
         while not flight.finished:
-            with anyio.move_on_after(timeout) as waited:
+            # The timeout counts from the mesh's last progress, not from this wait:
+            # a buffered answer sleeps through many deltas.
+            remaining = flight.last_progress + timeout - time.monotonic()
+            with anyio.move_on_after(remaining):
                 await flight.wait()
-            if waited.cancelled_caught:
-                raise ApiError(504, f"no progress from the mesh in {timeout:g}s; the "
-                               "request was aborted", code="timeout")
+            if not flight.has_news():
+                if time.monotonic() - flight.last_progress >= timeout:
+                    raise ApiError(504, f"no progress from the mesh in {timeout:g}s; the "
+                                   "request was aborted", code="timeout")
+                continue
             updates = flight.take()
             if any(update.text for update in updates):
                 span.first_token()

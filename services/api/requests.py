@@ -102,6 +102,8 @@ class Flight:
         self.choices = [Choice(i, request) for i, request in enumerate(plan.requests)]
         self.error: ApiError | None = None
         self.closed = False
+        self.last_progress = time.monotonic()  # when the mesh last sent something new
+        self._first_text_taken = False
         self._news = anyio.Event()
 
     @property
@@ -125,9 +127,16 @@ class Flight:
         return [c.finish_reason for c in self.choices if c.finish_reason is not None]
 
     def has_news(self) -> bool:
-        return self.error is not None or any(
-            c.pending or (c.finished and not c.finish_taken) for c in self.choices
-        )
+        """Whether the handler has something to take now. A streamed answer takes
+        every delta; a buffered one needs its first text (time to first token)
+        and then only its ends, so its handler is not woken once per token (at
+        256 concurrent requests those wake-ups were most of the api's CPU)."""
+        if self.error is not None:
+            return True
+        if any(c.finished and not c.finish_taken for c in self.choices):
+            return True
+        wants_text = self.plan.stream or not self._first_text_taken
+        return wants_text and any(c.pending for c in self.choices)
 
     async def wait(self) -> None:
         """Until there is text, a finish or an error to take."""
@@ -149,6 +158,7 @@ class Flight:
             choice.pending.clear()
             choice.finish_taken = choice.finished
             updates.append(ChoiceUpdate(choice.index, text, choice.finish_reason if ends else None))
+            self._first_text_taken = self._first_text_taken or bool(text)
         return updates
 
     def fail(self, error: ApiError) -> None:
@@ -242,7 +252,9 @@ class FlightRegistry:
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
         if outcome is not DeltaOutcome.DUPLICATE:
-            flight.notify()
+            flight.last_progress = time.monotonic()
+            if flight.has_news():
+                flight.notify()
         return outcome
 
     def fail(self, request_id: str, error: ApiError) -> Flight | None:
