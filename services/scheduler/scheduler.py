@@ -5,7 +5,7 @@ results and KV leases, and asks it for a ``StepPlan`` per worker; results for th
 tokenizers accumulate in ``outputs`` and ``failures`` for the actor to send. The
 parts, each in its own module:
 
-    waiting_queue.py  WaitingQueue (heap, count) and AbortedIds (tombstones)
+    waiting_queue.py  WaitingQueue: heap by priority, lazy deletion, its own count
     worker_slot.py    WorkerSlot: one worker's lease, host tier, running requests
     step_builder.py   StepBuilder: one step's lists, packed into the StepPlan
     forks.py          n > 1: choices, copy-on-write forks of the leader's table
@@ -48,13 +48,14 @@ from services.scheduler.outcomes import RequestFailure, RequestOutput, SubmitRes
 from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 from services.scheduler.stats import SchedulerStats
 from services.scheduler.step_builder import StepBuilder
-from services.scheduler.waiting_queue import AbortedIds, WaitingQueue
+from services.scheduler.waiting_queue import WaitingQueue
 from services.scheduler.worker_slot import WorkerSlot
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import RequestFailed, Submit
 from shared.protocol.kv import KvHostResize, KvLease, KvPoolOpen
 from shared.protocol.step import StepPlan, StepResult
+from shared.recent_ids import RecentIds
 
 
 class Scheduler:
@@ -66,7 +67,8 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.outputs: list[RequestOutput] = []
         self.failures: list[RequestFailure] = []
-        self._aborted = AbortedIds()
+        # Tombstones: an abort that overtakes its Submit wins.
+        self._aborted: RecentIds[str] = RecentIds(65_536)
         self._groups = forks.ChoiceGroups()
         self._arrivals = itertools.count()
         self._step_ids = itertools.count(1)
