@@ -50,6 +50,7 @@ from services.scheduler.stats import SchedulerStats
 from services.scheduler.step_builder import StepBuilder
 from services.scheduler.waiting_queue import WaitingQueue
 from services.scheduler.worker_slot import WorkerSlot
+from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import RequestFailed, Submit
@@ -102,14 +103,14 @@ class Scheduler:
         refusal = self._refusal(msg, len(prompt))
         if refusal is not None:
             self.failures.extend(RequestFailure(owner, RequestFailed(request_id, *refusal))
-                                 for request_id in forks.choice_ids(msg))
+                                 for request_id in choice_ids(msg.request_id, msg.n))
             return SubmitResult()
         choices = [
             Request(
                 request_id=request_id,
                 prompt_len=len(prompt),
                 token_ids=array("i", prompt),
-                sampling=forks.choice_sampling(msg.sampling, i),
+                sampling=choice_sampling(msg.sampling, i),
                 detokenize=msg.detokenize,
                 priority=msg.priority,
                 arrival=next(self._arrivals),
@@ -118,7 +119,7 @@ class Scheduler:
                 salt=msg.cache_salt,
                 group=msg.request_id if msg.n > 1 else None,
             )
-            for i, request_id in enumerate(forks.choice_ids(msg))
+            for i, request_id in enumerate(choice_ids(msg.request_id, msg.n))
             if request_id not in self._aborted  # an abort overtook the Submit
         ]
         if not choices:
