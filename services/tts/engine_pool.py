@@ -171,7 +171,6 @@ class EngineProcessPool:
             MESHSERVE_ENGINE_ADDR=f"ipc://{path}",
             MESHSERVE_ENGINE=self._engine,
             MESHSERVE_ENGINE_SLOT=str(slot),
-            MESHSERVE_ENGINE_PARENT_PID=str(os.getpid()),
             MESHSERVE_REPLICA=str(self._replica),
             MESHSERVE_LOG_LEVEL=self._log_level,
             PYTHONPATH=os.pathsep.join(
