@@ -10,7 +10,8 @@ Defaults follow vLLM's OpenAI server:
   length, and the scheduler ends the request with ``length`` at ``max_model_len``.
   ``max_completion_tokens`` wins over the deprecated ``max_tokens``.
 - ``n`` > 1: choices ``<id>-<i>`` (``seed + i`` when seeded, so the choices differ
-  but each is reproducible); ``n == 1`` keeps the response id. The mesh gets one
+  but each is reproducible; shared/protocol/choices.py is the rule every service
+  follows); ``n == 1`` keeps the response id. The mesh gets one
   ``GenerateRequest`` with ``n`` (``mesh_request``): the prompt is encoded and
   computed once, and the choices fork copy-on-write at the scheduler.
 - ``cache_salt`` (vLLM's extension) keys the prefix cache: requests under
@@ -22,7 +23,6 @@ a 400 naming the parameter, rather than a response that silently ignores it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +36,7 @@ from services.api.openai_schema import (
     CompletionRequest,
     SamplingFields,
 )
+from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import (
     ChatMessage,
@@ -197,27 +198,11 @@ def _plan(
         created=created,
         stream=body.stream,
         include_usage=_include_usage(body),
-        requests=_fan_out(response_id, body.n, sampling, request),
+        requests=[
+            request(request_id, choice_sampling(sampling, i))
+            for i, request_id in enumerate(choice_ids(response_id, body.n))
+        ],
     )
-
-
-def sub_request_id(response_id: str, index: int, n: int) -> str:
-    return response_id if n == 1 else f"{response_id}-{index}"
-
-
-def _fan_out(
-    response_id: str,
-    n: int,
-    sampling: SamplingParams,
-    request: Callable[[str, SamplingParams], GenerateRequest],
-) -> list[GenerateRequest]:
-    out = []
-    for i in range(n):
-        params = sampling
-        if sampling.seed is not None and i > 0:
-            params = msgspec.structs.replace(sampling, seed=sampling.seed + i)
-        out.append(request(sub_request_id(response_id, i, n), params))
-    return out
 
 
 def _sampling(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +30,7 @@ from opentelemetry.context import Context
 from services.api.errors import ApiError
 from services.api.generation_plan import GenerationPlan
 from shared.protocol.generation import GenerateRequest, TextDelta
+from shared.recent_ids import RecentIds
 
 RECENTLY_CLOSED = 8192  # ids remembered so that late deltas are dropped quietly
 
@@ -177,7 +178,7 @@ class FlightRegistry:
         self.max_inflight = max_inflight
         self._by_id: dict[str, tuple[Flight, Choice]] = {}
         self._flights: set[Flight] = set()
-        self._recently_closed: OrderedDict[str, None] = OrderedDict()
+        self._recently_closed: RecentIds[str] = RecentIds(RECENTLY_CLOSED)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -215,7 +216,7 @@ class FlightRegistry:
         unfinished = []
         for choice in flight.choices:
             self._by_id.pop(choice.request_id, None)
-            self._remember_closed(choice.request_id)
+            self._recently_closed.add(choice.request_id)
             if choice.live:
                 unfinished.append(choice)
         return unfinished
@@ -287,12 +288,6 @@ class FlightRegistry:
             for _flight, choice in self._by_id.values()
             if choice.holder is not None and choice.live
         )
-
-    def _remember_closed(self, request_id: str) -> None:
-        self._recently_closed[request_id] = None
-        self._recently_closed.move_to_end(request_id)
-        while len(self._recently_closed) > RECENTLY_CLOSED:
-            self._recently_closed.popitem(last=False)
 
 
 def pick_replica(candidates: Sequence[bytes], outstanding: Counter[bytes]) -> bytes | None:

@@ -104,10 +104,7 @@ async def main(runtime: ServiceRuntime) -> None:
     config = load_config(ApiConfig)
     served = served_model_name(config.model, config.served_model_name)
     actor = ApiActor(runtime, config)
-    speech = SpeechGateway(
-        runtime.zmq, runtime.addresses.speech_addr, runtime.identity, config,
-        heartbeat_s=runtime.process.heartbeat_s,
-    )
+    speech = SpeechGateway(runtime, config)
     app = build_app(
         actor, config, served,
         extra_routes=speech_routes(speech, config),

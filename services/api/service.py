@@ -38,6 +38,7 @@ from services.api.requests import (
     group_by_holder,
     pick_replica,
 )
+from shared.endpoints import bind_router, connect_dealer
 from shared.logs import get_logger
 from shared.mesh import (
     DealerEndpoint,
@@ -83,17 +84,16 @@ class ApiActor:
     def __init__(self, runtime: ServiceRuntime, config: ApiConfig) -> None:
         self.runtime = runtime
         self.config = config
-        heartbeat_s = runtime.process.heartbeat_s
-        self.tokenizers: RouterEndpoint[FromTokenizer] = RouterEndpoint(
-            runtime.zmq, runtime.addresses.api_addr, runtime.identity, FromTokenizer,
-            heartbeat_s=heartbeat_s,
+        self.tokenizers: RouterEndpoint[FromTokenizer] = bind_router(
+            runtime, runtime.addresses.api_addr, FromTokenizer
         )
-        self.scheduler: DealerEndpoint[FromScheduler] = DealerEndpoint(
-            runtime.zmq, runtime.addresses.scheduler_addr, runtime.identity, FromScheduler,
-            heartbeat_s=heartbeat_s,
+        # The scheduler needs only who the api is; its readiness is for the supervisor.
+        self.scheduler: DealerEndpoint[FromScheduler] = connect_dealer(
+            runtime, runtime.addresses.scheduler_addr, FromScheduler,
+            hello=runtime.identity.hello,
         )
         self.registry = FlightRegistry(config.max_inflight)
-        self.health = MeshHealth(heartbeat_s)
+        self.health = MeshHealth(runtime.process.heartbeat_s)
         self.stopping = False
 
     # --- lifecycle ----------------------------------------------------------------

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 
 import anyio
-import zmq.asyncio
 from anyio.abc import TaskStatus
 from opentelemetry.context import Context
 
@@ -27,8 +26,9 @@ from services.api.config import ApiConfig
 from services.api.errors import ApiError, bad_request
 from services.api.metrics import SpeechMetrics
 from services.api.speech_flight import SpeechFlight
+from shared.endpoints import bind_router
 from shared.logs import get_logger
-from shared.mesh import Identity, Peer, PeerJoined, PeerLost, Received, RouterEndpoint
+from shared.mesh import Peer, PeerJoined, PeerLost, Received, RouterEndpoint
 from shared.protocol.speech import (
     SpeechCancel,
     SpeechCatalog,
@@ -41,6 +41,7 @@ from shared.protocol.speech import (
     SpeechStatusRequest,
     SpeechVoice,
 )
+from shared.service import ServiceRuntime
 
 log = get_logger("meshserve.api.speech")
 
@@ -77,16 +78,13 @@ class SpeechGateway:
 
     def __init__(
         self,
-        ctx: zmq.asyncio.Context,
-        address: str,
-        identity: Identity,
+        runtime: ServiceRuntime,
         config: ApiConfig,
         *,
-        heartbeat_s: float,
         status_interval_s: float = 1.0,
     ) -> None:
-        self.router: RouterEndpoint[SpeechFromTts] = RouterEndpoint(
-            ctx, address, identity, SpeechFromTts, heartbeat_s=heartbeat_s
+        self.router: RouterEndpoint[SpeechFromTts] = bind_router(
+            runtime, runtime.addresses.speech_addr, SpeechFromTts
         )
         self.replicas: dict[bytes, TtsReplica] = {}
         self.flights: dict[str, SpeechFlight] = {}

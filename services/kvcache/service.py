@@ -8,6 +8,7 @@ from services.kvcache.block_pool import BlockPoolError
 from services.kvcache.config import KvCacheConfig
 from services.kvcache.manager import KvManager
 from shared.config import load_config
+from shared.endpoints import bind_router
 from shared.logs import get_logger
 from shared.mesh import PeerJoined, PeerLost, Received, RouterEndpoint
 from shared.protocol.common import Rejected
@@ -31,9 +32,8 @@ KvInbound = KvPoolOpen | KvPoolClose | KvSync | KvStatsRequest | KvDumpRequest |
 async def main(runtime: ServiceRuntime) -> None:
     config = load_config(KvCacheConfig)
     manager = KvManager(host_swap_gb=config.host_swap_gb)
-    router: RouterEndpoint[KvInbound] = RouterEndpoint(
-        runtime.zmq, runtime.addresses.kvcache_addr, runtime.identity, KvInbound,
-        heartbeat_s=runtime.process.heartbeat_s,
+    router: RouterEndpoint[KvInbound] = bind_router(
+        runtime, runtime.addresses.kvcache_addr, KvInbound
     )
     async with anyio.create_task_group() as tg:
         await tg.start(router.run)

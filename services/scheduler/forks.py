@@ -19,25 +19,11 @@ other prompt block stays shared until the choices end.
 
 from __future__ import annotations
 
-import msgspec
-
 from services.scheduler.request import Request
 from services.scheduler.stats import SchedulerStats
 from services.scheduler.worker_slot import WorkerSlot
-from shared.protocol.generation import SamplingParams, Submit
-
-
-# The lead switches these to shared/protocol/choices.py (choice_id, choice_seed),
-# which the api and the tokenizer use too, at merge.
-def choice_ids(msg: Submit) -> list[str]:
-    return [msg.request_id] if msg.n <= 1 else [f"{msg.request_id}-{i}" for i in range(msg.n)]
-
-
-def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
-    """Choice ``index`` samples with ``seed + index``, so seeded choices differ."""
-    if index == 0 or sampling.seed is None:
-        return sampling
-    return msgspec.structs.replace(sampling, seed=sampling.seed + index)
+from shared.protocol.choices import choice_ids
+from shared.protocol.generation import Submit
 
 
 class ChoiceGroups:
@@ -68,7 +54,7 @@ class ChoiceGroups:
         if group is None:
             return []
         live = {r.request_id for r in group if not r.status.finished}
-        return [rid for rid in choice_ids(msg) if rid not in live]
+        return [rid for rid in choice_ids(msg.request_id, msg.n) if rid not in live]
 
     def on_finished(self, request: Request) -> Request | None:
         """``request`` ended. If it ended before its prompt was scheduled, the next

@@ -5,7 +5,7 @@ results and KV leases, and asks it for a ``StepPlan`` per worker; results for th
 tokenizers accumulate in ``outputs`` and ``failures`` for the actor to send. The
 parts, each in its own module:
 
-    waiting_queue.py  WaitingQueue (heap, count) and AbortedIds (tombstones)
+    waiting_queue.py  WaitingQueue: heap by priority, lazy deletion, its own count
     worker_slot.py    WorkerSlot: one worker's lease, host tier, running requests
     step_builder.py   StepBuilder: one step's lists, packed into the StepPlan
     forks.py          n > 1: choices, copy-on-write forks of the leader's table
@@ -48,13 +48,15 @@ from services.scheduler.outcomes import RequestFailure, RequestOutput, SubmitRes
 from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 from services.scheduler.stats import SchedulerStats
 from services.scheduler.step_builder import StepBuilder
-from services.scheduler.waiting_queue import AbortedIds, WaitingQueue
+from services.scheduler.waiting_queue import WaitingQueue
 from services.scheduler.worker_slot import WorkerSlot
+from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import RequestFailed, Submit
 from shared.protocol.kv import KvHostResize, KvLease, KvPoolOpen
 from shared.protocol.step import StepPlan, StepResult
+from shared.recent_ids import RecentIds
 
 
 class Scheduler:
@@ -66,7 +68,8 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.outputs: list[RequestOutput] = []
         self.failures: list[RequestFailure] = []
-        self._aborted = AbortedIds()
+        # Tombstones: an abort that overtakes its Submit wins.
+        self._aborted: RecentIds[str] = RecentIds(65_536)
         self._groups = forks.ChoiceGroups()
         self._arrivals = itertools.count()
         self._step_ids = itertools.count(1)
@@ -100,14 +103,14 @@ class Scheduler:
         refusal = self._refusal(msg, len(prompt))
         if refusal is not None:
             self.failures.extend(RequestFailure(owner, RequestFailed(request_id, *refusal))
-                                 for request_id in forks.choice_ids(msg))
+                                 for request_id in choice_ids(msg.request_id, msg.n))
             return SubmitResult()
         choices = [
             Request(
                 request_id=request_id,
                 prompt_len=len(prompt),
                 token_ids=array("i", prompt),
-                sampling=forks.choice_sampling(msg.sampling, i),
+                sampling=choice_sampling(msg.sampling, i),
                 detokenize=msg.detokenize,
                 priority=msg.priority,
                 arrival=next(self._arrivals),
@@ -116,7 +119,7 @@ class Scheduler:
                 salt=msg.cache_salt,
                 group=msg.request_id if msg.n > 1 else None,
             )
-            for i, request_id in enumerate(forks.choice_ids(msg))
+            for i, request_id in enumerate(choice_ids(msg.request_id, msg.n))
             if request_id not in self._aborted  # an abort overtook the Submit
         ]
         if not choices:

@@ -23,6 +23,7 @@ from services.scheduler.outcomes import RequestFailure, RequestOutput
 from services.scheduler.request import Request
 from services.scheduler.scheduler import Scheduler
 from shared.config import load_config
+from shared.endpoints import bind_router, connect_dealer
 from shared.logs import get_logger
 from shared.mesh import (
     DealerEndpoint,
@@ -62,13 +63,12 @@ class SchedulerActor:
         self.runtime = runtime
         self.config = config
         self.scheduler = Scheduler(config)
-        self.router: RouterEndpoint[SchedulerInbound] = RouterEndpoint(
-            runtime.zmq, runtime.addresses.scheduler_addr, runtime.identity, SchedulerInbound,
-            heartbeat_s=runtime.process.heartbeat_s,
+        self.router: RouterEndpoint[SchedulerInbound] = bind_router(
+            runtime, runtime.addresses.scheduler_addr, SchedulerInbound
         )
-        self.kv: DealerEndpoint[KvInbound] = DealerEndpoint(
-            runtime.zmq, runtime.addresses.kvcache_addr, runtime.identity, KvInbound,
-            heartbeat_s=runtime.process.heartbeat_s,
+        # The KV manager needs only who the scheduler is, not its readiness.
+        self.kv: DealerEndpoint[KvInbound] = connect_dealer(
+            runtime, runtime.addresses.kvcache_addr, KvInbound, hello=runtime.identity.hello
         )
         self.peers_by_name: dict[str, Peer] = {}
 

@@ -3,19 +3,13 @@
 A heap with lazy deletion: a request that leaves the queue other than from its
 head (aborted while waiting) is only forgotten, and its heap entry is skipped when
 it reaches the head. The queue keeps the count, so nobody else has to.
-
-Also here: the ids aborted before their Submit arrived (tombstones), so an abort
-that overtakes its Submit wins.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import deque
 
 from services.scheduler.request import Request
-
-TOMBSTONES = 65_536  # aborted ids remembered
 
 
 class WaitingQueue:
@@ -53,22 +47,3 @@ class WaitingQueue:
         """``request`` leaves the queue wherever it is (it ended); a no-op if it is
         not queued."""
         self._queued.discard(id(request))
-
-
-class AbortedIds:
-    """The last ``TOMBSTONES`` ids aborted before the scheduler knew them."""
-
-    def __init__(self, size: int = TOMBSTONES) -> None:
-        self._order: deque[str] = deque(maxlen=size)
-        self._ids: set[str] = set()
-
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._ids
-
-    def add(self, request_id: str) -> None:
-        if request_id in self._ids:
-            return
-        if len(self._order) == self._order.maxlen:
-            self._ids.discard(self._order[0])
-        self._order.append(request_id)
-        self._ids.add(request_id)

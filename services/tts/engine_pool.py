@@ -171,7 +171,6 @@ class EngineProcessPool:
             MESHSERVE_ENGINE_ADDR=f"ipc://{path}",
             MESHSERVE_ENGINE=self._engine,
             MESHSERVE_ENGINE_SLOT=str(slot),
-            MESHSERVE_ENGINE_PARENT_PID=str(os.getpid()),
             MESHSERVE_REPLICA=str(self._replica),
             MESHSERVE_LOG_LEVEL=self._log_level,
             PYTHONPATH=os.pathsep.join(
@@ -187,27 +186,28 @@ class EngineProcessPool:
         # socket discarded, so a message lost with the cancelled recv cannot matter.
         first: EngineEvent | None = None
         with anyio.move_on_after(self._start_timeout_s):
-            frame = await engine.socket.recv()
-            try:
-                first = self._decoder.decode(frame)
-            except msgspec.DecodeError as e:
-                self.restart(engine.slot, f"undecodable engine hello: {e}")
-                return
+            first = await self._next_event(engine, "hello")
         if not isinstance(first, EngineReady):
+            # Garbage restarted it already (restart is idempotent); silence or a
+            # wrong first message did not.
             self.restart(engine.slot, "engine did not report ready in time")
             return
         engine.ready = first
         await events.send(SlotReady(engine.slot, first))
-        while True:
-            frame = await engine.socket.recv()
-            try:
-                event = self._decoder.decode(frame)
-            except msgspec.DecodeError as e:
-                # Our own child speaking garbage is a bug: restart it, loudly.
-                self.restart(engine.slot, f"undecodable engine message: {e}")
-                return
+        while (event := await self._next_event(engine, "message")) is not None:
             if isinstance(event, EngineAudio):
                 await events.send(SlotAudio(engine.slot, event))
             else:
                 self.restart(engine.slot, f"unexpected {type(event).__name__} from engine")
                 return
+
+    async def _next_event(self, engine: _EngineProcess, what: str) -> EngineEvent | None:
+        """The engine's next message; None once it spoke garbage (it is restarted)."""
+        frame = await engine.socket.recv()
+        try:
+            event: EngineEvent = self._decoder.decode(frame)
+        except msgspec.DecodeError as e:
+            # Our own child speaking garbage is a bug: restart it, loudly.
+            self.restart(engine.slot, f"undecodable engine {what}: {e}")
+            return None
+        return event

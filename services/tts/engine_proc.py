@@ -6,7 +6,8 @@ event loop reads the engine with zmq.asyncio like any other socket, and the engi
 can poll the same socket between audio buffers, which is how a cancel reaches a
 running synthesis without threads or signals. A process per engine because
 espeak-ng's library state is global; killing the process is the last resort when an
-engine stops answering.
+engine stops answering. The replica starts it with ``shared.child_process.spawn_child``,
+which makes the kernel kill it when the replica dies.
 
 Protocol (``shared.protocol.speech``, bare msgpack frames): the engine connects,
 sends ``EngineReady``, then serves ``EngineSynthesize`` jobs one at a time, streaming
@@ -17,9 +18,7 @@ the rest. ``EngineCancel`` for the running job ends it early (``cancelled``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import sys
 from collections import deque
 
@@ -40,8 +39,6 @@ from shared.protocol.speech import (
 
 log = get_logger("meshserve.tts.engine")
 
-_PR_SET_PDEATHSIG = 1
-
 
 class EngineProcessConfig(msgspec.Struct, frozen=True):
     """Set by the replica that starts the process (env MESHSERVE_<FIELD>)."""
@@ -49,18 +46,8 @@ class EngineProcessConfig(msgspec.Struct, frozen=True):
     engine_addr: str = ""
     engine: str = "espeak-ng"
     engine_slot: int = 0
-    engine_parent_pid: int = 0
     replica: int = 0
     log_level: str = "info"
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """No orphaned engines: the kernel kills this process when its parent exits."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if parent_pid and os.getppid() != parent_pid:
-        sys.exit("tts engine: parent exited before the engine started")
 
 
 class EngineServer:
@@ -146,7 +133,6 @@ class EngineServer:
 
 def main() -> None:
     config = load_config(EngineProcessConfig)
-    _die_with_parent(config.engine_parent_pid)
     configure_logging("tts", config.replica, config.log_level)
     if not config.engine_addr:
         sys.exit("tts engine: MESHSERVE_ENGINE_ADDR is not set (started outside a tts replica?)")

@@ -31,11 +31,11 @@ Policy:
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 from shared.protocol.speech import SpeechRequest
+from shared.recent_ids import RecentIds
 
 # Speech rate of the playback-deadline estimate (espeak-ng at 175 wpm speaks ~15
 # characters a second). Only the order of deadlines matters, not their accuracy.
@@ -180,8 +180,7 @@ class TtsScheduler:
         self.max_attempts = max_attempts
         self.cancel_grace_s = cancel_grace_s
         self._requests: dict[str, RequestProgress] = {}
-        self._cancelled_early: OrderedDict[str, None] = OrderedDict()
-        self._remembered_cancels = remembered_cancels
+        self._cancelled_early: RecentIds[str] = RecentIds(remembered_cancels)
         self._arrivals = 0
         self._job_ids = 0
         self.completed = 0
@@ -197,8 +196,7 @@ class TtsScheduler:
         request_id = request.request_id
         if request_id in self._requests:
             return Admission.DUPLICATE
-        if request_id in self._cancelled_early:
-            del self._cancelled_early[request_id]
+        if self._cancelled_early.discard(request_id):
             return Admission.CANCELLED
         if len(self._requests) >= self.max_requests:
             self.busy_rejections += 1
@@ -355,7 +353,7 @@ class TtsScheduler:
         for request_id in request_ids:
             progress = self._requests.pop(request_id, None)
             if progress is None:
-                self._remember_cancel(request_id)
+                self._cancelled_early.add(request_id)
                 continue
             self.cancelled += 1
             self._abort_running(progress, out)
@@ -385,11 +383,6 @@ class TtsScheduler:
                 overdue.append(JobAbort(index, slot.job.job_id))
         return overdue
 
-    def _remember_cancel(self, request_id: str) -> None:
-        self._cancelled_early[request_id] = None
-        self._cancelled_early.move_to_end(request_id)
-        while len(self._cancelled_early) > self._remembered_cancels:
-            self._cancelled_early.popitem(last=False)
 
     # ---------------------------------------------------------------- slots
 

@@ -40,6 +40,7 @@ from services.tts.engines.base import BackendEvent, EngineBackend, SlotAudio, Sl
 from services.tts.scheduler import Admission, SchedulerOutput, SpeechJob, TtsScheduler
 from services.tts.tracing import SpeechTraces
 from shared.config import load_config
+from shared.endpoints import connect_dealer
 from shared.logs import get_logger
 from shared.mesh import DealerEndpoint, Received, UpstreamJoined, UpstreamLost
 from shared.protocol.common import Hello, Rejected
@@ -78,13 +79,8 @@ class TtsActor:
         self.catalog: SpeechCatalog | None = None
         self.traces = SpeechTraces()
         self._announced = False
-        self.dealer: DealerEndpoint[SpeechToTts] = DealerEndpoint(
-            runtime.zmq,
-            runtime.addresses.speech_addr,
-            runtime.identity,
-            SpeechToTts,
-            heartbeat_s=runtime.process.heartbeat_s,
-            hello=self._hello,
+        self.dealer: DealerEndpoint[SpeechToTts] = connect_dealer(
+            runtime, runtime.addresses.speech_addr, SpeechToTts, hello=self._hello
         )
         runtime.capacity = backend.slots
 

@@ -9,6 +9,10 @@ differ from each other and each is reproducible on its own. A request with
 
 from __future__ import annotations
 
+import msgspec
+
+from shared.protocol.generation import SamplingParams
+
 
 def choice_id(request_id: str, index: int) -> str:
     """The id of choice ``index`` of a request with several choices."""
@@ -25,3 +29,11 @@ def choice_ids(request_id: str, n: int) -> list[str]:
 def choice_seed(seed: int | None, index: int) -> int | None:
     """The sampling seed of choice ``index``; unseeded stays unseeded."""
     return None if seed is None else seed + index
+
+
+def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """The request's sampling parameters as choice ``index`` uses them (its seed)."""
+    seed = choice_seed(sampling.seed, index)
+    if seed == sampling.seed:
+        return sampling
+    return msgspec.structs.replace(sampling, seed=seed)

@@ -25,6 +25,7 @@ from services.api.openai_schema import SpeechBody
 from services.api.speech_flight import SpeechFlight
 from services.api.speech_gateway import SpeechGateway
 from services.api.speech_plan import check_speech_body
+from shared.config import MeshAddresses, ProcessConfig
 from shared.mesh import DealerEndpoint, Identity, Received
 from shared.protocol.speech import (
     SpeechCancel,
@@ -36,6 +37,7 @@ from shared.protocol.speech import (
     SpeechToTts,
     SpeechVoice,
 )
+from shared.service import ServiceRuntime
 
 pytestmark = pytest.mark.anyio
 
@@ -83,14 +85,20 @@ class Replica:
         await self.dealer.send(SpeechChunk(request_id, seq, pcm, 24000, final, offset))
 
 
+def api_runtime(ctx: zmq.asyncio.Context, speech_addr: str) -> ServiceRuntime:
+    """The api process's runtime, as far as the gateway reads it."""
+    return ServiceRuntime(Identity("api", 0), ProcessConfig(heartbeat_s=HEARTBEAT_S),
+                          MeshAddresses(speech_addr=speech_addr), ctx)
+
+
 @asynccontextmanager
 async def mesh(ipc_dir: Path, capacities: list[int], **config: int) -> AsyncIterator[
     tuple[SpeechGateway, list[Replica]]
 ]:
     ctx = zmq.asyncio.Context()
     address = f"ipc://{ipc_dir}/speech.sock"
-    gateway = SpeechGateway(ctx, address, Identity("api", 0), ApiConfig(**config),
-                            heartbeat_s=HEARTBEAT_S, status_interval_s=3600)
+    gateway = SpeechGateway(api_runtime(ctx, address), ApiConfig(**config),
+                            status_interval_s=3600)
     replicas = []
     try:
         async with anyio.create_task_group() as tg:
@@ -223,8 +231,7 @@ async def test_requests_no_replica_can_serve_are_refused_up_front(ipc_dir: Path)
             await gateway.open(request("m", model="nope"), Context())
         assert (caught.value.status, caught.value.code) == (404, "model_not_found")
     ctx = zmq.asyncio.Context()
-    lonely = SpeechGateway(ctx, f"ipc://{ipc_dir}/other.sock", Identity("api", 0), ApiConfig(),
-                           heartbeat_s=HEARTBEAT_S)
+    lonely = SpeechGateway(api_runtime(ctx, f"ipc://{ipc_dir}/other.sock"), ApiConfig())
     with pytest.raises(ApiError) as caught:
         await lonely.open(request("x"), Context())
     assert caught.value.status == 503

@@ -69,6 +69,13 @@ class BookkeepingWorker:
         return block * self.block_size + position % self.block_size
 
     def execute(self, plan: StepPlan) -> StepResult:
+        self._register(plan)
+        num_tokens = self._apply_tables(plan)
+        counts = list(zip(plan.batch.request_ids, num_tokens, strict=True))
+        self._write_then_read(counts)
+        return self._sample(plan.step_id, counts)
+
+    def _register(self, plan: StepPlan) -> None:
         for rid in plan.finished:
             for table in (self.tokens, self.computed, self.outputs, self.blocks, self.seeds):
                 table.pop(rid, None)
@@ -80,6 +87,9 @@ class BookkeepingWorker:
             self.outputs[new.request_id] = new.num_output_tokens
             self.blocks[new.request_id] = []
             self.seeds[new.request_id] = new.sampling.seed or 0
+
+    def _apply_tables(self, plan: StepPlan) -> list[int]:
+        """Apply the plan's table edits; returns each request's tokens to compute."""
         # The plan's parts in the order of its fields: replaces, copies, appends.
         for rid, edits in plan.replaces.unpack("replaces").items():
             for index, block in edits:
@@ -96,7 +106,9 @@ class BookkeepingWorker:
         num_tokens, appends = plan.batch.unpack()
         for rid, blocks in zip(plan.batch.request_ids, appends, strict=True):
             self.blocks[rid].extend(blocks)
-        counts = list(zip(plan.batch.request_ids, num_tokens, strict=True))
+        return num_tokens
+
+    def _write_then_read(self, counts: list[tuple[str, int]]) -> None:
         # A step writes every K/V before any attention reads (as the real worker).
         for rid, count in counts:
             start = self.computed[rid]
@@ -111,6 +123,8 @@ class BookkeepingWorker:
             for p in range(end):
                 assert self.slots.get(self.slot(rid, p)) == keys[p], (
                     f"{rid} reads position {p} holding another prefix's K/V")
+
+    def _sample(self, step_id: int, counts: list[tuple[str, int]]) -> StepResult:
         sampled_ids, sampled = [], []
         for rid, count in counts:
             self.computed[rid] += count
@@ -123,7 +137,7 @@ class BookkeepingWorker:
                 self.outputs[rid] += 1
                 sampled_ids.append(rid)
                 sampled.append(token)
-        return StepResult(plan.step_id, sampled_ids, pack_i32(sampled))
+        return StepResult(step_id, sampled_ids, pack_i32(sampled))
 
 
 def run_until_idle(s: Scheduler, kv: KvManager, worker: BookkeepingWorker,

@@ -20,18 +20,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ROOT / "services"
 
-# Imports that other branches of issue 8 remove; the lead empties this at merge.
-# (importing service, imported service) -> which branch removes it.
-KNOWN_OFFENDERS: dict[tuple[str, str], str] = {
-    # block_lease.py imports services.kvcache.prefix_index: PrefixIndex moves to
-    # shared/ on branch `sched`.
-    ("scheduler", "kvcache"): "sched",
-    # dev_api.py imports the api's config, server and speech: it moves to bench/
-    # or tests/ on branch `api`.
-    ("tts", "api"): "api",
-}
-
-
 def _imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     found: set[str] = set()
@@ -69,19 +57,10 @@ def _cross_service_imports() -> dict[tuple[str, str], list[str]]:
 
 def test_no_service_imports_another_service() -> None:
     crossings = _cross_service_imports()
-    unexpected = {pair: lines for pair, lines in crossings.items() if pair not in KNOWN_OFFENDERS}
-    assert not unexpected, (
+    assert not crossings, (
         "a service imports another service's code; move what both need to shared/: "
-        + "; ".join(line for lines in unexpected.values() for line in lines)
+        + "; ".join(line for lines in crossings.values() for line in lines)
     )
-
-
-def test_the_known_offenders_still_offend() -> None:
-    """An entry left in KNOWN_OFFENDERS after its import is gone would let the
-    import come back unnoticed: remove it."""
-    crossings = _cross_service_imports()
-    stale = [f"{a} -> {b}" for a, b in KNOWN_OFFENDERS if (a, b) not in crossings]
-    assert not stale, f"remove from KNOWN_OFFENDERS, the import is gone: {stale}"
 
 
 def test_the_scan_sees_a_crossing() -> None:

@@ -17,8 +17,8 @@ from services.supervisor.run_dir import wait_for_exit
 from shared.config import MeshAddresses, ProcessConfig
 from shared.endpoints import bind_router, connect_dealer
 from shared.mesh import Identity, PeerJoined, Received, UpstreamJoined
-from shared.protocol.choices import choice_id, choice_ids, choice_seed
-from shared.protocol.generation import Abort
+from shared.protocol.choices import choice_id, choice_ids, choice_sampling, choice_seed
+from shared.protocol.generation import Abort, SamplingParams
 from shared.recent_ids import RecentIds
 from shared.service import ServiceRuntime
 
@@ -54,6 +54,11 @@ def test_choices_of_one_request() -> None:
     assert choice_id("r", 2) == "r-2"
     assert [choice_seed(7, i) for i in range(3)] == [7, 8, 9]
     assert choice_seed(None, 2) is None
+    seeded = SamplingParams(max_tokens=4, seed=7)
+    assert choice_sampling(seeded, 0) is seeded
+    assert choice_sampling(seeded, 2).seed == 9
+    unseeded = SamplingParams(max_tokens=4)
+    assert choice_sampling(unseeded, 2) is unseeded
 
 
 @pytest.mark.anyio

@@ -9,7 +9,13 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.tts.scheduler import Admission, AudioRelease, SpeechJob, TtsScheduler
+from services.tts.scheduler import (
+    Admission,
+    AudioRelease,
+    SchedulerOutput,
+    SpeechJob,
+    TtsScheduler,
+)
 from shared.protocol.speech import SpeechRequest
 
 
@@ -235,6 +241,85 @@ _actions = st.lists(
     ),
     max_size=80,
 )
+TRACE_SLOTS = 3
+
+
+class _Trace:
+    """Plays engines and a client against one scheduler, recording what it releases."""
+
+    def __init__(self, texts: dict[str, list[str]]) -> None:
+        self.scheduler = make_scheduler(slots=TRACE_SLOTS, max_requests=3)
+        self.texts = texts
+        self.released: dict[str, list[AudioRelease]] = defaultdict(list)
+        self.sent: dict[int, int] = defaultdict(int)  # job id -> bytes the engine sent
+        self.pending = list(texts)
+        self.admitted: set[str] = set()
+        self.ended: set[str] = set()  # finished, failed or cancelled
+
+    def take(self, out: SchedulerOutput) -> None:
+        for release in out.releases:
+            assert release.request_id not in self.ended
+            self.released[release.request_id].append(release)
+        self.ended.update(out.finished)
+        self.ended.update(f.request_id for f in out.failures)
+
+    def engine_step(self, slot: int, size: int, final: bool) -> None:
+        job = self.scheduler.job_in(slot)
+        if job is None:
+            return
+        full = audio_of(job.text)
+        cancelling = self.scheduler.slots[slot].cancelling
+        start = self.sent[job.job_id]
+        piece = b"" if cancelling else full[start : start + 2 * size]
+        self.sent[job.job_id] += len(piece)
+        last = final or cancelling or self.sent[job.job_id] >= len(full)
+        if last and not cancelling:
+            piece += full[self.sent[job.job_id]:]
+        self.take(self.scheduler.on_audio(slot, job.job_id, piece, final=last,
+                                          cancelled=cancelling))
+
+    def act(self, action: str, index: int, size: int) -> None:
+        if action == "submit" and self.pending:
+            rid = self.pending.pop(0)
+            if submit(self.scheduler, rid, self.texts[rid]) is Admission.ADMITTED:
+                self.admitted.add(rid)
+        elif action in ("piece", "final"):
+            self.engine_step(index % TRACE_SLOTS, size, action == "final")
+        elif action == "cancel" and self.admitted:
+            rid = sorted(self.admitted)[index % len(self.admitted)]
+            self.take(self.scheduler.cancel([rid]))
+            self.ended.add(rid)
+        elif action == "lose":
+            self.take(self.scheduler.slot_lost(index % TRACE_SLOTS))
+            self.scheduler.slot_ready(index % TRACE_SLOTS)
+        self.schedule()
+        jobs = [s.job.job_id for s in self.scheduler.slots if s.job is not None]
+        assert len(jobs) == len(set(jobs))
+
+    def schedule(self) -> None:
+        for job in self.scheduler.schedule():
+            self.sent[job.job_id] = 0
+
+    def drain(self) -> None:
+        """Engines run every remaining job to the end."""
+        for _ in range(500):
+            if all(slot.job is None for slot in self.scheduler.slots):
+                break
+            for slot in range(TRACE_SLOTS):
+                self.engine_step(slot, 1000, True)
+            self.schedule()
+
+
+def _assert_released_in_order(releases: list[AudioRelease], expected: bytes) -> None:
+    assert [r.seq for r in releases] == list(range(len(releases)))
+    pcm = b"".join(r.pcm for r in releases)
+    offsets = [r.sample_offset for r in releases]
+    assert offsets == [sum(len(r.pcm) for r in releases[:i]) // 2 for i in range(len(releases))]
+    if releases[-1].final:
+        assert pcm == expected
+        assert sum(r.final for r in releases) == 1
+    else:
+        assert expected.startswith(pcm)
 
 
 @settings(max_examples=150, deadline=None)
@@ -246,76 +331,18 @@ _actions = st.lists(
 def test_random_traces_release_each_request_exactly_once_in_order(
     requests: list[list[int]], actions: list[tuple[str, int, int]]
 ) -> None:
-    scheduler = make_scheduler(slots=3, max_requests=3)
     texts = {
         f"r{i}": [f"r{i}c{k}" + "x" * n for k, n in enumerate(sizes)]
         for i, sizes in enumerate(requests)
     }
     expected = {rid: b"".join(audio_of(t) for t in chunks) for rid, chunks in texts.items()}
-    released: dict[str, list[AudioRelease]] = defaultdict(list)
-    sent: dict[int, int] = defaultdict(int)  # job id -> bytes the engine sent
-    pending = list(texts)
-    admitted: set[str] = set()
-    ended: set[str] = set()  # finished, failed or cancelled
-
-    def take(out) -> None:
-        for release in out.releases:
-            assert release.request_id not in ended
-            released[release.request_id].append(release)
-        ended.update(out.finished)
-        ended.update(f.request_id for f in out.failures)
-
-    def engine_step(slot: int, size: int, final: bool) -> None:
-        job = scheduler.job_in(slot)
-        if job is None:
-            return
-        full = audio_of(job.text)
-        cancelling = scheduler.slots[slot].cancelling
-        start = sent[job.job_id]
-        piece = b"" if cancelling else full[start : start + 2 * size]
-        sent[job.job_id] += len(piece)
-        last = final or cancelling or sent[job.job_id] >= len(full)
-        if last and not cancelling:
-            piece += full[sent[job.job_id]:]
-        take(scheduler.on_audio(slot, job.job_id, piece, final=last, cancelled=cancelling))
-
+    trace = _Trace(texts)
     for action, index, size in actions:
-        if action == "submit" and pending:
-            rid = pending.pop(0)
-            if submit(scheduler, rid, texts[rid]) is Admission.ADMITTED:
-                admitted.add(rid)
-        elif action in ("piece", "final"):
-            engine_step(index % 3, size, action == "final")
-        elif action == "cancel" and admitted:
-            rid = sorted(admitted)[index % len(admitted)]
-            take(scheduler.cancel([rid]))
-            ended.add(rid)
-        elif action == "lose":
-            take(scheduler.slot_lost(index % 3))
-            scheduler.slot_ready(index % 3)
-        for job in scheduler.schedule():
-            sent[job.job_id] = 0
-        jobs = [s.job.job_id for s in scheduler.slots if s.job is not None]
-        assert len(jobs) == len(set(jobs))
-    # Drain: engines run every remaining job to the end.
-    for _ in range(500):
-        if all(slot.job is None for slot in scheduler.slots):
-            break
-        for slot in range(3):
-            engine_step(slot, 1000, True)
-        for job in scheduler.schedule():
-            sent[job.job_id] = 0
-    for rid, releases in released.items():
-        assert [r.seq for r in releases] == list(range(len(releases)))
-        pcm = b"".join(r.pcm for r in releases)
-        offsets = [r.sample_offset for r in releases]
-        assert offsets == [sum(len(r.pcm) for r in releases[:i]) // 2 for i in range(len(releases))]
-        if releases[-1].final:
-            assert pcm == expected[rid]
-            assert sum(r.final for r in releases) == 1
-        else:
-            assert expected[rid].startswith(pcm)
-    stats = scheduler.stats()
+        trace.act(action, index, size)
+    trace.drain()
+    for rid, releases in trace.released.items():
+        _assert_released_in_order(releases, expected[rid])
+    stats = trace.scheduler.stats()
     assert (stats.requests, stats.queued_chunks, stats.running_chunks, stats.slots_busy) == (
         0, 0, 0, 0,
     )

@@ -61,10 +61,6 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...]
     eos_token_ids: tuple[int, ...]
 
-    @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
 
 def _ids(value: Any) -> list[int]:
     if value is None:
