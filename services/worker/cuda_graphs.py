@@ -39,19 +39,81 @@ def graph_buckets(max_batch: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_batch} | {max_batch})
 
 
+def capture_graphs(
+    device: torch.device, sizes: list[int], forward_at: Callable[[int], torch.Tensor],
+    prepare: Callable[[int], None] = lambda size: None,
+) -> dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+    """One graph per size of ``forward_at(size)``, sharing one memory pool.
+
+    Two warm-up runs at the largest size come first, on a side stream outside
+    capture: they compile the Triton variants and let the allocator and cuBLAS
+    settle their workspaces. Graphs are captured largest first so the smaller
+    ones reuse the pool's blocks. ``prepare(size)`` runs before each capture,
+    outside it (what it writes to the static buffers is not replayed).
+    """
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), torch.inference_mode():
+        prepare(sizes[-1])
+        for _ in range(2):
+            forward_at(sizes[-1])
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+    for size in reversed(sizes):
+        prepare(size)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+            graphs[size] = (graph, forward_at(size))
+    torch.cuda.synchronize(device)
+    return graphs
+
+
 Forward = Callable[[torch.Tensor, torch.Tensor, KernelAttentionMetadata], torch.Tensor]
 
 
-class DecodeGraphs:
+class GraphSet:
+    """Forwards captured once per size over static input buffers (which the
+    subclass owns and ``_forward_at`` reads). On a device without CUDA graphs
+    (the CPU under Triton's interpreter, in tests) ``_replay`` runs the forward
+    on the same buffers instead, so the layouts are testable anywhere."""
+
+    def __init__(self, forward: Forward, device: torch.device, sizes: list[int]) -> None:
+        self.device = device
+        self.sizes = sizes
+        self._forward = forward
+        self._staging = StagingBuffer(device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _forward_at(self, size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _prepare(self, size: int) -> None:
+        """Static-buffer state the capture at ``size`` needs (outside the graph)."""
+
+    def _capture(self) -> None:
+        if self.device.type == "cuda":
+            self._graphs = capture_graphs(self.device, self.sizes, self._forward_at,
+                                          self._prepare)
+
+    def _replay(self, size: int) -> torch.Tensor:
+        if size not in self._graphs:
+            return self._forward_at(size)
+        graph, out = self._graphs[size]
+        graph.replay()
+        return out
+
+
+class DecodeGraphs(GraphSet):
     """Captured decode forwards, one per bucket; ``run`` returns the hidden states
     of the step's rows (the graph's output buffer, valid until the next run)."""
 
     def __init__(self, forward: Forward, device: torch.device, max_batch: int,
                  max_blocks: int, block_size: int, scratch_block: int) -> None:
-        self.device = device
+        super().__init__(forward, device, graph_buckets(max_batch))
         self.block_size = block_size
         self.scratch_block = scratch_block
-        self.buckets = graph_buckets(max_batch)
+        self.buckets = self.sizes
         self.max_batch = self.buckets[-1]
         int32 = {"dtype": torch.int32, "device": device}
         b = self.max_batch
@@ -62,13 +124,7 @@ class DecodeGraphs:
         self._query_start = torch.arange(b + 1, **int32)
         self._tiles = torch.arange(b, **int32)
         self._tile_start = torch.zeros(b, **int32)
-        self._staging = StagingBuffer(device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._forward = forward
-        if device.type == "cuda":
-            self._capture(forward)
-        # Elsewhere (the CPU under Triton's interpreter, in tests) ``run`` calls the
-        # forward on the same static buffers instead of replaying a graph.
+        self._capture()
 
     def _meta(self, batch: int) -> KernelAttentionMetadata:
         tables = self._tables[:batch]
@@ -82,24 +138,8 @@ class DecodeGraphs:
             max_query_len=1, max_seq_len=0,
         )
 
-    def _capture(self, forward: Forward) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), torch.inference_mode():
-            # Warm-up outside capture: compiles the decode kernel variant and lets
-            # the allocator and cuBLAS settle on their workspaces.
-            for _ in range(2):
-                forward(self._input_ids, self._positions, self._meta(self.max_batch))
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        # Largest first: smaller graphs reuse the pool's blocks.
-        for batch in reversed(self.buckets):
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-                hidden = forward(self._input_ids[:batch], self._positions[:batch],
-                                 self._meta(batch))
-            self._graphs[batch] = (graph, hidden)
-        torch.cuda.synchronize(self.device)
+    def _forward_at(self, batch: int) -> torch.Tensor:
+        return self._forward(self._input_ids[:batch], self._positions[:batch], self._meta(batch))
 
     def bucket(self, batch: int) -> int | None:
         """The graph a decode step of ``batch`` requests would run, if any."""
@@ -135,9 +175,4 @@ class DecodeGraphs:
         self._positions[:bucket].copy_(pos_t)
         self._seq_lens[:bucket].copy_(seq_t)
         self._tables[:bucket, :width].copy_(tables_t.view(bucket, width))
-        if bucket not in self._graphs:
-            return self._forward(self._input_ids[:bucket], self._positions[:bucket],
-                                 self._meta(bucket))[:count]
-        graph, hidden = self._graphs[bucket]
-        graph.replay()
-        return hidden[:count]
+        return self._replay(bucket)[:count]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,19 +82,6 @@ class KernelBatch:
     meta: KernelAttentionMetadata
     sample_rows: torch.Tensor  # [S] int64: flat rows whose logits are sampled
     samplers: list[int]  # the requests (plan indices) those rows belong to
-    decode_only: bool
-    # Host copies the CUDA-graph path refills its static buffers from.
-    host: HostStep
-
-
-@dataclass(slots=True)
-class HostStep:
-    """The step's int32 arrays as host lists (kept for the graph path)."""
-
-    input_ids: list[int]
-    positions: list[int]
-    seq_lens: list[int]
-    tables: list[list[int]]
 
 
 def pad_rows(rows: list[list[int]], width: int, fill: int) -> list[int]:
@@ -150,55 +137,64 @@ class StagingBuffer:
         return host.to(self.device, non_blocking=True) if self._pin else host.clone()
 
 
+@dataclass(slots=True)
+class HostLayout:
+    """One step's per-token and per-request int arrays, in plan order, as host
+    lists (what both the eager path and the mixed graphs upload)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    query_start: list[int] = field(default_factory=lambda: [0])
+    tables: list[list[int]] = field(default_factory=list)
+    tile_request: list[int] = field(default_factory=list)
+    tile_start: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # flat rows whose logits sample
+    samplers: list[int] = field(default_factory=list)  # the requests those rows belong to
+
+
+def host_layout(states: Sequence[RequestState], num_tokens: Sequence[int], block_size: int,
+                block_q: int) -> HostLayout:
+    """``states[i]`` computes ``num_tokens[i]`` tokens from its ``num_computed``;
+    the caller has checked that tokens and block tables cover those positions.
+    Query tiles hold ``block_q`` tokens."""
+    out = HostLayout()
+    for i, (state, n) in enumerate(zip(states, num_tokens, strict=True)):
+        start = state.num_computed
+        end = start + n
+        out.input_ids += state.token_ids[start:end]
+        out.positions += range(start, end)
+        out.seq_lens.append(end)
+        out.query_start.append(out.query_start[-1] + n)
+        out.tables.append(state.block_ids[: blocks_for(end, block_size)])
+        starts = range(0, n, block_q)
+        out.tile_request += [i] * len(starts)
+        out.tile_start += starts
+        if end == len(state.token_ids):
+            out.sample_rows.append(len(out.input_ids) - 1)
+            out.samplers.append(i)
+    return out
+
+
 def build_kernel_batch(
     states: Sequence[RequestState], num_tokens: Sequence[int], block_size: int,
     staging: StagingBuffer, num_heads: int, num_kv_heads: int,
 ) -> KernelBatch:
-    """``states[i]`` computes ``num_tokens[i]`` tokens from its ``num_computed``;
-    the caller has checked that tokens and block tables cover those positions."""
+    """The step's device inputs for the eager fused forward (see ``host_layout``)."""
     max_query_len = max(num_tokens)
     _, block_q = tile_rows(num_heads, num_kv_heads, max_query_len)
-    input_ids: list[int] = []
-    positions: list[int] = []
-    seq_lens: list[int] = []
-    tables: list[list[int]] = []
-    tile_request: list[int] = []
-    tile_start: list[int] = []
-    sample_rows: list[int] = []
-    samplers: list[int] = []
-    for i, (state, n) in enumerate(zip(states, num_tokens, strict=True)):
-        start = state.num_computed
-        end = start + n
-        if n == 1:
-            input_ids.append(state.token_ids[start])
-            positions.append(start)
-            tile_request.append(i)
-            tile_start.append(0)
-        else:
-            input_ids.extend(state.token_ids[start:end])
-            positions.extend(range(start, end))
-            starts = range(0, n, block_q)
-            tile_request.extend([i] * len(starts))
-            tile_start.extend(starts)
-        seq_lens.append(end)
-        tables.append(state.block_ids[: blocks_for(end, block_size)])
-        if end == len(state.token_ids):
-            sample_rows.append(len(input_ids) - 1)
-            samplers.append(i)
+    layout = host_layout(states, num_tokens, block_size, block_q)
     count = len(states)
-    width = max(len(row) for row in tables)
-    query_start = [0] * (count + 1)
-    for i, n in enumerate(num_tokens):
-        query_start[i + 1] = query_start[i] + n
-    flat_tables = pad_rows(tables, width, 0)
-    tokens = len(input_ids)
-    sections = [input_ids, positions, seq_lens, query_start, flat_tables, tile_request,
-                tile_start, sample_rows]
+    width = max(len(row) for row in layout.tables)
+    tokens = len(layout.input_ids)
+    sections = [layout.input_ids, layout.positions, layout.seq_lens, layout.query_start,
+                pad_rows(layout.tables, width, 0), layout.tile_request, layout.tile_start,
+                layout.sample_rows]
     ids_t, pos_t, seq_t, qstart_t, tables_t, treq_t, tstart_t, rows_t = staging.upload_sections(
         sections)
     tables_t = tables_t.view(count, width)
     query_lens = qstart_t[1:] - qstart_t[:-1]
-    max_seq_len = max(seq_lens)
+    max_seq_len = max(layout.seq_lens)
     num_splits = 1
     if (max_query_len == 1 and count * num_kv_heads < SPLIT_BELOW_PROGRAMS
             and max_seq_len >= SPLIT_MIN_CONTEXT):
@@ -212,6 +208,5 @@ def build_kernel_batch(
     )
     return KernelBatch(
         input_ids=ids_t, positions=pos_t, meta=meta, sample_rows=rows_t.long(),
-        samplers=samplers, decode_only=max_query_len == 1,
-        host=HostStep(input_ids, positions, seq_lens, tables),
+        samplers=layout.samplers,
     )

@@ -26,15 +26,15 @@ from collections.abc import Sequence
 
 import torch
 
-from services.worker.cuda_graphs import Forward
+from services.worker.cuda_graphs import Forward, GraphSet
 from services.worker.kernel_batch import (
     KernelAttentionMetadata,
-    StagingBuffer,
+    host_layout,
     pad_rows,
     slot_mapping,
 )
 from services.worker.kernels.paged_attention import tile_rows
-from services.worker.step_batch import RequestState, blocks_for
+from services.worker.step_batch import RequestState
 
 # Any query run longer than a decode: selects the kernel's prefill tile size.
 CHUNK_QUERY_LEN = 1 << 20
@@ -47,7 +47,7 @@ def token_buckets(max_tokens: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_tokens} | {max_tokens})
 
 
-class MixedGraphs:
+class MixedGraphs(GraphSet):
     """Captured forwards for steps of up to ``max_tokens`` tokens and
     ``max_requests`` requests; ``run`` returns hidden states of every token row
     (the padded bucket's; the caller picks the rows it samples)."""
@@ -55,11 +55,11 @@ class MixedGraphs:
     def __init__(self, forward: Forward, device: torch.device, max_tokens: int,
                  max_requests: int, max_blocks: int, block_size: int, scratch_block: int,
                  num_heads: int, num_kv_heads: int) -> None:
-        self.device = device
+        super().__init__(forward, device, token_buckets(max_tokens))
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.max_requests = max_requests
-        self.buckets = token_buckets(max_tokens)
+        self.buckets = self.sizes
         _, self.block_q = tile_rows(num_heads, num_kv_heads, CHUNK_QUERY_LEN)
         int32 = {"dtype": torch.int32, "device": device}
         tokens, requests = self.buckets[-1], max_requests
@@ -75,13 +75,7 @@ class MixedGraphs:
         tiles = self._num_tiles(tokens)
         self._tile_request = torch.full((tiles,), requests + 1, **int32)
         self._tile_start = torch.zeros(tiles, **int32)
-        self._staging = StagingBuffer(device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._forward = forward
-        if device.type == "cuda":
-            self._capture(forward)
-        # Elsewhere (the CPU under Triton's interpreter, in tests) ``run`` calls the
-        # forward on the same static buffers instead of replaying a graph.
+        self._capture()
 
     def _num_tiles(self, tokens: int) -> int:
         # Each request wastes at most one partly filled tile.
@@ -99,36 +93,13 @@ class MixedGraphs:
             max_query_len=CHUNK_QUERY_LEN, max_seq_len=0,
         )
 
-    def _set_tokens(self, tokens: int) -> None:
+    def _prepare(self, tokens: int) -> None:
         """At rest (capture and warm-up) the padding request owns ``tokens``."""
         self._query_start[1:].fill_(tokens)
 
-    def _capture(self, forward: Forward) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        largest = self.buckets[-1]
-        with torch.cuda.stream(stream), torch.inference_mode():
-            self._set_tokens(largest)
-            for _ in range(2):  # compiles the prefill kernel variants outside capture
-                forward(self._input_ids, self._positions, self._meta(largest))
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for tokens in reversed(self.buckets):
-            self._set_tokens(tokens)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-                hidden = forward(self._input_ids[:tokens], self._positions[:tokens],
-                                 self._meta(tokens))
-            self._graphs[tokens] = (graph, hidden)
-        torch.cuda.synchronize(self.device)
-
-    def _replay(self, tokens: int) -> torch.Tensor:
-        if tokens not in self._graphs:
-            return self._forward(self._input_ids[:tokens], self._positions[:tokens],
-                                 self._meta(tokens))
-        graph, hidden = self._graphs[tokens]
-        graph.replay()
-        return hidden
+    def _forward_at(self, tokens: int) -> torch.Tensor:
+        return self._forward(self._input_ids[:tokens], self._positions[:tokens],
+                             self._meta(tokens))
 
     def bucket(self, num_requests: int, num_tokens: int) -> int | None:
         """The graph a step of this size would run, if any."""
@@ -144,47 +115,23 @@ class MixedGraphs:
         total = sum(num_tokens)
         bucket = self.bucket(count, total)
         assert bucket is not None, f"no graph for {count} requests and {total} tokens"
-        block_q = self.block_q
-        ids: list[int] = []
-        positions: list[int] = []
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        tile_request: list[int] = []
-        tile_start: list[int] = []
-        sample_rows: list[int] = []
-        samplers: list[int] = []
-        for i, (state, n) in enumerate(zip(states, num_tokens, strict=True)):
-            start = state.num_computed
-            end = start + n
-            ids += state.token_ids[start:end]
-            positions += range(start, end)
-            seq_lens.append(end)
-            tables.append(state.block_ids[: blocks_for(end, self.block_size)])
-            starts = range(0, n, block_q)
-            tile_request += [i] * len(starts)
-            tile_start += starts
-            if end == len(state.token_ids):
-                sample_rows.append(len(ids) - 1)
-                samplers.append(i)
+        layout = host_layout(states, num_tokens, self.block_size, self.block_q)
         requests = self.max_requests
         pad = bucket - total
-        query_start = [0] * (count + 1)
-        for i, n in enumerate(num_tokens):
-            query_start[i + 1] = query_start[i] + n
         # The padding request (index ``count``) owns the padded tokens; the rest none.
-        query_start += [bucket] * (requests + 2 - count)
+        query_start = layout.query_start + [bucket] * (requests + 2 - count)
         tiles = self._num_tiles(bucket)
+        tables = [*layout.tables, [self.scratch_block]]
         width = max(len(row) for row in tables)
-        tables.append([self.scratch_block])
         sections = [
-            ids + [0] * pad,
-            positions + [0] * pad,
-            seq_lens + [0] * (requests + 2 - count),
+            layout.input_ids + [0] * pad,
+            layout.positions + [0] * pad,
+            layout.seq_lens + [0] * (requests + 2 - count),
             query_start,
             pad_rows(tables, width, self.scratch_block),
-            tile_request + [requests + 1] * (tiles - len(tile_request)),
-            tile_start + [0] * (tiles - len(tile_start)),
-            sample_rows,
+            layout.tile_request + [requests + 1] * (tiles - len(layout.tile_request)),
+            layout.tile_start + [0] * (tiles - len(layout.tile_start)),
+            layout.sample_rows,
         ]
         ids_t, pos_t, seq_t, qs_t, tables_t, treq_t, tstart_t, rows_t = (
             self._staging.upload_sections(sections))
@@ -196,4 +143,4 @@ class MixedGraphs:
         self._tile_request[:tiles].copy_(treq_t)
         self._tile_start[:tiles].copy_(tstart_t)
         hidden = self._replay(bucket)
-        return hidden.index_select(0, rows_t.long()), sample_rows, samplers
+        return hidden.index_select(0, rows_t.long()), layout.sample_rows, layout.samplers

@@ -39,8 +39,7 @@ def _attend_tile(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
     req, q_begin, q_len, ctx_before, q_local0, kv_head, kv_lo, kv_hi,
     stride_q_tok, stride_q_head,
-    stride_k_block, stride_k_slot, stride_k_head,
-    stride_v_block, stride_v_slot, stride_v_head,
+    stride_block, stride_slot, stride_head,
     stride_bt, qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -68,8 +67,8 @@ def _attend_tile(
         page = tl.load(block_tables_ptr + req * stride_bt + keys // PAGE, mask=k_valid, other=0)
         slot = keys % PAGE
         k = tl.load(
-            k_cache_ptr + page[:, None] * stride_k_block + slot[:, None] * stride_k_slot
-            + kv_head * stride_k_head + d[None, :],
+            k_cache_ptr + page[:, None] * stride_block + slot[:, None] * stride_slot
+            + kv_head * stride_head + d[None, :],
             mask=k_valid[:, None], other=0.0,
         )
         # qk_scale carries log2(e): the softmax below uses exp2.
@@ -86,8 +85,8 @@ def _attend_tile(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
-            v_cache_ptr + page[:, None] * stride_v_block + slot[:, None] * stride_v_slot
-            + kv_head * stride_v_head + d[None, :],
+            v_cache_ptr + page[:, None] * stride_block + slot[:, None] * stride_slot
+            + kv_head * stride_head + d[None, :],
             mask=k_valid[:, None], other=0.0,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -102,8 +101,7 @@ def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, tile_request_ptr, tile_start_ptr,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
-    stride_k_block, stride_k_slot, stride_k_head,
-    stride_v_block, stride_v_slot, stride_v_head,
+    stride_block, stride_slot, stride_head,
     stride_bt, qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -125,8 +123,7 @@ def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
         req, q_begin, q_len, ctx_before, q_local0, kv_head, kv_lo, kv_hi,
         stride_q_tok, stride_q_head,
-        stride_k_block, stride_k_slot, stride_k_head,
-        stride_v_block, stride_v_slot, stride_v_head,
+        stride_block, stride_slot, stride_head,
         stride_bt, qk_scale, window,
         GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE, HAS_WINDOW, PRECISION,
     )
@@ -148,8 +145,7 @@ def _split_decode_kernel(
     part_acc_ptr, part_ml_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, seq_lens_ptr,
     stride_q_tok, stride_q_head,
-    stride_k_block, stride_k_slot, stride_k_head,
-    stride_v_block, stride_v_slot, stride_v_head,
+    stride_block, stride_slot, stride_head,
     stride_bt, qk_scale, window, split_len,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -171,8 +167,7 @@ def _split_decode_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
         req, req, 1, seq_len - 1, 0, kv_head, kv_lo, kv_hi,
         stride_q_tok, stride_q_head,
-        stride_k_block, stride_k_slot, stride_k_head,
-        stride_v_block, stride_v_slot, stride_v_head,
+        stride_block, stride_slot, stride_head,
         stride_bt, qk_scale, window,
         GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE, HAS_WINDOW, PRECISION,
     )
@@ -220,6 +215,12 @@ class KernelTuning:
 
 def default_tuning(head_dim: int, decode: bool) -> KernelTuning:
     return KernelTuning(block_n=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
+
+
+def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    """Block, slot and head strides, shared by K and V (one layout for both)."""
+    assert k_cache.stride() == v_cache.stride(), "K and V caches differ in layout"
+    return k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -277,8 +278,7 @@ def paged_attention(
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start, tile_request, tile_start,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *_cache_strides(k_cache, v_cache),
         block_tables.stride(0), scale * _LOG2E, window or 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
         BLOCK_N=tune.block_n, PAGE=page, HAS_WINDOW=window is not None,
@@ -309,8 +309,7 @@ def split_decode_attention(
     _split_decode_kernel[(batch, kv_heads, num_splits)](
         part_acc, part_ml, q, k_cache, v_cache, block_tables, seq_lens,
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *_cache_strides(k_cache, v_cache),
         block_tables.stride(0), scale * _LOG2E, window or 0, split_len,
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, PAGE=page,
