@@ -25,8 +25,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from services.worker.kernel_batch import (
+    Feeds,
     KernelAttentionMetadata,
     StagingBuffer,
+    TokenFeed,
     pad_rows,
     slot_mapping,
 )
@@ -147,7 +149,7 @@ class DecodeGraphs(GraphSet):
             return None
         return next(b for b in self.buckets if b >= batch)
 
-    def run(self, states: Sequence[RequestState]) -> torch.Tensor:
+    def run(self, states: Sequence[RequestState], feeds: Feeds) -> torch.Tensor:
         """Decode one token for each of ``states``; hidden states [len(states), H]."""
         count = len(states)
         bucket = self.bucket(count)
@@ -155,23 +157,27 @@ class DecodeGraphs(GraphSet):
         ids: list[int] = []
         positions: list[int] = []
         tables: list[list[int]] = []
-        for state in states:
+        feed = TokenFeed()
+        for row, state in enumerate(states):
             position = state.num_computed
             ids.append(state.token_ids[position])
+            feed.add(row, state, position + 1, feeds)
             positions.append(position)
             tables.append(state.block_ids[: blocks_for(position + 1, self.block_size)])
         pad = bucket - count
         width = max(len(row) for row in tables)
         flat = pad_rows(tables, width, self.scratch_block)
         scratch_row = [self.scratch_block] * width
-        uploaded = self._staging.upload(
-            ids + [0] * pad
-            + positions + [0] * pad
-            + [p + 1 for p in positions] + [1] * pad
-            + flat + scratch_row * pad
-        )
-        ids_t, pos_t, seq_t, tables_t = uploaded.split([bucket, bucket, bucket, bucket * width])
+        ids_t, pos_t, seq_t, tables_t, feed_t, feed_source_t = self._staging.upload_sections([
+            ids + [0] * pad,
+            positions + [0] * pad,
+            [p + 1 for p in positions] + [1] * pad,
+            flat + scratch_row * pad,
+            feed.rows,
+            feed.source_rows,
+        ])
         self._input_ids[:bucket].copy_(ids_t)
+        feed.apply(self._input_ids, feed_t, feed_source_t)
         self._positions[:bucket].copy_(pos_t)
         self._seq_lens[:bucket].copy_(seq_t)
         self._tables[:bucket, :width].copy_(tables_t.view(bucket, width))

@@ -24,6 +24,7 @@ import torch
 from services.worker.cuda_graphs import DecodeGraphs
 from services.worker.kernel_batch import (
     SPLIT_BELOW_PROGRAMS,
+    Feeds,
     StagingBuffer,
     build_kernel_batch,
 )
@@ -75,23 +76,23 @@ class CudaStep:
         return not (few and max(s.num_computed for s in states) >= GRAPH_MAX_SPLIT_FREE_CONTEXT)
 
     def hidden_states(
-        self, states: Sequence[RequestState], num_tokens: Sequence[int]
+        self, states: Sequence[RequestState], num_tokens: Sequence[int], feeds: Feeds,
     ) -> tuple[list[int], torch.Tensor]:
         """(the requests that sample, in plan order; their final hidden states)."""
         if self._graph_fits(states, num_tokens):
             assert self.graphs is not None
-            hidden = self.graphs.run(states)
+            hidden = self.graphs.run(states, feeds)
             samplers = [i for i, s in enumerate(states) if s.num_computed + 1 == len(s.token_ids)]
             if len(samplers) < len(states):
                 # A 1-token prefill chunk short of the prompt's end: no logits for it.
                 hidden = hidden[torch.tensor(samplers, device=hidden.device, dtype=torch.long)]
             return samplers, hidden
         if self.mixed is not None and self.mixed.bucket(len(states), sum(num_tokens)):
-            hidden, _rows, samplers = self.mixed.run(states, num_tokens)
+            hidden, _rows, samplers = self.mixed.run(states, num_tokens, feeds)
             return samplers, hidden
         c = self.model.config
         batch = build_kernel_batch(states, num_tokens, self.block_size, self._staging,
-                                   c.num_heads, c.num_kv_heads)
+                                   c.num_heads, c.num_kv_heads, feeds)
         hidden = fused_forward(self.model, batch.input_ids, batch.positions, batch.meta,
                                self.kv_cache, batch.sample_rows)
         return batch.samplers, hidden

@@ -17,7 +17,7 @@ the kernel takes variable-length query runs, so no reordering is needed.
 from __future__ import annotations
 
 import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +27,7 @@ from services.worker.kernels.paged_attention import (
     split_decode_attention,
     tile_rows,
 )
-from services.worker.step_batch import RequestState, blocks_for
+from services.worker.step_batch import PENDING, RequestState, blocks_for
 
 # Split a decode's keys when the batch leaves most of the GPU idle and contexts are
 # long: below this many programs (requests x KV heads) and above this context.
@@ -106,14 +106,20 @@ def slot_mapping(tables: torch.Tensor, positions: torch.Tensor, query_lens: torc
 
 
 class StagingBuffer:
-    """A pinned host buffer reused every step. Reuse is safe because the runner
-    waits for each step's sampled tokens before it prepares the next one, and
-    those come after the step's input copy on the same stream."""
+    """Pinned host buffers for the per-step upload, two in turn: while one step's
+    copy may still be queued behind the step before it (the worker prepares
+    step N+1 while N runs), the next upload fills the other buffer. Each buffer
+    is refilled only once the copy that last read it has run (its event)."""
 
     def __init__(self, device: torch.device, size: int = 1 << 16) -> None:
         self.device = device
         self._pin = device.type == "cuda"  # (the CPU path only runs under Triton's interpreter)
-        self._host = torch.empty(size, dtype=torch.int32, pin_memory=self._pin)
+        self._buffers = [self._new(size), self._new(size)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def _new(self, size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int32, pin_memory=self._pin)
 
     def upload_sections(self, sections: list[list[int]]) -> list[torch.Tensor]:
         """Upload several int32 arrays in one copy; each device view starts on a
@@ -129,12 +135,54 @@ class StagingBuffer:
         return [uploaded[start : start + n] for start, n in bounds]
 
     def upload(self, values: list[int]) -> torch.Tensor:
-        if len(values) > self._host.numel():
-            self._host = torch.empty(2 * len(values), dtype=torch.int32, pin_memory=self._pin)
-        host = self._host[: len(values)]
+        turn = self._turn
+        self._turn ^= 1
+        copied = self._copied[turn]
+        if copied is not None:
+            copied.synchronize()
+        if len(values) > self._buffers[turn].numel():
+            self._buffers[turn] = self._new(2 * len(values))
+        host = self._buffers[turn][: len(values)]
         # array.array converts a list of ints several times faster than torch.tensor.
         host.copy_(torch.frombuffer(array.array("i", values), dtype=torch.int32))
-        return host.to(self.device, non_blocking=True) if self._pin else host.clone()
+        if not self._pin:
+            return host.clone()
+        device_values = host.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[turn] = event
+        return device_values
+
+Feeds = Mapping[str, tuple[torch.Tensor, int]]
+
+
+@dataclass(slots=True)
+class TokenFeed:
+    """Input rows of this step whose token is still on the device: after the
+    upload, ``apply`` copies them from the in-flight step's sampled ids, so the
+    host never waits for them (the stream orders the copy after that step)."""
+
+    rows: list[int] = field(default_factory=list)
+    source_rows: list[int] = field(default_factory=list)
+    source: torch.Tensor | None = None
+
+    def add(self, row: int, state: RequestState, end: int, feeds: Feeds) -> None:
+        """Row ``row`` holds ``state.token_ids[end - 1]``; feed it if pending."""
+        if end != len(state.token_ids) or state.token_ids[-1] != PENDING:
+            return
+        tensor, source_row = feeds[state.request_id]
+        if self.source is None:
+            self.source = tensor
+        # Only the latest step is ever in flight: every feed comes from it.
+        assert tensor is self.source, "pending tokens from two steps"
+        self.rows.append(row)
+        self.source_rows.append(source_row)
+
+    def apply(self, input_ids: torch.Tensor, rows: torch.Tensor, source_rows: torch.Tensor,
+              ) -> None:
+        if self.source is not None:
+            input_ids.index_copy_(0, rows.long(), self.source.index_select(
+                0, source_rows.long()).to(input_ids.dtype))
 
 
 @dataclass(slots=True)
@@ -151,10 +199,11 @@ class HostLayout:
     tile_start: list[int] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # flat rows whose logits sample
     samplers: list[int] = field(default_factory=list)  # the requests those rows belong to
+    feed: TokenFeed = field(default_factory=TokenFeed)
 
 
 def host_layout(states: Sequence[RequestState], num_tokens: Sequence[int], block_size: int,
-                block_q: int) -> HostLayout:
+                block_q: int, feeds: Feeds) -> HostLayout:
     """``states[i]`` computes ``num_tokens[i]`` tokens from its ``num_computed``;
     the caller has checked that tokens and block tables cover those positions.
     Query tiles hold ``block_q`` tokens."""
@@ -163,6 +212,7 @@ def host_layout(states: Sequence[RequestState], num_tokens: Sequence[int], block
         start = state.num_computed
         end = start + n
         out.input_ids += state.token_ids[start:end]
+        out.feed.add(len(out.input_ids) - 1, state, end, feeds)
         out.positions += range(start, end)
         out.seq_lens.append(end)
         out.query_start.append(out.query_start[-1] + n)
@@ -178,20 +228,21 @@ def host_layout(states: Sequence[RequestState], num_tokens: Sequence[int], block
 
 def build_kernel_batch(
     states: Sequence[RequestState], num_tokens: Sequence[int], block_size: int,
-    staging: StagingBuffer, num_heads: int, num_kv_heads: int,
+    staging: StagingBuffer, num_heads: int, num_kv_heads: int, feeds: Feeds,
 ) -> KernelBatch:
     """The step's device inputs for the eager fused forward (see ``host_layout``)."""
     max_query_len = max(num_tokens)
     _, block_q = tile_rows(num_heads, num_kv_heads, max_query_len)
-    layout = host_layout(states, num_tokens, block_size, block_q)
+    layout = host_layout(states, num_tokens, block_size, block_q, feeds)
     count = len(states)
     width = max(len(row) for row in layout.tables)
     tokens = len(layout.input_ids)
     sections = [layout.input_ids, layout.positions, layout.seq_lens, layout.query_start,
                 pad_rows(layout.tables, width, 0), layout.tile_request, layout.tile_start,
-                layout.sample_rows]
-    ids_t, pos_t, seq_t, qstart_t, tables_t, treq_t, tstart_t, rows_t = staging.upload_sections(
-        sections)
+                layout.sample_rows, layout.feed.rows, layout.feed.source_rows]
+    (ids_t, pos_t, seq_t, qstart_t, tables_t, treq_t, tstart_t, rows_t, feed_t,
+     feed_source_t) = staging.upload_sections(sections)
+    layout.feed.apply(ids_t, feed_t, feed_source_t)
     tables_t = tables_t.view(count, width)
     query_lens = qstart_t[1:] - qstart_t[:-1]
     max_seq_len = max(layout.seq_lens)

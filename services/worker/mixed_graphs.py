@@ -28,6 +28,7 @@ import torch
 
 from services.worker.cuda_graphs import Forward, GraphSet
 from services.worker.kernel_batch import (
+    Feeds,
     KernelAttentionMetadata,
     host_layout,
     pad_rows,
@@ -107,7 +108,7 @@ class MixedGraphs(GraphSet):
             return None
         return next(b for b in self.buckets if b >= num_tokens)
 
-    def run(self, states: Sequence[RequestState], num_tokens: Sequence[int]
+    def run(self, states: Sequence[RequestState], num_tokens: Sequence[int], feeds: Feeds,
             ) -> tuple[torch.Tensor, list[int], list[int]]:
         """Compute the step; (hidden states of the bucket's rows, the rows that
         sample, the requests they belong to in plan order)."""
@@ -115,7 +116,7 @@ class MixedGraphs(GraphSet):
         total = sum(num_tokens)
         bucket = self.bucket(count, total)
         assert bucket is not None, f"no graph for {count} requests and {total} tokens"
-        layout = host_layout(states, num_tokens, self.block_size, self.block_q)
+        layout = host_layout(states, num_tokens, self.block_size, self.block_q, feeds)
         requests = self.max_requests
         pad = bucket - total
         # The padding request (index ``count``) owns the padded tokens; the rest none.
@@ -132,10 +133,13 @@ class MixedGraphs(GraphSet):
             layout.tile_request + [requests + 1] * (tiles - len(layout.tile_request)),
             layout.tile_start + [0] * (tiles - len(layout.tile_start)),
             layout.sample_rows,
+            layout.feed.rows,
+            layout.feed.source_rows,
         ]
-        ids_t, pos_t, seq_t, qs_t, tables_t, treq_t, tstart_t, rows_t = (
+        ids_t, pos_t, seq_t, qs_t, tables_t, treq_t, tstart_t, rows_t, feed_t, feed_source_t = (
             self._staging.upload_sections(sections))
         self._input_ids[:bucket].copy_(ids_t)
+        layout.feed.apply(self._input_ids, feed_t, feed_source_t)
         self._positions[:bucket].copy_(pos_t)
         self._seq_lens.copy_(seq_t)
         self._query_start.copy_(qs_t)

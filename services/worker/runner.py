@@ -14,7 +14,7 @@ is answered with an error result and leaves every request as it was.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,7 @@ from services.worker.models.config import load_config
 from services.worker.models.llama import LlamaModel
 from services.worker.models.weights import load_weights
 from services.worker.sampling import Sampler, validate_sampling
-from services.worker.step_batch import RequestState, blocks_for, build_step_batch
+from services.worker.step_batch import PENDING, RequestState, blocks_for, build_step_batch
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import pack_i32
 from shared.protocol.step import NewRequest, StepPlan, StepResult
@@ -53,6 +53,20 @@ class _CheckedPlan:
     replaces: dict[str, list[tuple[int, int]]]  # request -> (table position, block)
     swap_out: dict[str, tuple[list[int], list[int]]]  # request -> (device, host) blocks
     swap_in: dict[str, tuple[list[int], list[int]]]  # request -> (host, device) blocks
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step whose computation is queued on the device (or a ready ``result``:
+    refused, or nothing to compute)."""
+
+    step_id: int
+    result: StepResult | None = None
+    request_ids: list[str] = field(default_factory=list)  # requests that sampled, plan order
+    slots: list[tuple[RequestState, int]] = field(default_factory=list)  # where each token goes
+    device_ids: torch.Tensor | None = None
+    host_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    copied: torch.cuda.Event | None = None
 
 
 class PlanError(ValueError):
@@ -112,6 +126,8 @@ class ModelRunner:
         self.host_cache = HostKVStore(self.kv_cache)
         self.sampler = Sampler(self.device, seed)
         self.requests: dict[str, RequestState] = {}
+        # Tokens sampled by a launched, uncollected step: request -> (ids, row).
+        self._feeds: dict[str, tuple[torch.Tensor, int]] = {}
         self._cuda: CudaStep | None = None
         if self.device.type == "cuda":
             # Imported here: Triton ships only with CUDA builds of torch.
@@ -137,15 +153,22 @@ class ModelRunner:
     def reset(self) -> None:
         """Forget every request (the scheduler that planned them is gone)."""
         self.requests.clear()
+        self._feeds.clear()
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step. Results list, in plan order, the requests whose computed
         count reached their token count; each sampled one token. The plan's parts
         apply in the order of its fields (see ``StepPlan``)."""
+        return self.collect(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> LaunchedStep:
+        """Apply the plan and start its computation; ``collect`` waits for the
+        sampled tokens. On CUDA the next plan may be launched before this one is
+        collected: its decode inputs are fed from this step's ids on the device."""
         try:
             checked = self._check(plan)
         except (PlanError, TableError) as e:
-            return StepResult(plan.step_id, [], b"", error=str(e))
+            return LaunchedStep(plan.step_id, StepResult(plan.step_id, [], b"", error=str(e)))
         for request_id in plan.finished:
             self.requests.pop(request_id, None)
         for state in checked.new:
@@ -173,9 +196,21 @@ class ModelRunner:
         for state, blocks in zip(states, checked.appends, strict=True):
             state.block_ids.extend(blocks)
         if not states:
-            return StepResult(plan.step_id, [], b"")
-        sampled_ids, tokens = self._compute(states, checked.num_tokens)
-        return StepResult(plan.step_id, sampled_ids, pack_i32(tokens))
+            return LaunchedStep(plan.step_id, StepResult(plan.step_id, [], b""))
+        return self._launch_compute(plan.step_id, states, checked.num_tokens)
+
+    def collect(self, launched: LaunchedStep) -> StepResult:
+        """Wait for a launched step's tokens and record them in the requests."""
+        if launched.result is not None:
+            return launched.result
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        tokens: list[int] = launched.host_ids.tolist()
+        for (state, position), token in zip(launched.slots, tokens, strict=True):
+            state.token_ids[position] = token
+            if self._feeds.get(state.request_id, (None, 0))[0] is launched.device_ids:
+                del self._feeds[state.request_id]
+        return StepResult(launched.step_id, launched.request_ids, pack_i32(tokens))
 
     # -- checks -------------------------------------------------------------------
 
@@ -296,12 +331,12 @@ class ModelRunner:
 
     # -- compute ------------------------------------------------------------------
 
-    def _compute(
-        self, states: list[RequestState], num_tokens: list[int]
-    ) -> tuple[list[str], list[int]]:
+    def _launch_compute(
+        self, step_id: int, states: list[RequestState], num_tokens: list[int]
+    ) -> LaunchedStep:
         with torch.inference_mode():
             if self._cuda is not None:
-                samplers, hidden = self._cuda.hidden_states(states, num_tokens)
+                samplers, hidden = self._cuda.hidden_states(states, num_tokens, self._feeds)
             else:
                 batch = build_step_batch(states, num_tokens, self.block_size, self.device)
                 samplers = batch.samplers
@@ -309,16 +344,37 @@ class ModelRunner:
                     batch.input_ids, batch.positions, batch.meta, self.kv_cache,
                     batch.sample_rows,
                 )
-            tokens = self.sampler.sample(
+            ids = self.sampler.sample_ids(
                 self.model.logits(hidden),
                 [states[i].sampling for i in samplers],
                 [states[i].num_output_tokens for i in samplers],
             )
+            # Results in plan order (the reference batch is decodes first).
+            order = sorted(range(len(samplers)), key=samplers.__getitem__)
+            if order != list(range(len(order))):
+                ids = ids[torch.tensor(order, device=ids.device)]
+                samplers = [samplers[j] for j in order]
         for state, n in zip(states, num_tokens, strict=True):
             state.num_computed += n
-        for i, token in zip(samplers, tokens, strict=True):
-            states[i].token_ids.append(token)
-            states[i].num_output_tokens += 1
-        # Results in plan order, not the batch's decode-first order.
-        by_plan = sorted(zip(samplers, tokens, strict=True))
-        return [states[i].request_id for i, _ in by_plan], [t for _, t in by_plan]
+        request_ids = [states[i].request_id for i in samplers]
+        if self.device.type != "cuda":
+            # The CPU computed synchronously: the tokens are known now.
+            tokens = ids.tolist()
+            for i, token in zip(samplers, tokens, strict=True):
+                states[i].token_ids.append(token)
+                states[i].num_output_tokens += 1
+            return LaunchedStep(step_id, StepResult(step_id, request_ids, pack_i32(tokens)))
+        launched = LaunchedStep(step_id, request_ids=request_ids, device_ids=ids)
+        for i in samplers:
+            state = states[i]
+            state.token_ids.append(PENDING)
+            state.num_output_tokens += 1
+            launched.slots.append((state, len(state.token_ids) - 1))
+        for row, i in enumerate(samplers):
+            self._feeds[states[i].request_id] = (ids, row)
+        # One device-to-host copy of the step's ids, waited for only in collect.
+        launched.host_ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        launched.host_ids.copy_(ids, non_blocking=True)
+        launched.copied = torch.cuda.Event()
+        launched.copied.record()
+        return launched

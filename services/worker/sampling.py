@@ -61,28 +61,33 @@ class Sampler:
     ) -> list[int]:
         """One token id per row of ``logits`` [rows, vocab] (float32).
         ``output_indices[i]`` is how many output tokens row i's request already has."""
-        rows = logits.shape[0]
-        if rows == 0:
-            return []
-        greedy = [p.temperature == 0.0 for p in params]
-        if all(greedy):
-            return logits.argmax(dim=-1).tolist()
-        random_rows = [i for i, g in enumerate(greedy) if not g]
+        return self.sample_ids(logits, params, output_indices).tolist()
+
+    def sample_ids(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        output_indices: Sequence[int],
+    ) -> torch.Tensor:
+        """``sample`` without leaving the device: int64 [rows] where the logits are,
+        so the caller decides when to wait for the values."""
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
+        if not random_rows:
+            return tokens
         chosen = self._sample_random(
-            logits[random_rows] if len(random_rows) < rows else logits,
+            logits[random_rows] if len(random_rows) < len(params) else logits,
             [params[i] for i in random_rows],
             [output_indices[i] for i in random_rows],
         )
-        if len(random_rows) == rows:
+        if len(random_rows) == len(params):
             return chosen
-        tokens = logits.argmax(dim=-1).tolist()
-        for row, token in zip(random_rows, chosen, strict=True):
-            tokens[row] = token
+        tokens[torch.tensor(random_rows, device=logits.device)] = chosen
         return tokens
 
     def _sample_random(
         self, logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]
-    ) -> list[int]:
+    ) -> torch.Tensor:
         vocab = logits.shape[1]
         device = logits.device
         temperatures = torch.tensor([p.temperature for p in params], device=device)
@@ -103,7 +108,7 @@ class Sampler:
                 generator = torch.Generator(device=device)
                 generator.manual_seed(noise_seed(p.seed, output_indices[i]))
                 noise[i].exponential_(generator=generator)
-        return (probs / noise).argmax(dim=-1).tolist()
+        return (probs / noise).argmax(dim=-1)
 
 
 def _cut_top_k_top_p(

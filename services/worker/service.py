@@ -3,10 +3,13 @@
     scheduler ──StepPlan──▶ inbox ─▶ plan queue (bounded) ─▶ executor ─▶ thread: runner.execute
     scheduler ◀─StepResult───────────────────────────────────────┘
 
-Plans run strictly in arrival order, one at a time, in a worker thread, so the
-event loop keeps heartbeating while torch computes; the scheduler runs a step or
-two ahead, and those plans wait in the queue. A full queue is answered at once
-with an error result ("busy"), never by blocking the inbox.
+Plans run strictly in arrival order in a worker thread, so the event loop keeps
+heartbeating while torch computes; the scheduler runs a step or two ahead, and
+those plans wait in the queue. Each plan is launched before the step ahead of it
+is collected (``ModelRunner.launch``/``collect``): on CUDA the host prepares step
+N+1 while the GPU computes step N, and N's sampled ids come back while N+1 runs.
+A full queue is answered at once with an error result ("busy"), never by
+blocking the inbox.
 
 A scheduler restart voids every request the worker holds (the new scheduler never
 heard of them): each queued plan carries the scheduler incarnation it came from,
@@ -25,11 +28,11 @@ import msgspec
 import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, StatusCode
+from opentelemetry.trace import Link, Span, StatusCode
 
 from services.worker.config import WorkerConfig
 from services.worker.device import resolve_device
-from services.worker.runner import ModelRunner
+from services.worker.runner import LaunchedStep, ModelRunner
 from shared.config import load_config
 from shared.endpoints import connect_dealer
 from shared.logs import get_logger
@@ -113,15 +116,35 @@ class WorkerActor:
             await self.endpoint.send(StepResult(queued.plan.step_id, [], b"", error=reason))
 
     async def _execute_plans(self) -> None:
-        async for queued in self._plans_out:
+        """Launch each plan, and collect the step before it only after that: the
+        host prepares step N+1 while the GPU still computes step N, and N's
+        tokens cross to the host while N+1 runs. With no plan waiting, the step
+        in flight is collected at once (nothing to overlap it with)."""
+        in_flight: _InFlight | None = None
+        while True:
+            if in_flight is None:
+                try:
+                    queued = await self._plans_out.receive()
+                except anyio.EndOfStream:
+                    return
+            else:
+                try:
+                    queued = self._plans_out.receive_nowait()
+                except anyio.WouldBlock:
+                    await self._finish(in_flight)
+                    in_flight = None
+                    continue
             if queued.epoch < self._epoch:
                 continue  # planned by a scheduler that no longer exists
             if queued.epoch > self._runner_epoch:
+                if in_flight is not None:
+                    await self._finish(in_flight)  # (its result is dropped: stale)
+                    in_flight = None
                 self.runner.reset()
                 self._runner_epoch = queued.epoch
-            await self._execute(queued)
+            in_flight = await self._launch(queued, in_flight)
 
-    async def _execute(self, queued: QueuedPlan) -> None:
+    async def _launch(self, queued: QueuedPlan, previous: _InFlight | None) -> _InFlight:
         plan = queued.plan
         # One span per step: a child of the scheduler's step span, linked to every
         # request it serves.
@@ -132,20 +155,39 @@ class WorkerActor:
             "meshserve.num_tokens": _num_tokens(plan),
             "meshserve.new_requests": len(plan.new),
         }
-        with _tracer.start_as_current_span(
-            "worker.step", context=queued.context, links=links, attributes=attributes
-        ) as span:
-            result = await anyio.to_thread.run_sync(self.runner.execute, plan)
+        span = _tracer.start_span("worker.step", context=queued.context, links=links,
+                                  attributes=attributes)
+        launched = await anyio.to_thread.run_sync(self.runner.launch, plan)
+        if previous is not None:
+            await self._finish(previous)
+        return _InFlight(queued, launched, span)
+
+    async def _finish(self, in_flight: _InFlight) -> None:
+        queued, span = in_flight.queued, in_flight.span
+        try:
+            result = await anyio.to_thread.run_sync(self.runner.collect, in_flight.launched)
             if queued.epoch < self._epoch:
                 # The scheduler restarted while this step ran; its step ids start
                 # over, so this result could be mistaken for one of the new ones.
                 return
             if result.error is not None:
                 span.set_status(StatusCode.ERROR, result.error)
-                self.endpoint.rejections.record("scheduler", f"step {plan.step_id}: {result.error}")
+                self.endpoint.rejections.record(
+                    "scheduler", f"step {queued.plan.step_id}: {result.error}")
             else:
                 span.set_attribute("meshserve.sampled", len(result.request_ids))
             await self.endpoint.send(result)
+        finally:
+            span.end()
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A launched step whose tokens are not collected yet."""
+
+    queued: QueuedPlan
+    launched: LaunchedStep
+    span: Span
 
 
 def _load_runner(config: WorkerConfig) -> ModelRunner:

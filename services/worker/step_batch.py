@@ -15,6 +15,11 @@ import torch
 from services.worker.attention import AttentionMetadata, PrefillChunk
 from shared.protocol.generation import SamplingParams
 
+# A sampled token whose value is still on the device: the step that sampled it is
+# launched but not collected (see ``ModelRunner.launch``). Its slot in
+# ``RequestState.token_ids`` is filled when the step is collected.
+PENDING = -1
+
 
 @dataclass(slots=True)
 class RequestState:

@@ -212,7 +212,7 @@ def test_fused_forward_matches_reference_forward() -> None:
         expected = model.forward(ref.input_ids, ref.positions, ref.meta, runner.kv_cache,
                                  ref.sample_rows)
         batch = build_kernel_batch(ref_states, num_tokens, PAGE, StagingBuffer(runner.device),
-                                   model.config.num_heads, model.config.num_kv_heads)
+                                   model.config.num_heads, model.config.num_kv_heads, {})
         got = fused_forward(model, batch.input_ids, batch.positions, batch.meta,
                             runner.kv_cache, batch.sample_rows)
     # The reference samples decodes first; both sample the same requests.
@@ -230,7 +230,7 @@ def test_graph_step_layouts_match_reference_forward() -> None:
     from services.worker.mixed_graphs import MixedGraphs
     from services.worker.models.llama_fused import fused_forward
     from services.worker.runner import ModelRunner
-    from services.worker.step_batch import RequestState, build_step_batch
+    from services.worker.step_batch import PENDING, RequestState, build_step_batch
     from shared.embedded_model import ensure_embedded_model
     from shared.protocol.generation import SamplingParams
 
@@ -266,27 +266,34 @@ def test_graph_step_layouts_match_reference_forward() -> None:
         ref_states, graph_states = fresh(), fresh()
         chunks = [16, 24, 9]
         expected = reference(ref_states, chunks)
-        got, _rows, samplers = mixed.run(graph_states, chunks)
+        got, _rows, samplers = mixed.run(graph_states, chunks, {})
         assert samplers == [2] == list(expected)
         torch.testing.assert_close(got.float()[0], expected[2], atol=5 * TOL, rtol=5 * TOL)
         for states in (ref_states, graph_states):
             for state, n in zip(states, chunks, strict=True):
                 state.num_computed += n
-        # Step 2: the rest of the first two prompts beside a decode of the third.
-        for states in (ref_states, graph_states):
-            states[2].token_ids.append(5)
+        # Step 2: the rest of the first two prompts beside a decode of the third,
+        # whose input token is still "on the device" (fed from a sampled-ids row).
+        ref_states[2].token_ids.append(5)
+        graph_states[2].token_ids.append(PENDING)
+        sampled = torch.tensor([9, 5], device=runner.device)
         rest = [7, 16, 1]
         expected = reference(ref_states, rest)
-        got, _rows, samplers = mixed.run(graph_states, rest)
+        got, _rows, samplers = mixed.run(graph_states, rest, {"2": (sampled, 1)})
         assert samplers == [0, 1, 2]
         for row, i in enumerate(samplers):
             torch.testing.assert_close(got.float()[row], expected[i], atol=5 * TOL, rtol=5 * TOL)
+        graph_states[2].token_ids[-1] = 5
         for states in (ref_states, graph_states):
             for state, n in zip(states, rest, strict=True):
                 state.num_computed += n
-                state.token_ids.append(7)
-        # Step 3: a decode of all three through the decode buckets (3 pads to 4).
+        for i, token in enumerate((7, 8, 9)):
+            ref_states[i].token_ids.append(token)
+            graph_states[i].token_ids.append(PENDING if i else token)
+        # Step 3: a decode of all three through the decode buckets (3 pads to 4);
+        # two inputs are fed from the device.
         expected = reference(ref_states, [1, 1, 1])
-        got = decode.run(graph_states)
+        sampled = torch.tensor([8, 9], device=runner.device)
+        got = decode.run(graph_states, {"1": (sampled, 0), "2": (sampled, 1)})
         for i in range(3):
             torch.testing.assert_close(got.float()[i], expected[i], atol=5 * TOL, rtol=5 * TOL)

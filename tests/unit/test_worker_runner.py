@@ -4,6 +4,7 @@ come in plan order, and seeded sampling survives batching and preemption."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from services.worker.runner import ModelRunner
 from shared.embedded_model import ensure_embedded_model
@@ -170,3 +171,32 @@ def test_seeded_sampling_is_independent_of_batch_and_preemption(runner: ModelRun
     assert len(alone) == 10
     assert _sample_run(runner, others=5) == alone
     assert _sample_run(runner, others=3, preempt_at=4) == alone
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_a_step_launched_before_the_last_is_collected_feeds_its_tokens(device: str) -> None:
+    """The worker launches step N+1 before it collects step N: N+1's decodes take
+    N's tokens on the device. The tokens equal strictly sequential execution."""
+    outputs = []
+    for overlapped in (False, True):
+        runner = ModelRunner(ensure_embedded_model(), device, "float32", num_kv_blocks=64,
+                             block_size=4)
+        plans = [plan(1, new=[new("a", [5, 6, 7, 8, 9]), new("b", [3, 4])],
+                      work={"a": 5, "b": 2}, owners=[0, 0, 1], blocks=[10, 11, 20])]
+        plans += [plan(step, work={"a": 1, "b": 1}, owners=[0, 1], blocks=[30 + step, 45 + step])
+                  for step in range(2, 8)]
+        results = []
+        if overlapped:
+            launched = runner.launch(plans[0])
+            for following in plans[1:]:
+                next_launched = runner.launch(following)
+                results.append(runner.collect(launched))
+                launched = next_launched
+            results.append(runner.collect(launched))
+        else:
+            results = [runner.execute(p) for p in plans]
+        assert all(r.error is None for r in results), [r.error for r in results]
+        outputs.append([(r.request_ids, unpack_i32(r.token_ids).tolist()) for r in results])
+        assert all(-1 not in s.token_ids for s in runner.requests.values())
+    assert outputs[0] == outputs[1]
