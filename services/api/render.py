@@ -35,8 +35,19 @@ DONE = b"data: [DONE]\n\n"
 _encoder = msgspec.json.Encoder()
 
 
+# Characters Python's str.splitlines (and so httpx's ``aiter_lines``) treats as line
+# ends although SSE does not: written raw inside a JSON string they cut an event in
+# two for such clients. JSON allows them escaped; only strings can hold them.
+_LINE_BREAKING = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"),
+                  (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def sse_event(payload: msgspec.Struct) -> bytes:
-    return b"data: " + _encoder.encode(payload) + b"\n\n"
+    data = _encoder.encode(payload)
+    for raw, escaped in _LINE_BREAKING:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 def sse_error(error: ApiError) -> bytes:

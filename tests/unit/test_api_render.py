@@ -108,3 +108,23 @@ def test_text_with_newlines_stays_one_sse_line() -> None:
     renderer = StreamRenderer(completion_plan(stream=True))
     [event] = renderer.updates([ChoiceUpdate(0, "a\n\nb\r\n", None)])
     assert data(event)["choices"][0]["text"] == "a\n\nb\r\n"
+
+
+def test_sse_events_escape_what_splitlines_would_break_on() -> None:
+    """Model text may hold U+0085, U+2028 or U+2029: raw in the JSON, a client that
+    reads events with str.splitlines semantics (httpx's aiter_lines) would cut the
+    event there. Escaped, every event is one line and decodes to the same text."""
+    import json
+
+    import msgspec
+
+    from services.api.render import sse_event
+
+    class Payload(msgspec.Struct):
+        text: str
+
+    text = "a\u2028b\x85c\u2029d\x1ce\n"
+    event = sse_event(Payload(text)).decode()
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    (line,) = event[len("data: "):].strip("\n").splitlines()
+    assert json.loads(line) == {"text": text}
