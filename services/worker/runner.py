@@ -94,7 +94,10 @@ class ModelRunner:
         seed: int | None = None,
         graph_max_batch: int = 256,
         graph_max_tokens: int = 2048,
+        kernels: bool | None = None,
     ) -> None:
+        """``kernels``: run steps through the Triton kernels and graphs (default:
+        on CUDA only; tests turn it on for the CPU under Triton's interpreter)."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.model_dir = Path(model_dir)
@@ -121,7 +124,8 @@ class ModelRunner:
         self.num_kv_blocks = num_kv_blocks
         # On CUDA one block more than the scheduler is told of: CUDA-graph padding
         # rows write their K/V there, never into a request's block.
-        spare = 1 if self.device.type == "cuda" else 0
+        use_kernels = self.device.type == "cuda" if kernels is None else kernels
+        spare = 1 if use_kernels else 0
         self.kv_cache = self.model.new_kv_cache(num_kv_blocks + spare, block_size)
         self.host_cache = HostKVStore(self.kv_cache)
         self.sampler = Sampler(self.device, seed)
@@ -129,7 +133,7 @@ class ModelRunner:
         # Tokens sampled by a launched, uncollected step: request -> (ids, row).
         self._feeds: dict[str, tuple[torch.Tensor, int]] = {}
         self._cuda: CudaStep | None = None
-        if self.device.type == "cuda":
+        if use_kernels:
             # Imported here: Triton ships only with CUDA builds of torch.
             from services.worker.cuda_step import CudaStep
 
@@ -357,8 +361,8 @@ class ModelRunner:
         for state, n in zip(states, num_tokens, strict=True):
             state.num_computed += n
         request_ids = [states[i].request_id for i in samplers]
-        if self.device.type != "cuda":
-            # The CPU computed synchronously: the tokens are known now.
+        if self._cuda is None:
+            # The reference path: the tokens are known now (nothing to overlap).
             tokens = ids.tolist()
             for i, token in zip(samplers, tokens, strict=True):
                 states[i].token_ids.append(token)
@@ -372,6 +376,9 @@ class ModelRunner:
             launched.slots.append((state, len(state.token_ids) - 1))
         for row, i in enumerate(samplers):
             self._feeds[states[i].request_id] = (ids, row)
+        if self.device.type != "cuda":
+            launched.host_ids = ids  # (the kernels under Triton's interpreter, in tests)
+            return launched
         # One device-to-host copy of the step's ids, waited for only in collect.
         launched.host_ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
         launched.host_ids.copy_(ids, non_blocking=True)

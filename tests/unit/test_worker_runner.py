@@ -3,6 +3,9 @@ come in plan order, and seeded sampling survives batching and preemption."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -173,15 +176,24 @@ def test_seeded_sampling_is_independent_of_batch_and_preemption(runner: ModelRun
     assert _sample_run(runner, others=3, preempt_at=4) == alone
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton")
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cpu-kernels", marks=pytest.mark.skipif(
+        not INTERPRETED, reason="needs TRITON_INTERPRET=1 and triton")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")]),
+])
 def test_a_step_launched_before_the_last_is_collected_feeds_its_tokens(device: str) -> None:
     """The worker launches step N+1 before it collects step N: N+1's decodes take
     N's tokens on the device. The tokens equal strictly sequential execution."""
     outputs = []
     for overlapped in (False, True):
-        runner = ModelRunner(ensure_embedded_model(), device, "float32", num_kv_blocks=64,
-                             block_size=4)
+        runner = ModelRunner(ensure_embedded_model(), device.removesuffix("-kernels"), "float32",
+                             num_kv_blocks=64, block_size=4,
+                             kernels=True if device == "cpu-kernels" else None)
         plans = [plan(1, new=[new("a", [5, 6, 7, 8, 9]), new("b", [3, 4])],
                       work={"a": 5, "b": 2}, owners=[0, 0, 1], blocks=[10, 11, 20])]
         plans += [plan(step, work={"a": 1, "b": 1}, owners=[0, 1], blocks=[30 + step, 45 + step])
