@@ -207,6 +207,8 @@ def main() -> None:
     print(f"{args.requests} concurrent requests, prompt {args.prompt_len} tokens, "
           f"{args.max_tokens} output tokens each, model {model_dir.name}")
 
+    streamed_rows: list[dict[str, float]] = []
+
     def drive(url: str) -> dict[str, float]:
         # A discarded warm-up of the whole workload first, on both sides: first-call
         # costs (allocator growth, CUDA kernels for each new batch shape) are not load.
@@ -218,7 +220,7 @@ def main() -> None:
         timings, wall = anyio.run(drive_mesh, url, prompts, args.max_tokens, False)
         row = summarize("mesh", timings, wall)
         timings, wall = anyio.run(drive_mesh, url, streamed, args.max_tokens, True)
-        summarize("mesh (streamed)", timings, wall)
+        streamed_rows.append(summarize("mesh (streamed)", timings, wall))
         return row
 
     if args.url:
@@ -242,7 +244,8 @@ def main() -> None:
                                                                    *sys.argv[1:]]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "gpu": gpu_name(),
             "model": model_dir.name, "requests": args.requests, "prompt_len": args.prompt_len,
-            "max_tokens": args.max_tokens, "mesh": mesh, "in_process": local,
+            "max_tokens": args.max_tokens, "mesh": mesh,
+            "mesh_streamed": streamed_rows[0] if streamed_rows else None, "in_process": local,
             "ratio_mesh_over_in_process": ratio,
         })
 
