@@ -66,8 +66,10 @@ def _num_tokens(plan: StepPlan) -> int:
 
 
 class WorkerActor:
-    def __init__(self, runtime: ServiceRuntime, runner: ModelRunner) -> None:
+    def __init__(self, runtime: ServiceRuntime, runner: ModelRunner, overlap: bool = True,
+                 ) -> None:
         self.runner = runner
+        self.overlap = overlap
         details = runner.details()
         # The hello carries the KV geometry the scheduler plans with.
         self.endpoint: DealerEndpoint[StepPlan] = connect_dealer(
@@ -143,6 +145,9 @@ class WorkerActor:
                 self.runner.reset()
                 self._runner_epoch = queued.epoch
             in_flight = await self._launch(queued, in_flight)
+            if not self.overlap:
+                await self._finish(in_flight)
+                in_flight = None
 
     async def _launch(self, queued: QueuedPlan, previous: _InFlight | None) -> _InFlight:
         plan = queued.plan
@@ -219,4 +224,4 @@ async def main(runtime: ServiceRuntime) -> None:
              dtype=str(runner.dtype).removeprefix("torch."))
     runtime.capacity = PLAN_QUEUE_SIZE
     runtime.ready = True
-    await WorkerActor(runtime, runner).run()
+    await WorkerActor(runtime, runner, overlap=config.overlap_steps).run()
