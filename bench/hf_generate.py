@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -59,7 +61,9 @@ def main() -> None:
     if args.result_json:
         gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
         Path(args.result_json).write_text(json.dumps(
-            {"benchmark": "bench.hf_generate", "gpu": gpu, "model": Path(args.model).name,
+            {"benchmark": "bench.hf_generate",
+             "command": shlex.join(["python", "-m", "bench.hf_generate", *sys.argv[1:]]),
+             "gpu": gpu, "model": Path(args.model).name,
              "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "runs": rows},
             indent=2) + "\n")
 

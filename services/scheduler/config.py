@@ -12,7 +12,11 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     max_waiting: int = 1024  # bounded queue; beyond it requests get HTTP 429
     max_model_len: int = 0  # 0: the worker's
     lease_blocks: int = 256  # free KV blocks leased ahead from the KV manager
-    steps_in_flight: int = 2  # plan step N+1 while the worker runs step N
+    # Steps planned ahead of the worker (it feeds decode inputs itself). On an H200
+    # with ~3 ms steps, 2 left the GPU waiting on the scheduler's round trip: 1B
+    # shape, 256 x (512 in, 128 out) through the mesh made 14.9k tok/s at 2, 18.4k
+    # at 4, 15.1k at 6.
+    steps_in_flight: int = 4
     enable_prefix_caching: bool = True  # share cached KV blocks of equal prompt prefixes
     # swap: a preempted request's blocks go to the worker's host tier when it has
     # room (else recompute); recompute: always recompute.
