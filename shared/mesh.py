@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio
 import msgspec
@@ -151,13 +152,17 @@ class RejectionLog:
         )
 
 
-class _Endpoint(Generic[Body]):
-    """What routers and dealers share: framing, encoding, the inbox, rejection."""
+class _Endpoint(ABC, Generic[Body]):
+    """What routers and dealers share: framing, encoding, the inbox, rejection, and
+    the shape of ``run``. A kind of endpoint says its socket type, how it configures
+    the socket (``_configure``), how it attaches (bind or connect), how it watches
+    its peers' liveness and how it receives."""
+
+    _SOCKET_TYPE: ClassVar[int]
 
     def __init__(
         self,
         ctx: zmq.asyncio.Context,
-        socket_type: int,
         address: str,
         identity: Identity,
         body_type: Any,
@@ -168,7 +173,7 @@ class _Endpoint(Generic[Body]):
         self.address = address
         self.identity = identity
         self.heartbeat_s = heartbeat_s
-        self.socket = ctx.socket(socket_type)
+        self.socket = ctx.socket(self._SOCKET_TYPE)
         self.socket.setsockopt(zmq.LINGER, 0)
         self._decoder = msgspec.msgpack.Decoder(body_type | Hello | Welcome | Rejected)
         self._writer = FrameWriter(identity.name)
@@ -177,6 +182,36 @@ class _Endpoint(Generic[Body]):
         self._inbox_send: MemoryObjectSendStream[Any] = send
         self.inbox: MemoryObjectReceiveStream[Any] = receive
         self._closed = False
+        self._configure()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Attach, report started, then receive (and watch liveness) until cancelled.
+        A failure to attach reaches whoever started the endpoint; the socket closes
+        however the run ends."""
+        self._attach()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_liveness)
+                task_status.started()
+                await self._receive_forever()
+        finally:
+            self.close()
+
+    @abstractmethod
+    def _configure(self) -> None:
+        """Socket options and state of this kind of endpoint (called by ``__init__``)."""
+
+    @abstractmethod
+    def _attach(self) -> None:
+        """Bind or connect the socket."""
+
+    @abstractmethod
+    async def _watch_liveness(self) -> None:
+        """Runs beside the receiver for as long as the endpoint runs."""
+
+    @abstractmethod
+    async def _receive_forever(self) -> None:
+        """Decode every frame and put what it means on the inbox."""
 
     def _decode(self, frames: list[bytes]) -> tuple[Envelope, Any] | str:
         return decode_frames(frames, self._decoder)
@@ -193,39 +228,21 @@ class _Endpoint(Generic[Body]):
 class RouterEndpoint(_Endpoint[Body]):
     """A singleton's bound ROUTER: tracks replicas by their Hello heartbeats."""
 
-    def __init__(
-        self,
-        ctx: zmq.asyncio.Context,
-        address: str,
-        identity: Identity,
-        body_type: Any,
-        *,
-        heartbeat_s: float,
-        inbox_size: int = INBOX_SIZE,
-    ) -> None:
-        super().__init__(
-            ctx, zmq.ROUTER, address, identity, body_type,
-            heartbeat_s=heartbeat_s, inbox_size=inbox_size,
-        )
+    _SOCKET_TYPE = zmq.ROUTER
+    peers: dict[bytes, Peer]
+
+    def _configure(self) -> None:
         # MANDATORY: a send to a vanished peer raises instead of dropping silently.
         # HANDOVER: a restarted replica reclaims its identity from the stale pipe.
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.peers: dict[bytes, Peer] = {}
+        self.peers = {}
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Bind, report started, then receive and reap until cancelled."""
+    def _attach(self) -> None:
         try:
             self.socket.bind(bind_address(self.address))
         except zmq.ZMQError as e:
             raise OSError(f"cannot bind {self.address}: {e}") from e
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._reap_silent_peers)
-                task_status.started()
-                await self._receive_forever()
-        finally:
-            self.close()
 
     def peers_of(self, service: str) -> list[Peer]:
         return [p for p in self.peers.values() if p.hello.service == service]
@@ -291,7 +308,8 @@ class RouterEndpoint(_Endpoint[Body]):
         welcome = Welcome(service=self.identity.service, incarnation=self.identity.incarnation)
         await self.send(identity, welcome)
 
-    async def _reap_silent_peers(self) -> None:
+    async def _watch_liveness(self) -> None:
+        """Reap the replicas that stopped beating."""
         deadline = self.heartbeat_s * MISSED_BEATS_DEAD
         while True:
             await anyio.sleep(self.heartbeat_s)
@@ -305,6 +323,8 @@ class RouterEndpoint(_Endpoint[Body]):
 class DealerEndpoint(_Endpoint[Body]):
     """A replica's connection to one singleton: hello, heartbeats, and work."""
 
+    _SOCKET_TYPE = zmq.DEALER
+
     def __init__(
         self,
         ctx: zmq.asyncio.Context,
@@ -317,32 +337,26 @@ class DealerEndpoint(_Endpoint[Body]):
         inbox_size: int = INBOX_SIZE,
     ) -> None:
         super().__init__(
-            ctx, zmq.DEALER, address, identity, body_type,
-            heartbeat_s=heartbeat_s, inbox_size=inbox_size,
+            ctx, address, identity, body_type, heartbeat_s=heartbeat_s, inbox_size=inbox_size
         )
-        self.socket.setsockopt(zmq.IDENTITY, identity.name.encode())
-        # Reconnect quickly after a singleton restart; the default backs off to 100 ms+.
-        self.socket.setsockopt(zmq.RECONNECT_IVL, 50)
-        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         self._hello = hello or identity.hello
         self.upstream: Welcome | None = None
         self._known_incarnation: str | None = None
         self._last_welcome = 0.0
+
+    def _configure(self) -> None:
+        self.socket.setsockopt(zmq.IDENTITY, self.identity.name.encode())
+        # Reconnect quickly after a singleton restart; the default backs off to 100 ms+.
+        self.socket.setsockopt(zmq.RECONNECT_IVL, 50)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
 
     @property
     def connected(self) -> bool:
         """The singleton answered within the last three beats."""
         return self.upstream is not None
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    def _attach(self) -> None:
         self.socket.connect(self.address)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._beat_forever)
-                task_status.started()
-                await self._receive_forever()
-        finally:
-            self.close()
 
     async def send(self, body: Any, ctx: Context | None = None) -> None:
         await self.socket.send_multipart(self._writer.frames(body, ctx))
@@ -350,7 +364,9 @@ class DealerEndpoint(_Endpoint[Body]):
     async def say_hello(self) -> None:
         await self.send(self._hello())
 
-    async def _beat_forever(self) -> None:
+    async def _watch_liveness(self) -> None:
+        """Say hello every beat; the singleton is lost after ``MISSED_BEATS_DEAD`` beats
+        without a Welcome."""
         deadline = self.heartbeat_s * MISSED_BEATS_DEAD
         while True:
             await self.say_hello()

@@ -25,7 +25,12 @@ from services.api.body import read_json
 from services.api.config import ApiConfig
 from services.api.disconnect import cancelled_on_disconnect
 from services.api.errors import ApiError
-from services.api.generation_plan import GenerationPlan, plan_chat, plan_completion
+from services.api.generation_plan import (
+    GenerationPlan,
+    PlanContext,
+    plan_chat,
+    plan_completion,
+)
 from services.api.metrics import ApiMetrics
 from services.api.openai_schema import (
     ChatCompletionRequest,
@@ -106,19 +111,18 @@ class OpenAIRoutes:
 
     async def completions(self, request: Request) -> Response:
         body = await read_json(request, CompletionRequest, self.config.max_request_bytes)
-        plan = plan_completion(
-            body, served_model=self.served_model, config=self.config,
-            response_id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
-        )
-        return await self._generate(request, plan)
+        return await self._generate(request, plan_completion(body, self._plan_context("cmpl")))
 
     async def chat_completions(self, request: Request) -> Response:
         body = await read_json(request, ChatCompletionRequest, self.config.max_request_bytes)
-        plan = plan_chat(
-            body, served_model=self.served_model, config=self.config,
-            response_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+        return await self._generate(request, plan_chat(body, self._plan_context("chatcmpl")))
+
+    def _plan_context(self, id_prefix: str) -> PlanContext:
+        """A new response: its id carries OpenAI's prefix (``cmpl``, ``chatcmpl``)."""
+        return PlanContext(
+            served_model=self.served_model, config=self.config,
+            response_id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()),
         )
-        return await self._generate(request, plan)
 
     def _card(self) -> ModelCard:
         return ModelCard(id=self.served_model, created=self.created,

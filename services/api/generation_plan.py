@@ -104,15 +104,20 @@ def check_model(requested: str | None, served: str) -> None:
         )
 
 
-def plan_completion(
-    body: CompletionRequest,
-    *,
-    served_model: str,
-    config: ApiConfig,
-    response_id: str,
-    created: int,
-) -> GenerationPlan:
-    check_model(body.model, served_model)
+@dataclass(frozen=True, slots=True)
+class PlanContext:
+    """What a plan needs besides the body: the served model, the api's limits, and
+    the new response's id and creation time (chosen by the HTTP layer)."""
+
+    served_model: str
+    config: ApiConfig
+    response_id: str
+    created: int
+
+
+def plan_completion(body: CompletionRequest, context: PlanContext) -> GenerationPlan:
+    config = context.config
+    check_model(body.model, context.served_model)
     if body.echo:
         raise bad_request("`echo` is not supported", "echo")
     if body.logprobs is not None:
@@ -124,20 +129,13 @@ def plan_completion(
     max_tokens = body.max_tokens if body.max_tokens is not None else config.max_tokens_default
     sampling = _sampling(body, max_tokens, "max_tokens", config)
     prompt, prompt_ids = _prompt(body.prompt)
-    return _plan("text_completion", body, served_model=served_model,
-                 response_id=response_id, created=created, sampling=sampling,
+    return _plan("text_completion", body, context, sampling,
                  prompt=prompt, prompt_token_ids=prompt_ids)
 
 
-def plan_chat(
-    body: ChatCompletionRequest,
-    *,
-    served_model: str,
-    config: ApiConfig,
-    response_id: str,
-    created: int,
-) -> GenerationPlan:
-    check_model(body.model, served_model)
+def plan_chat(body: ChatCompletionRequest, context: PlanContext) -> GenerationPlan:
+    config = context.config
+    check_model(body.model, context.served_model)
     if body.logprobs or body.top_logprobs:
         raise bad_request("`logprobs` is not supported", "logprobs")
     if body.tools:
@@ -157,19 +155,16 @@ def plan_chat(
         max_tokens, param = config.chat_max_tokens_default, "max_tokens"
     sampling = _sampling(body, max_tokens, param, config)
     messages = _messages(body.messages)
-    return _plan("chat", body, served_model=served_model, response_id=response_id,
-                 created=created, sampling=sampling, messages=messages,
+    return _plan("chat", body, context, sampling, messages=messages,
                  add_generation_prompt=body.add_generation_prompt)
 
 
 def _plan(
-    operation: str,
+    operation: Operation,
     body: SamplingFields,
-    *,
-    served_model: str,
-    response_id: str,
-    created: int,
+    context: PlanContext,
     sampling: SamplingParams,
+    *,
     prompt: str | None = None,
     prompt_token_ids: bytes | None = None,
     messages: list[ChatMessage] | None = None,
@@ -193,14 +188,14 @@ def _plan(
 
     return GenerationPlan(
         operation=operation,
-        response_id=response_id,
-        model=served_model,
-        created=created,
+        response_id=context.response_id,
+        model=context.served_model,
+        created=context.created,
         stream=body.stream,
         include_usage=_include_usage(body),
         requests=[
             request(request_id, choice_sampling(sampling, i))
-            for i, request_id in enumerate(choice_ids(response_id, body.n))
+            for i, request_id in enumerate(choice_ids(context.response_id, body.n))
         ],
     )
 

@@ -19,6 +19,7 @@ a worker thread so a long-context request does not stall every other one's text.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import anyio
@@ -125,6 +126,25 @@ class TokenizerService:
         if self.api.connected:
             await self.api.say_hello()
 
+    async def _on_link_event(
+        self, upstream: str, event: object, on_restarted: Callable[[], Awaitable[None]]
+    ) -> None:
+        """What both upstream links share: a ``Rejected`` is logged, joining or losing
+        the link re-evaluates readiness, and a restarted upstream (a new incarnation,
+        which knows none of our requests) is handled by ``on_restarted``. Requests are
+        kept while a link is lost: an upstream that comes back under the same
+        incarnation still has them."""
+        match event:
+            case Received(body=Rejected() as rejected):
+                log.warning(f"{upstream} rejected a message", reason=rejected.reason)
+            case UpstreamJoined(restarted=restarted):
+                await self._update_ready()
+                if restarted:
+                    await on_restarted()
+            case UpstreamLost(reason=reason):
+                log.warning(f"{upstream} unreachable", reason=reason, held=len(self.requests))
+                await self._update_ready()
+
     # ---- api side ---------------------------------------------------------
 
     async def _serve_api(self) -> None:
@@ -135,15 +155,8 @@ class TokenizerService:
                 case Received(body=Abort() as abort):
                     # The api aborts the scheduler itself; here only the state goes.
                     self._drop(abort.request_ids, "abort")
-                case Received(body=Rejected() as rejected):
-                    log.warning("api rejected a message", reason=rejected.reason)
-                case UpstreamJoined(restarted=restarted):
-                    await self._update_ready()
-                    if restarted:
-                        await self._on_api_restarted()
-                case UpstreamLost(reason=reason):
-                    log.warning("api unreachable", reason=reason)
-                    await self._update_ready()
+                case _:
+                    await self._on_link_event("api", event, self._on_api_restarted)
 
     def _admission_failure(self) -> RequestFailed | None:
         if len(self.requests) >= self._config.max_inflight:
@@ -246,17 +259,8 @@ class TokenizerService:
                     await self.api.send(failed, event.context)
                 case Received(body=Abort() as abort):
                     self._drop(abort.request_ids, "abort")
-                case Received(body=Rejected() as rejected):
-                    log.warning("scheduler rejected a message", reason=rejected.reason)
-                case UpstreamJoined(restarted=restarted):
-                    await self._update_ready()
-                    if restarted:
-                        await self._on_scheduler_restarted()
-                case UpstreamLost(reason=reason):
-                    # Requests are kept: a scheduler that comes back under the same
-                    # incarnation still has them; a restarted one is handled above.
-                    log.warning("scheduler unreachable", reason=reason, held=len(self.requests))
-                    await self._update_ready()
+                case _:
+                    await self._on_link_event("scheduler", event, self._on_scheduler_restarted)
 
     async def _on_scheduler_restarted(self) -> None:
         lost = self.requests.drop_all()

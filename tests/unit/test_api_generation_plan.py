@@ -10,7 +10,12 @@ import pytest
 
 from services.api.config import ApiConfig
 from services.api.errors import ApiError, from_decode_error
-from services.api.generation_plan import GenerationPlan, plan_chat, plan_completion
+from services.api.generation_plan import (
+    GenerationPlan,
+    PlanContext,
+    plan_chat,
+    plan_completion,
+)
 from services.api.openai_schema import ChatCompletionRequest, CompletionRequest, decode_body
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import ChatMessage
@@ -23,16 +28,16 @@ def completion(**body: Any) -> GenerationPlan:
     body.setdefault("model", SERVED)
     body.setdefault("prompt", "hi")
     parsed = decode_body(msgspec.json.encode(body), CompletionRequest)
-    return plan_completion(parsed, served_model=SERVED, config=CONFIG,
-                           response_id="cmpl-1", created=100)
+    return plan_completion(parsed, PlanContext(served_model=SERVED, config=CONFIG,
+                                               response_id="cmpl-1", created=100))
 
 
 def chat(**body: Any) -> GenerationPlan:
     body.setdefault("model", SERVED)
     body.setdefault("messages", [{"role": "user", "content": "hi"}])
     parsed = decode_body(msgspec.json.encode(body), ChatCompletionRequest)
-    return plan_chat(parsed, served_model=SERVED, config=CONFIG,
-                     response_id="chatcmpl-1", created=100)
+    return plan_chat(parsed, PlanContext(served_model=SERVED, config=CONFIG,
+                                         response_id="chatcmpl-1", created=100))
 
 
 def error_of(make: Any, **body: Any) -> ApiError:

@@ -10,7 +10,12 @@ import msgspec
 
 from services.api.config import ApiConfig
 from services.api.errors import ApiError, error_type_for
-from services.api.generation_plan import GenerationPlan, plan_chat, plan_completion
+from services.api.generation_plan import (
+    GenerationPlan,
+    PlanContext,
+    plan_chat,
+    plan_completion,
+)
 from services.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from services.api.render import DONE, ResponseCollector, StreamRenderer, usage_of
 from services.api.requests import ChoiceUpdate
@@ -18,15 +23,15 @@ from services.api.requests import ChoiceUpdate
 
 def completion_plan(**body: Any) -> GenerationPlan:
     request = msgspec.convert({"prompt": "p", **body}, CompletionRequest)
-    return plan_completion(request, served_model="m", config=ApiConfig(),
-                           response_id="cmpl-1", created=7)
+    return plan_completion(request, PlanContext(served_model="m", config=ApiConfig(),
+                                                response_id="cmpl-1", created=7))
 
 
 def chat_plan(**body: Any) -> GenerationPlan:
     request = msgspec.convert(
         {"messages": [{"role": "user", "content": "hi"}], **body}, ChatCompletionRequest)
-    return plan_chat(request, served_model="m", config=ApiConfig(),
-                     response_id="chatcmpl-1", created=7)
+    return plan_chat(request, PlanContext(served_model="m", config=ApiConfig(),
+                                          response_id="chatcmpl-1", created=7))
 
 
 def data(event: bytes) -> Any:

@@ -14,7 +14,7 @@ from opentelemetry.context import Context
 
 from services.api.config import ApiConfig
 from services.api.errors import ApiError
-from services.api.generation_plan import GenerationPlan, plan_completion
+from services.api.generation_plan import GenerationPlan, PlanContext, plan_completion
 from services.api.health import MeshHealth
 from services.api.openai_schema import CompletionRequest
 from services.api.requests import (
@@ -31,8 +31,9 @@ T0, T1 = b"tokenizer/0", b"tokenizer/1"
 
 
 def make_plan(n: int = 1, response_id: str = "cmpl-1") -> GenerationPlan:
-    return plan_completion(CompletionRequest(prompt="p", n=n), served_model="m",
-                           config=ApiConfig(), response_id=response_id, created=0)
+    context = PlanContext(served_model="m", config=ApiConfig(), response_id=response_id,
+                          created=0)
+    return plan_completion(CompletionRequest(prompt="p", n=n), context)
 
 
 def make_flight(n: int = 1, response_id: str = "cmpl-1") -> Flight:
