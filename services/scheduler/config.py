@@ -12,11 +12,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     max_waiting: int = 1024  # bounded queue; beyond it requests get HTTP 429
     max_model_len: int = 0  # 0: the worker's
     lease_blocks: int = 256  # free KV blocks leased ahead from the KV manager
-    # Steps planned ahead of the worker (it feeds decode inputs itself). On an H200
-    # with ~3 ms steps, 2 left the GPU waiting on the scheduler's round trip: 1B
-    # shape, 256 x (512 in, 128 out) through the mesh made 14.9k tok/s at 2, 18.4k
-    # at 4, 15.1k at 6.
-    steps_in_flight: int = 4
+    # Steps planned ahead of each worker (it feeds decode inputs itself); 0: by the
+    # worker's device, 4 on CUDA and 2 on the CPU (see scheduler/worker_slot.py).
+    steps_in_flight: int = 0
     enable_prefix_caching: bool = True  # share cached KV blocks of equal prompt prefixes
     # swap: a preempted request's blocks go to the worker's host tier when it has
     # room (else recompute); recompute: always recompute.

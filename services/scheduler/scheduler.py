@@ -49,7 +49,7 @@ from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 from services.scheduler.stats import SchedulerStats
 from services.scheduler.step_builder import StepBuilder
 from services.scheduler.waiting_queue import WaitingQueue
-from services.scheduler.worker_slot import WorkerSlot
+from services.scheduler.worker_slot import WorkerSlot, steps_ahead
 from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import unpack_i32
@@ -277,7 +277,7 @@ class Scheduler:
         slot = self.workers.get(name)
         if slot is None or not slot.lease.opened:
             return None
-        if len(slot.inflight) >= self.config.steps_in_flight:
+        if len(slot.inflight) >= steps_ahead(self.config.steps_in_flight, slot.details):
             return None
         self._finish_preemptions(slot)
         builder = StepBuilder()

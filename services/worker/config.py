@@ -18,7 +18,8 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     # CUDA: steps with prefill chunks of up to this many tokens (and at most
     # cuda_graph_max_batch requests) replay captured graphs too (0: eager).
     cuda_graph_max_tokens: int = 2048
-    # Launch step N+1 before collecting step N, so host work overlaps the GPU's
-    # (false: each step is collected before the next is launched).
+    # CUDA: launch step N+1 before collecting step N, so host work overlaps the
+    # GPU's (false: each step is collected before the next is launched). The CPU
+    # computes at launch, so it never overlaps.
     overlap_steps: bool = True
     torch_threads: int = 0  # 0: all cores but one on CPU (the mesh needs one), torch's on CUDA

@@ -141,6 +141,14 @@ class ModelRunner:
                                   graph_max_batch, scratch_block=num_kv_blocks,
                                   graph_max_tokens=graph_max_tokens)
 
+    @property
+    def launches_async(self) -> bool:
+        """Whether ``launch`` returns before the step is computed (CUDA): only then
+        does launching the next step before collecting this one gain anything. On
+        the CPU a launch computes the whole step, so collecting late would only hold
+        the result back by a step."""
+        return self._cuda is not None and self.device.type == "cuda"
+
     def details(self) -> WorkerDetails:
         config = self.model.config
         return WorkerDetails(

@@ -69,7 +69,7 @@ class WorkerActor:
     def __init__(self, runtime: ServiceRuntime, runner: ModelRunner, overlap: bool = True,
                  ) -> None:
         self.runner = runner
-        self.overlap = overlap
+        self.overlap = overlap and runner.launches_async
         details = runner.details()
         # The hello carries the KV geometry the scheduler plans with.
         self.endpoint: DealerEndpoint[StepPlan] = connect_dealer(
