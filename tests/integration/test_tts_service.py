@@ -46,7 +46,10 @@ from shared.service import ServiceRuntime
 
 pytestmark = pytest.mark.anyio
 
-HEARTBEAT_S = 0.1
+# Short enough to keep liveness tests quick; long enough that a loaded CI machine
+# starving the test process for a few hundred ms does not read as a dead peer (the
+# replica then cancels everything: at 0.1 s this flaked under load).
+HEARTBEAT_S = 0.3
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
