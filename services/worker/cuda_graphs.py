@@ -28,11 +28,11 @@ from services.worker.kernel_batch import (
     Feeds,
     KernelAttentionMetadata,
     StagingBuffer,
-    TokenFeed,
+    host_layout,
     pad_rows,
     slot_mapping,
 )
-from services.worker.step_batch import RequestState, blocks_for
+from services.worker.step_batch import RequestState
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -149,36 +149,34 @@ class DecodeGraphs(GraphSet):
             return None
         return next(b for b in self.buckets if b >= batch)
 
-    def run(self, states: Sequence[RequestState], feeds: Feeds) -> torch.Tensor:
-        """Decode one token for each of ``states``; hidden states [len(states), H]."""
+    def run(self, states: Sequence[RequestState], feeds: Feeds
+            ) -> tuple[list[int], torch.Tensor]:
+        """Decode one token for each of ``states``: (the requests that sample, in plan
+        order; their final hidden states)."""
         count = len(states)
         bucket = self.bucket(count)
         assert bucket is not None, f"no graph for a batch of {count}"
-        ids: list[int] = []
-        positions: list[int] = []
-        tables: list[list[int]] = []
-        feed = TokenFeed()
-        for row, state in enumerate(states):
-            position = state.num_computed
-            ids.append(state.token_ids[position])
-            feed.add(row, state, position + 1, feeds)
-            positions.append(position)
-            tables.append(state.block_ids[: blocks_for(position + 1, self.block_size)])
+        layout = host_layout(states, [1] * count, self.block_size, 1, feeds)
         pad = bucket - count
-        width = max(len(row) for row in tables)
-        flat = pad_rows(tables, width, self.scratch_block)
-        scratch_row = [self.scratch_block] * width
-        ids_t, pos_t, seq_t, tables_t, feed_t, feed_source_t = self._staging.upload_sections([
-            ids + [0] * pad,
-            positions + [0] * pad,
-            [p + 1 for p in positions] + [1] * pad,
-            flat + scratch_row * pad,
-            feed.rows,
-            feed.source_rows,
-        ])
+        width = max(len(row) for row in layout.tables)
+        ids_t, pos_t, seq_t, tables_t, feed_t, feed_source_t, rows_t = (
+            self._staging.upload_sections([
+                layout.input_ids + [0] * pad,
+                layout.positions + [0] * pad,
+                layout.seq_lens + [1] * pad,
+                pad_rows(layout.tables, width, self.scratch_block)
+                + [self.scratch_block] * (width * pad),
+                layout.feed.rows,
+                layout.feed.source_rows,
+                layout.sample_rows,
+            ]))
         self._input_ids[:bucket].copy_(ids_t)
-        feed.apply(self._input_ids, feed_t, feed_source_t)
+        layout.feed.apply(self._input_ids, feed_t, feed_source_t)
         self._positions[:bucket].copy_(pos_t)
         self._seq_lens[:bucket].copy_(seq_t)
         self._tables[:bucket, :width].copy_(tables_t.view(bucket, width))
-        return self._replay(bucket)[:count]
+        hidden = self._replay(bucket)
+        if len(layout.samplers) < count:
+            # A 1-token prefill chunk short of the prompt's end: no logits for it.
+            return layout.samplers, hidden.index_select(0, rows_t.long())
+        return layout.samplers, hidden[:count]

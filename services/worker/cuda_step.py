@@ -81,15 +81,9 @@ class CudaStep:
         """(the requests that sample, in plan order; their final hidden states)."""
         if self._graph_fits(states, num_tokens):
             assert self.graphs is not None
-            hidden = self.graphs.run(states, feeds)
-            samplers = [i for i, s in enumerate(states) if s.num_computed + 1 == len(s.token_ids)]
-            if len(samplers) < len(states):
-                # A 1-token prefill chunk short of the prompt's end: no logits for it.
-                hidden = hidden[torch.tensor(samplers, device=hidden.device, dtype=torch.long)]
-            return samplers, hidden
+            return self.graphs.run(states, feeds)
         if self.mixed is not None and self.mixed.bucket(len(states), sum(num_tokens)):
-            hidden, _rows, samplers = self.mixed.run(states, num_tokens, feeds)
-            return samplers, hidden
+            return self.mixed.run(states, num_tokens, feeds)
         c = self.model.config
         batch = build_kernel_batch(states, num_tokens, self.block_size, self._staging,
                                    c.num_heads, c.num_kv_heads, feeds)

@@ -51,19 +51,11 @@ class KernelAttentionMetadata:
     num_splits: int = 1  # > 1: decode-only, keys split this many ways
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, scale: float,
-    ) -> torch.Tensor:
-        kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, self.slot_mapping, k)
-        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, self.slot_mapping, v)
-        return self.attend_cached(q, k_cache, v_cache, window, scale)
-
-    def attend_cached(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         window: int | None, scale: float,
     ) -> torch.Tensor:
-        """Attention once this step's K/V are already in the cache."""
+        """Attention of q over the cache, which already holds this step's K/V
+        (``rotary_and_cache`` wrote them)."""
         if self.num_splits > 1:
             return split_decode_attention(
                 q, k_cache, v_cache, self.block_tables, self.seq_lens, self.max_seq_len,

@@ -109,9 +109,9 @@ class MixedGraphs(GraphSet):
         return next(b for b in self.buckets if b >= num_tokens)
 
     def run(self, states: Sequence[RequestState], num_tokens: Sequence[int], feeds: Feeds,
-            ) -> tuple[torch.Tensor, list[int], list[int]]:
-        """Compute the step; (hidden states of the bucket's rows, the rows that
-        sample, the requests they belong to in plan order)."""
+            ) -> tuple[list[int], torch.Tensor]:
+        """Compute the step: (the requests that sample, in plan order; their final
+        hidden states)."""
         count = len(states)
         total = sum(num_tokens)
         bucket = self.bucket(count, total)
@@ -147,4 +147,4 @@ class MixedGraphs(GraphSet):
         self._tile_request[:tiles].copy_(treq_t)
         self._tile_start[:tiles].copy_(tstart_t)
         hidden = self._replay(bucket)
-        return hidden.index_select(0, rows_t.long()), layout.sample_rows, layout.samplers
+        return layout.samplers, hidden.index_select(0, rows_t.long())

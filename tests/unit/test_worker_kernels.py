@@ -266,7 +266,7 @@ def test_graph_step_layouts_match_reference_forward() -> None:
         ref_states, graph_states = fresh(), fresh()
         chunks = [16, 24, 9]
         expected = reference(ref_states, chunks)
-        got, _rows, samplers = mixed.run(graph_states, chunks, {})
+        samplers, got = mixed.run(graph_states, chunks, {})
         assert samplers == [2] == list(expected)
         torch.testing.assert_close(got.float()[0], expected[2], atol=5 * TOL, rtol=5 * TOL)
         for states in (ref_states, graph_states):
@@ -279,7 +279,7 @@ def test_graph_step_layouts_match_reference_forward() -> None:
         sampled = torch.tensor([9, 5], device=runner.device)
         rest = [7, 16, 1]
         expected = reference(ref_states, rest)
-        got, _rows, samplers = mixed.run(graph_states, rest, {"2": (sampled, 1)})
+        samplers, got = mixed.run(graph_states, rest, {"2": (sampled, 1)})
         assert samplers == [0, 1, 2]
         for row, i in enumerate(samplers):
             torch.testing.assert_close(got.float()[row], expected[i], atol=5 * TOL, rtol=5 * TOL)
@@ -294,6 +294,7 @@ def test_graph_step_layouts_match_reference_forward() -> None:
         # two inputs are fed from the device.
         expected = reference(ref_states, [1, 1, 1])
         sampled = torch.tensor([8, 9], device=runner.device)
-        got = decode.run(graph_states, {"1": (sampled, 0), "2": (sampled, 1)})
+        samplers, got = decode.run(graph_states, {"1": (sampled, 0), "2": (sampled, 1)})
+        assert samplers == [0, 1, 2]
         for i in range(3):
             torch.testing.assert_close(got.float()[i], expected[i], atol=5 * TOL, rtol=5 * TOL)

@@ -40,7 +40,7 @@ def fused_forward(
         rotary_and_cache(qkv, model.rotary.cos, model.rotary.sin, positions, meta.slot_mapping,
                          k_cache, v_cache, c.num_heads, c.num_kv_heads, c.head_dim)
         q = qkv[:, : c.num_heads * c.head_dim].view(tokens, c.num_heads, c.head_dim)
-        attn = meta.attend_cached(q, k_cache, v_cache, layer.sliding_window, model.scale)
+        attn = meta.attend(q, k_cache, v_cache, layer.sliding_window, model.scale)
         out = F.linear(attn.view(tokens, -1), layer.o, layer.o_bias)
         x = add_rms_norm(out, residual, layer.post_attention_norm, eps)
         gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
