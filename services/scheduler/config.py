@@ -11,7 +11,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     max_prefill_chunk: int = 512  # longest prefill chunk of one request in one step
     max_waiting: int = 1024  # bounded queue; beyond it requests get HTTP 429
     max_model_len: int = 0  # 0: the worker's
-    lease_blocks: int = 256  # free KV blocks leased ahead from the KV manager
+    # Free KV blocks leased ahead from the KV manager; 0: enough for every step in
+    # flight at a full token budget (scheduler/worker_slot.py: lease_target).
+    lease_blocks: int = 0
     # Steps planned ahead of each worker (it feeds decode inputs itself); 0: by the
     # worker's device, 4 on CUDA and 2 on the CPU (see scheduler/worker_slot.py).
     steps_in_flight: int = 0
@@ -19,6 +21,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     # swap: a preempted request's blocks go to the worker's host tier when it has
     # room (else recompute); recompute: always recompute.
     preemption_mode: str = "swap"
+    # A JSON line per step planned and per result here (scheduler/step_log.py): the
+    # step timeline. Empty: off.
+    step_log: str = ""
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("swap", "recompute"):

@@ -1,9 +1,8 @@
 """Continuous batching: who runs in each worker's next step. Pure, no I/O.
 
-The actor feeds the ``Scheduler`` submits, aborts, worker joins/losses, step
-results and KV leases, and asks it for a ``StepPlan`` per worker; results for the
-tokenizers accumulate in ``outputs`` and ``failures`` for the actor to send. The
-parts, each in its own module:
+The actor feeds it submits, aborts, worker joins/losses, step results and KV leases,
+and asks it for a ``StepPlan`` per worker; results for the tokenizers accumulate in
+``outputs`` and ``failures`` for the actor to send. Its parts:
 
     waiting_queue.py  WaitingQueue: heap by priority, lazy deletion, its own count
     worker_slot.py    WorkerSlot: one worker's lease, host tier, running requests
@@ -49,7 +48,7 @@ from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 from services.scheduler.stats import SchedulerStats
 from services.scheduler.step_builder import StepBuilder
 from services.scheduler.waiting_queue import WaitingQueue
-from services.scheduler.worker_slot import WorkerSlot, steps_ahead
+from services.scheduler.worker_slot import WorkerSlot, lease_target, steps_ahead
 from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import unpack_i32
@@ -213,8 +212,9 @@ class Scheduler:
 
     def add_worker(self, name: str, details: WorkerDetails) -> KvPoolOpen:
         """Register a worker; the returned message opens its KV pool."""
-        lease = BlockLease(name, details.num_kv_blocks, details.block_size,
-                           self.config.lease_blocks)
+        target = lease_target(self.config.lease_blocks, steps_ahead(
+            self.config.steps_in_flight, details), self.config.max_num_batched_tokens, details)
+        lease = BlockLease(name, details.num_kv_blocks, details.block_size, target)
         self.workers[name] = WorkerSlot(name, details, lease)
         return lease.open_message({}, details.kv_block_bytes)
 

@@ -22,6 +22,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.outcomes import RequestFailure, RequestOutput
 from services.scheduler.request import Request
 from services.scheduler.scheduler import Scheduler
+from services.scheduler.step_log import StepLog
 from shared.config import load_config
 from shared.endpoints import bind_router, connect_dealer
 from shared.logs import get_logger
@@ -53,6 +54,10 @@ from shared.telemetry import inject_context, tracer
 log = get_logger("meshserve.scheduler")
 _tracer = tracer("meshserve.scheduler")
 
+# Events handled before the next plan at most, so a flood of Submits cannot keep a
+# worker that just finished a step waiting for its next one.
+MAX_EVENTS_PER_PLAN = 512
+
 # KvStatsRequest: `meshserve kv stats` asks for the counters this actor keeps.
 SchedulerInbound = Submit | Abort | StepResult | KvStatsRequest
 KvInbound = KvLease | KvStats | KvHostResize
@@ -71,8 +76,18 @@ class SchedulerActor:
             runtime, runtime.addresses.kvcache_addr, KvInbound, hello=runtime.identity.hello
         )
         self.peers_by_name: dict[str, Peer] = {}
+        self.step_log = StepLog(config.step_log)
+        # Set by events that change what the next step could hold; the run loop plans
+        # once per batch of ready events.
+        self._replan = False
 
     async def run(self) -> None:
+        try:
+            await self._serve()
+        finally:
+            self.step_log.close()
+
+    async def _serve(self) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(self.router.run)
             await tg.start(self.kv.run)
@@ -80,6 +95,19 @@ class SchedulerActor:
             tg.start_soon(self._report_status)
             async for event in self.router.inbox:
                 await self._on_router_event(event)
+                # Batched admission: take every event already waiting before planning,
+                # so that requests arriving together start in one step rather than
+                # one small step each (the in-process engine sees them all at once).
+                for _ in range(MAX_EVENTS_PER_PLAN):
+                    try:
+                        event = self.router.inbox.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    await self._on_router_event(event)
+                if self._replan:
+                    self._replan = False
+                    await self._flush()
+                    await self._pump_all()
 
     # ------------------------------------------------------------------ events
 
@@ -89,14 +117,13 @@ class SchedulerActor:
                 await self._on_submit(peer, body, event)
             case Received(body=Abort() as body):
                 self.scheduler.abort(body.request_ids)
-                await self._flush()
-                await self._pump_all()
+                self._replan = True
             case Received(peer=Peer() as peer, body=KvStatsRequest()):
                 await self.router.send(peer, self._status())
             case Received(peer=Peer() as peer, body=StepResult() as body):
+                self.step_log.result(peer.name, body.step_id)
                 self.scheduler.on_result(peer.name, body)
-                await self._flush()
-                await self._pump_all()
+                self._replan = True
             case Received(peer=Peer() as peer, body=body, envelope=envelope):
                 reason = f"{type(body).__name__} is not expected from {peer.name}"
                 self.router.rejections.record(envelope.sender, reason)
@@ -132,8 +159,7 @@ class SchedulerActor:
                             "gen_ai.usage.input_tokens": request.prompt_len,
                             "meshserve.priority": body.priority},
             )
-        await self._flush()
-        await self._pump_all()
+        self._replan = True
 
     async def _on_peer_joined(self, peer: Peer) -> None:
         self.peers_by_name[peer.name] = peer
@@ -144,6 +170,7 @@ class SchedulerActor:
                 log.warning("worker said hello without its details", peer=peer.name)
                 return
             await self.kv.send(self.scheduler.add_worker(peer.name, hello.worker))
+            self._replan = True
         elif hello.service == "tokenizer":
             # Requests whose tokenizer died while no other replica was up.
             for request in self.scheduler.adopt_orphans(peer.name):
@@ -160,7 +187,7 @@ class SchedulerActor:
             if requeued:
                 log.warning("requeued requests of a lost worker", worker=peer.name,
                             requests=len(requeued))
-            await self._pump_all()
+            self._replan = True
         elif peer.hello.service == "tokenizer":
             successors = {p.name: p for p in self.router.peers_of("tokenizer")}
             for request in self.scheduler.reassign(peer.name, list(successors)):
@@ -209,6 +236,7 @@ class SchedulerActor:
         step_context: Context | None = None
         while (plan := self.scheduler.plan(name)) is not None:
             batch = slot.inflight.get(plan.step_id, [])
+            self.step_log.planned(name, plan, self.scheduler.num_waiting, len(slot.running))
             now = time.monotonic()
             for request in batch:
                 if request.first_scheduled_at is None:

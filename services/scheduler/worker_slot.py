@@ -26,6 +26,16 @@ def steps_ahead(setting: int, details: WorkerDetails) -> int:
     return AUTO_STEPS_AHEAD.get(details.device.split(":")[0], 2)
 
 
+def lease_target(setting: int, steps: int, step_tokens: int, details: WorkerDetails) -> int:
+    """Free blocks to lease ahead for one worker (``setting`` 0: enough for every
+    step in flight plus the one being planned at a full token budget). A smaller
+    lease runs dry while steps are planned back to back, and the steps planned
+    before the next grant arrives admit no new prompt."""
+    if setting > 0:
+        return setting
+    return (steps + 1) * -(-step_tokens // details.block_size)
+
+
 @dataclass(eq=False, slots=True)
 class WorkerSlot:
     name: str
