@@ -123,18 +123,21 @@ def tensor_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def draw(name: str, dims: tuple[int, ...], index: int, seed: int) -> torch.Tensor:
-    """One bf16 weight: ones for a norm, else N(0, INIT_STD) drawn in row chunks
-    from its own generator (same bytes whatever else is drawn)."""
+def draw(name: str, dims: tuple[int, ...], index: int, seed: int,
+         device: str = "cpu") -> torch.Tensor:
+    """One bf16 weight (on the CPU): ones for a norm, else N(0, INIT_STD) drawn in row
+    chunks from its own generator on ``device`` (same bytes whatever else is drawn;
+    a CUDA generator draws other numbers than a CPU one, of the same distribution)."""
     if name.endswith("norm.weight"):
         return torch.ones(dims, dtype=torch.bfloat16)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    generator = torch.Generator(device).manual_seed(seed * 1_000_003 + index)
     out = torch.empty(dims, dtype=torch.bfloat16)
     rows_per_chunk = max(1, CHUNK_ELEMENTS // dims[-1])
     for start in range(0, dims[0], rows_per_chunk):
         rows = min(rows_per_chunk, dims[0] - start)
-        chunk = torch.empty((rows, *dims[1:])).normal_(0.0, INIT_STD, generator=generator)
-        out[start : start + rows] = chunk.to(torch.bfloat16)
+        chunk = torch.empty((rows, *dims[1:]), device=device)
+        chunk.normal_(0.0, INIT_STD, generator=generator)
+        out[start : start + rows] = chunk.to(torch.bfloat16).cpu()
     return out
 
 
@@ -169,7 +172,8 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
 
 
-def _write_weights(out: Path, shape: LlamaShape, seed: int, max_shard_bytes: int) -> None:
+def _write_weights(out: Path, shape: LlamaShape, seed: int, max_shard_bytes: int,
+                   device: str = "cpu") -> None:
     shapes = tensor_shapes(shape)
     index_of = {name: i for i, name in enumerate(shapes)}
     shards = plan_shards(shapes, max_shard_bytes)
@@ -177,7 +181,7 @@ def _write_weights(out: Path, shape: LlamaShape, seed: int, max_shard_bytes: int
     for number, names in enumerate(shards, start=1):
         filename = ("model.safetensors" if len(shards) == 1
                     else f"model-{number:05d}-of-{len(shards):05d}.safetensors")
-        tensors = {n: draw(n, shapes[n], index_of[n], seed) for n in names}
+        tensors = {n: draw(n, shapes[n], index_of[n], seed, device) for n in names}
         save_file(tensors, str(out / filename), metadata={"format": "pt"})
         (out / filename).chmod(0o644)  # safetensors writes 0600; a container user must read it
         del tensors  # before the next shard is drawn: one shard in memory at a time
@@ -189,7 +193,8 @@ def _write_weights(out: Path, shape: LlamaShape, seed: int, max_shard_bytes: int
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def make_model(out: Path, shape_name: str, seed: int = 0, max_shard_size: str = "2GB") -> Path:
+def make_model(out: Path, shape_name: str, seed: int = 0, max_shard_size: str = "2GB",
+               device: str = "cpu") -> Path:
     """Write the folder; refuses a folder that already holds a model."""
     shape = SHAPES[shape_name]
     if (out / "config.json").exists():
@@ -200,9 +205,9 @@ def make_model(out: Path, shape_name: str, seed: int = 0, max_shard_size: str = 
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": tok.special_id(tok.BOS), "eos_token_id": _eos_ids()}, indent=2
     ))
-    _write_weights(out, shape, seed, parse_size(max_shard_size))
+    _write_weights(out, shape, seed, parse_size(max_shard_size), device)
     (out / "make_model.json").write_text(json.dumps(
-        {"shape": shape_name, "seed": seed, "recipe_version": RECIPE_VERSION,
+        {"shape": shape_name, "seed": seed, "device": device, "recipe_version": RECIPE_VERSION,
          "init_std": INIT_STD, "note": "random weights: bench.make_model"}, indent=2
     ))
     return out
@@ -215,9 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shard-size", default="2GB")
+    parser.add_argument("--device", default="cpu",
+                        help="where weights are drawn: cuda writes an 8B folder in seconds "
+                             "(other random numbers than cpu's, same distribution)")
     args = parser.parse_args(argv)
     try:
-        folder = make_model(args.out, args.shape, args.seed, args.max_shard_size)
+        folder = make_model(args.out, args.shape, args.seed, args.max_shard_size, args.device)
     except (FileExistsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     print(folder)

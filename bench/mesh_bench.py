@@ -32,6 +32,7 @@ import anyio
 import httpx
 import torch
 
+from bench.client import make_client
 from bench.inprocess import InProcessEngine
 from bench.metrics import percentile
 from bench.results import gpu_name
@@ -121,7 +122,9 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
 
 async def drive_mesh(url: str, prompts: list[list[int]], max_tokens: int,
                      stream: bool) -> tuple[list[RequestTiming], float]:
-    async with httpx.AsyncClient(timeout=600) as client:
+    # A pool as large as the load: httpx's default of 100 connections would quietly
+    # cap a 256-request run at 100 in flight.
+    async with make_client(max_connections=len(prompts), timeout_s=600) as client:
         model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
         timings: list[RequestTiming] = [None] * len(prompts)  # type: ignore[list-item]
         start = time.perf_counter()
