@@ -47,22 +47,29 @@ def capture_graphs(
 ) -> dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
     """One graph per size of ``forward_at(size)``, sharing one memory pool.
 
-    Two warm-up runs at the largest size come first, on a side stream outside
-    capture: they compile the Triton variants and let the allocator and cuBLAS
-    settle their workspaces. Graphs are captured largest first so the smaller
-    ones reuse the pool's blocks. ``prepare(size)`` runs before each capture,
-    outside it (what it writes to the static buffers is not replayed).
+    Warm-up runs come first, on a side stream outside capture: two at the largest
+    size, then one at each size just before its capture. They compile the Triton
+    variants and let the allocator and cuBLAS settle workspaces and pick
+    algorithms for that shape (a shape cuBLAS first meets inside a capture can fail
+    it: a float32 GEMM of one row did). Graphs are captured largest first so the
+    smaller ones reuse the pool's blocks. ``prepare(size)`` runs before each
+    capture, outside it (what it writes to the static buffers is not replayed).
     """
     pool = torch.cuda.graph_pool_handle()
     stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream), torch.inference_mode():
-        prepare(sizes[-1])
-        for _ in range(2):
-            forward_at(sizes[-1])
-    torch.cuda.current_stream(device).wait_stream(stream)
+
+    def warm_up(size: int, runs: int) -> None:
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            prepare(size)
+            for _ in range(runs):
+                forward_at(size)
+        torch.cuda.current_stream(device).wait_stream(stream)
+
+    warm_up(sizes[-1], 2)
     graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
     for size in reversed(sizes):
+        warm_up(size, 1)
         prepare(size)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
