@@ -1,5 +1,5 @@
-"""kill -9 of the scheduler under load loses nothing: 16 streamed greedy completions
-all finish with the text of an undisturbed run, the scheduler is back within 5 s,
+"""kill -9 of the scheduler under load loses nothing: 16 streamed completions (12
+greedy, 4 seeded) all finish with the text of an undisturbed run, the scheduler is back within 5 s,
 and the KV manager holds no block for the dead incarnation afterwards."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests.e2e.mesh import Mesh, start_mesh
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 STREAMS = 16
-MAX_TOKENS = 96
+MAX_TOKENS = 128
 BACK_WITHIN_S = 5.0
 # Every stream must end (completed or failed) within this, however loaded the machine.
 STREAM_DEADLINE_S = 180.0
@@ -30,12 +30,18 @@ def prompts() -> list[str]:
     return [f"Request {i}: the mesh keeps serving while" for i in range(STREAMS)]
 
 
-async def stream_one(client: httpx.AsyncClient, model: str, prompt: str,
+def sampling(i: int) -> dict[str, float | int]:
+    """Greedy, except every fourth stream samples with a seed: a seeded request
+    resumes reproducibly too (its noise depends only on the seed and output index)."""
+    return {"temperature": 1.0, "seed": 1000 + i} if i % 4 == 3 else {"temperature": 0}
+
+
+async def stream_one(client: httpx.AsyncClient, model: str, i: int, prompt: str,
                      first_text: anyio.Event) -> tuple[str, str | None, int]:
-    """One streamed greedy completion: (text, finish reason, completion tokens)."""
+    """One streamed completion: (text, finish reason, completion tokens)."""
     text, finish, usage = "", None, 0
-    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, **sampling(i),
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     async with client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():
@@ -60,7 +66,7 @@ async def stream_all(base_url: str, on_first_text=None) -> list[tuple[str, str |
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
 
         async def run(i: int, prompt: str) -> None:
-            results[i] = await stream_one(client, model, prompt, first_text)
+            results[i] = await stream_one(client, model, i, prompt, first_text)
 
         with anyio.fail_after(STREAM_DEADLINE_S):
             async with anyio.create_task_group() as tg:
@@ -104,7 +110,7 @@ async def test_kill_9_of_the_scheduler_mid_stream_loses_nothing(tmp_path: Path) 
         killed_at: list[float] = []
 
         async def kill_scheduler() -> None:
-            await anyio.sleep(1.0)  # about 1 s into generation
+            await anyio.sleep(0.5)  # about 1 s after the requests went out
             os.kill(before["pid"], signal.SIGKILL)
             killed_at.append(time.time())
 
