@@ -280,12 +280,9 @@ class ApiActor:
                 case Received(body=Rejected() as rejected):
                     log.warning("the scheduler rejected a message", reason=rejected.reason)
                 case UpstreamJoined(restarted=restarted):
+                    # A restarted scheduler holds none of our requests, but the
+                    # tokenizers resubmit each one they hold: streams only pause.
                     log.info("scheduler connected", restarted=restarted)
-                    if restarted:
-                        # A new scheduler incarnation holds none of our requests: fail
-                        # them now rather than let each wait for its timeout.
-                        self.fail_all(ApiError(503, "the scheduler restarted; retry",
-                                               code="scheduler_restarted"))
                 case UpstreamLost(reason=reason):
                     log.warning("scheduler lost", reason=reason)
                     self.health.on_scheduler_lost()

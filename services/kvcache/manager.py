@@ -6,6 +6,16 @@ the worker's bytes per block (``KvPoolOpen.block_bytes``), and may be told a new
 size at run time (``set_host_swap``). The scheduler allocates host block ids within
 that size while it plans and reports which swapped-out request holds which in its
 syncs; here they are kept for ``kv stats`` (host usage) and ``kv dump`` (tier).
+
+Scheduler restarts: every pool remembers the scheduler incarnation that opened it
+(``KvPoolOpen.owner``). When another incarnation shows up (its hello, or a pool it
+opens), the pools of the old one are closed: the dead scheduler's leases and its
+requests' holds go back to the free pool, nothing leaks. The new scheduler re-opens
+a fresh pool for every worker that says hello to it; a worker that died while no
+scheduler was up is never re-opened, so its pool is not left behind either. The
+prefix cache of a closed pool is not kept: the new scheduler's mirror starts empty,
+and a cached block whose step the dead scheduler planned but no worker ran would
+hold garbage.
 """
 
 from __future__ import annotations
@@ -76,12 +86,15 @@ class KvManager:
         self.host_swap_gb = host_swap_gb
         self.block_bytes: dict[str, int] = {}
         self.host_tables: dict[str, dict[str, list[int]]] = {}  # pool -> request -> blocks
+        self.owners: dict[str, str] = {}  # pool -> scheduler incarnation that opened it
 
     def open_pool(self, msg: KvPoolOpen) -> KvLease:
         pool = BlockPool(msg.num_blocks)
         owned = _checked("holds", msg.holds.unpack)
         pool.restore(owned, _checked("leased_blocks", lambda w: unpack_ints(msg.leased_blocks, w)))
+        self.reconcile(msg.owner)
         self.pools[msg.pool_id] = pool
+        self.owners[msg.pool_id] = msg.owner
         self.block_bytes[msg.pool_id] = msg.block_bytes
         self.host_tables[msg.pool_id] = {}
         granted = pool.top_up(msg.lease_target)
@@ -91,6 +104,21 @@ class KvManager:
         self.pools.pop(msg.pool_id, None)
         self.block_bytes.pop(msg.pool_id, None)
         self.host_tables.pop(msg.pool_id, None)
+        self.owners.pop(msg.pool_id, None)
+
+    def reconcile(self, scheduler: str) -> dict[str, int]:
+        """Scheduler incarnation ``scheduler`` is the live one: close every pool an
+        earlier incarnation opened. Returns, per pool closed, the blocks its dead
+        scheduler held or leased (now free). Idempotent; "" reconciles nothing."""
+        if not scheduler:
+            return {}
+        stale = [p for p, owner in self.owners.items() if owner and owner != scheduler]
+        released = {}
+        for pool_id in sorted(stale):
+            usage = self.pools[pool_id].usage()
+            released[pool_id] = usage.used_blocks + usage.leased_blocks
+            self.close_pool(KvPoolClose(pool_id))
+        return released
 
     def sync(self, msg: KvSync) -> KvLease:
         """Apply what the scheduler held, freed and committed, then top its lease up.

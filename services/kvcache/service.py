@@ -65,8 +65,17 @@ async def main(runtime: ServiceRuntime) -> None:
                         await router.send(peer, reply)
                 case PeerJoined(peer=peer):
                     log.info("peer joined", peer=peer.name)
+                    if peer.hello.service == "scheduler":
+                        _reconcile(manager, peer.hello.incarnation)
                 case PeerLost(peer=peer, reason=reason):
                     log.info("peer lost", peer=peer.name, reason=reason)
+
+
+def _reconcile(manager: KvManager, scheduler: str) -> None:
+    """A scheduler incarnation spoke: the pools of a dead one are closed."""
+    for pool_id, blocks in manager.reconcile(scheduler).items():
+        log.warning("closed the pool of a dead scheduler incarnation", pool=pool_id,
+                    released_blocks=blocks, scheduler=scheduler)
 
 
 def _handle(manager: KvManager, body: KvInbound, event: Received[KvInbound]) -> object | None:
@@ -77,6 +86,7 @@ def _handle(manager: KvManager, body: KvInbound, event: Received[KvInbound]) -> 
                 return manager.sync(body)
         case KvPoolOpen():
             log.info("pool opened", pool=body.pool_id, blocks=body.num_blocks)
+            _reconcile(manager, body.owner)
             return manager.open_pool(body)
         case KvPoolClose():
             log.info("pool closed", pool=body.pool_id)

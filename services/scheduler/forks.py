@@ -22,8 +22,6 @@ from __future__ import annotations
 from services.scheduler.request import Request
 from services.scheduler.stats import SchedulerStats
 from services.scheduler.worker_slot import WorkerSlot
-from shared.protocol.choices import choice_ids
-from shared.protocol.generation import Submit
 
 
 class ChoiceGroups:
@@ -47,14 +45,6 @@ class ChoiceGroups:
 
     def get(self, submit_id: str) -> list[Request]:
         return self._groups.get(submit_id, [])
-
-    def ended(self, msg: Submit) -> list[str]:
-        """Choice ids of a live n > 1 request that have ended (or never started)."""
-        group = self._groups.get(msg.request_id)
-        if group is None:
-            return []
-        live = {r.request_id for r in group if not r.status.finished}
-        return [rid for rid in choice_ids(msg.request_id, msg.n) if rid not in live]
 
     def on_finished(self, request: Request) -> Request | None:
         """``request`` ended. If it ended before its prompt was scheduled, the next

@@ -40,7 +40,7 @@ from array import array
 
 from opentelemetry.context import Context
 
-from services.scheduler import block_tables, forks, host_swap
+from services.scheduler import block_tables, forks, host_swap, submission
 from services.scheduler.block_lease import BlockLease
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.outcomes import RequestFailure, RequestOutput, SubmitResult, Takeover
@@ -93,22 +93,23 @@ class Scheduler:
         """Queue a tokenized request (with ``n > 1``, its choices ``<id>-<i>``). A
         duplicate id (a re-sent request after a tokenizer failover) changes only
         who detokenizes it. A refused one fails (``failures``) with the reason."""
-        existing = self._live_choices(msg.request_id)
+        existing = self._live_choices(msg)
         if existing:
             return self._take_over(msg, existing, owner)
         if msg.request_id in self._aborted:
             return SubmitResult()
-        prompt = unpack_i32(msg.prompt_token_ids)
-        refusal = self._refusal(msg, len(prompt))
+        refusal = submission.refusal(msg, self.max_model_len(), len(self.waiting),
+                                     self.config.max_waiting)
         if refusal is not None:
             self.failures.extend(RequestFailure(owner, RequestFailed(request_id, *refusal))
                                  for request_id in choice_ids(msg.request_id, msg.n))
             return SubmitResult()
+        tokens, prompt_len = submission.tokens(msg)  # a resumption: prompt + outputs
         choices = [
             Request(
                 request_id=request_id,
-                prompt_len=len(prompt),
-                token_ids=array("i", prompt),
+                prompt_len=prompt_len,
+                token_ids=array("i", tokens),
                 sampling=choice_sampling(msg.sampling, i),
                 detokenize=msg.detokenize,
                 priority=msg.priority,
@@ -130,11 +131,12 @@ class Scheduler:
         self.waiting.push(choices[0])
         return SubmitResult(queued=choices)
 
-    def _live_choices(self, submit_id: str) -> list[Request]:
-        if submit_id in self._groups:
-            return self._groups.get(submit_id)
-        request = self.requests.get(submit_id)
-        return [request] if request is not None else []
+    def _live_choices(self, msg: Submit) -> list[Request]:
+        if msg.request_id in self._groups:
+            return self._groups.get(msg.request_id)
+        # Also the choices of an n > 1 request resumed one by one (scheduler restart).
+        ids = choice_ids(msg.request_id, max(msg.n, 1))
+        return [r for r in map(self.requests.get, ids) if r is not None]
 
     def _take_over(self, msg: Submit, existing: list[Request], owner: str) -> SubmitResult:
         takeovers = []
@@ -142,23 +144,9 @@ class Scheduler:
             if request.owner != owner and not request.status.finished:
                 previous, request.owner = request.owner, owner
                 takeovers.append(Takeover(request, previous))
-        return SubmitResult(takeovers=takeovers, ended=self._groups.ended(msg))
-
-    def _refusal(self, msg: Submit, prompt_len: int) -> tuple[int, str, str] | None:
-        """(HTTP status, error type, message) for a Submit that cannot be queued."""
-        limit = self.max_model_len()
-        invalid = "invalid_request_error"
-        if not prompt_len:
-            return 400, invalid, "the prompt is empty"
-        if limit and prompt_len >= limit:
-            return 400, invalid, (f"the prompt has {prompt_len} tokens; this model serves at "
-                                  f"most {limit} tokens in all (prompt and output)")
-        if msg.n < 1:
-            return 400, invalid, f"n must be at least 1, got {msg.n}"
-        if len(self.waiting) >= self.config.max_waiting:
-            return 429, "server_busy", (f"the waiting queue is full "
-                                        f"({self.config.max_waiting} requests); retry later")
-        return None
+        live = {r.request_id for r in existing if not r.status.finished}
+        ended = [rid for rid in choice_ids(msg.request_id, msg.n) if rid not in live]
+        return SubmitResult(takeovers=takeovers, ended=ended if msg.n > 1 else [])
 
     def abort(self, request_ids: list[str]) -> None:
         """Idempotent: finish these requests as aborted and free what they hold;

@@ -46,7 +46,14 @@ from shared.protocol.generation import (
     TokenBatch,
     TokenOutput,
 )
-from shared.protocol.kv import KvHostResize, KvLease, KvPoolClose, KvStats, KvStatsRequest
+from shared.protocol.kv import (
+    KvHostResize,
+    KvLease,
+    KvPoolClose,
+    KvPoolOpen,
+    KvStats,
+    KvStatsRequest,
+)
 from shared.protocol.step import StepResult
 from shared.service import ServiceRuntime
 from shared.telemetry import inject_context, tracer
@@ -152,6 +159,9 @@ class SchedulerActor:
             # A re-sent n > 1 request: choices that ended already will get no more
             # outputs; the new owner must not keep state for them.
             await self.router.send(peer, Abort(result.ended, reason="finished"))
+        if body.resumed and result.queued:
+            log.info("request resumed", request_id=body.request_id, owner=peer.name,
+                     outputs=result.queued[0].num_outputs)
         for request in result.queued:
             request.span = _tracer.start_span(
                 "scheduler.request", context=event.context,
@@ -169,7 +179,7 @@ class SchedulerActor:
             if hello.worker is None:
                 log.warning("worker said hello without its details", peer=peer.name)
                 return
-            await self.kv.send(self.scheduler.add_worker(peer.name, hello.worker))
+            await self._open_pool(self.scheduler.add_worker(peer.name, hello.worker))
             self._replan = True
         elif hello.service == "tokenizer":
             # Requests whose tokenizer died while no other replica was up.
@@ -193,12 +203,23 @@ class SchedulerActor:
             for request in self.scheduler.reassign(peer.name, list(successors)):
                 await self._reassign(request, successors[request.owner])
 
+    async def _open_pool(self, message: KvPoolOpen) -> None:
+        # Signed with this incarnation: the KV manager closes the pools a dead
+        # scheduler incarnation left behind (their leases and holds).
+        owner = self.runtime.identity.incarnation
+        await self.kv.send(msgspec.structs.replace(message, owner=owner))
+
     async def _reassign(self, request: Request, peer: Peer) -> None:
+        # Sampling, priority and salt too: the new owner resumes the request from
+        # them should this scheduler restart.
         await self.router.send(peer, Reassign(
             request_id=request.request_id,
             detokenize=request.detokenize,
             prompt_token_ids=request.token_ids[: request.prompt_len].tobytes(),
             output_token_ids=request.token_ids[request.prompt_len:].tobytes(),
+            sampling=request.sampling,
+            priority=request.priority,
+            cache_salt=request.salt,
         ))
 
     # ----------------------------------------------------------------- sending
@@ -316,7 +337,7 @@ class SchedulerActor:
                 case UpstreamJoined(restarted=True):
                     log.warning("kv manager restarted; re-opening pools")
                     for message in self.scheduler.reopen_pools():
-                        await self.kv.send(message)
+                        await self._open_pool(message)
                 case UpstreamJoined():
                     self.runtime.ready = True
                 case UpstreamLost(reason=reason):

@@ -17,10 +17,16 @@ Rules:
 - Ids of requests that ended here recently are expected stragglers (the scheduler
   had already planned another step) and are ignored; other unknown ids are
   reported so the actor can log them and tell the scheduler to stop them.
+- Each request keeps what a resubmission needs (``ResumeSpec``: prompt, its own
+  sampling with its choice seed, priority, salt) and the output ids seen so far.
+  When the scheduler restarts, ``resumptions`` turns every held request into a
+  resuming ``Submit``; its detokenizer state stays, so the text goes on from where
+  it was, without a repeated or missing character.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +38,8 @@ from shared.protocol.generation import (
     DetokenizeSpec,
     Reassign,
     RequestFailed,
+    SamplingParams,
+    Submit,
     TextDelta,
     TokenOutput,
 )
@@ -45,10 +53,25 @@ class CorruptOutput(ValueError):
     """Output ids that cannot be detokenized (bad packing, a gap, ids out of range)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ResumeSpec:
+    """What resubmitting a request needs besides its output ids. ``sampling`` is the
+    request's own: a choice of an n > 1 request carries its choice seed."""
+
+    prompt_token_ids: bytes  # packed int32
+    sampling: SamplingParams
+    detokenize: DetokenizeSpec
+    priority: int = 0
+    cache_salt: str = ""
+
+
 @dataclass(slots=True)
 class InflightRequest:
     """One request's detokenization state. ``trace`` is the actor's opaque trace
-    context, kept so the request's finish joins its trace."""
+    context, kept so the request's finish joins its trace. ``output_ids`` are the
+    ids detokenized so far (``completion_tokens`` of them); ``resume`` is None for
+    a request that cannot be resubmitted (reassigned by a scheduler that did not
+    say how it samples)."""
 
     request_id: str
     prompt_tokens: int
@@ -56,6 +79,24 @@ class InflightRequest:
     trace: object = None
     completion_tokens: int = 0
     emitted_chars: int = 0
+    output_ids: array[int] = field(default_factory=lambda: array("i"))
+    resume: ResumeSpec | None = None
+
+    def resumption(self) -> Submit | None:
+        """The Submit that resumes this request at a new scheduler incarnation."""
+        spec = self.resume
+        if spec is None:
+            return None
+        return Submit(
+            request_id=self.request_id,
+            prompt_token_ids=spec.prompt_token_ids,
+            sampling=spec.sampling,
+            detokenize=spec.detokenize,
+            priority=spec.priority,
+            cache_salt=spec.cache_salt,
+            output_token_ids=self.output_ids.tobytes(),
+            resumed=True,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +148,7 @@ class InflightRequests:
         prompt_ids: Sequence[int],
         spec: DetokenizeSpec,
         trace: object = None,
+        resume: ResumeSpec | None = None,
     ) -> InflightRequest:
         """Start holding a request that was just submitted."""
         assert request_id not in self._requests, f"{request_id} admitted twice"
@@ -115,6 +157,7 @@ class InflightRequests:
             prompt_tokens=len(prompt_ids),
             detokenizer=RequestDetokenizer(self._tokenizer, prompt_ids, spec),
             trace=trace,
+            resume=resume,
         )
         self._requests[request_id] = state
         self._recently_ended.discard(request_id)
@@ -132,6 +175,21 @@ class InflightRequests:
         for state in states:
             self.drop(state.request_id)
         return states
+
+    def resumptions(self) -> tuple[list[tuple[Submit, InflightRequest]], list[InflightRequest]]:
+        """The scheduler restarted and knows none of our requests: a resuming Submit
+        for each held request (kept, its text goes on), and the ones that cannot be
+        resumed (dropped here; the actor fails them)."""
+        resumed: list[tuple[Submit, InflightRequest]] = []
+        lost: list[InflightRequest] = []
+        for state in list(self._requests.values()):
+            submit = state.resumption()
+            if submit is None:
+                self.drop(state.request_id)
+                lost.append(state)
+            else:
+                resumed.append((submit, state))
+        return resumed, lost
 
     def apply(self, outputs: Sequence[TokenOutput]) -> Outcome:
         """One ``TokenBatch``: new ids of some requests -> at most one delta each."""
@@ -168,7 +226,11 @@ class InflightRequests:
             self._recently_ended.add(message.request_id)
             return outcome
         self._requests.pop(message.request_id, None)
-        state = self.admit(message.request_id, prompt_ids, message.detokenize, trace)
+        resume = None
+        if message.sampling is not None:
+            resume = ResumeSpec(message.prompt_token_ids, message.sampling,
+                                message.detokenize, message.priority, message.cache_salt)
+        state = self.admit(message.request_id, prompt_ids, message.detokenize, trace, resume)
         self._advance(state, output_ids, message.finish_reason, outcome, always_emit=True)
         return outcome
 
@@ -184,6 +246,7 @@ class InflightRequests:
         detokenizer = state.detokenizer
         text, consumed = detokenizer.push_many(new_ids)
         state.completion_tokens += consumed
+        state.output_ids.extend(new_ids[:consumed])
         finish: str | None = None
         if detokenizer.stopped:
             finish = "stop"

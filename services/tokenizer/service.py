@@ -30,7 +30,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.encoder import PromptEncoder, PromptError
-from services.tokenizer.inflight import Finished, InflightRequests, Outcome
+from services.tokenizer.inflight import Finished, InflightRequests, Outcome, ResumeSpec
 from shared.config import load_config
 from shared.endpoints import connect_dealer
 from shared.logs import get_logger
@@ -42,7 +42,7 @@ from shared.mesh import (
     UpstreamLost,
 )
 from shared.model_source import resolve_model_dir
-from shared.protocol.choices import choice_ids
+from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.common import Rejected
 from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import (
@@ -212,12 +212,17 @@ class TokenizerService:
             span.set_attribute("gen_ai.usage.input_tokens", len(prompt_ids))
             # Submit travels under the encode span so the scheduler's spans join the trace.
             ctx = trace.set_span_in_context(span)
-            for choice in choices:
-                self.requests.admit(choice, prompt_ids, request.detokenize, trace=ctx)
+            packed = pack_i32(prompt_ids)
+            for index, choice in enumerate(choices):
+                # Kept to resume the choice (its own seed) should the scheduler restart.
+                resume = ResumeSpec(packed, choice_sampling(request.sampling, index),
+                                    request.detokenize, request.priority, request.cache_salt)
+                self.requests.admit(choice, prompt_ids, request.detokenize, trace=ctx,
+                                    resume=resume)
             await self.scheduler.send(
                 Submit(
                     request_id=request_id,
-                    prompt_token_ids=pack_i32(prompt_ids),
+                    prompt_token_ids=packed,
                     sampling=request.sampling,
                     detokenize=request.detokenize,
                     priority=request.priority,
@@ -263,9 +268,14 @@ class TokenizerService:
                     await self._on_link_event("scheduler", event, self._on_scheduler_restarted)
 
     async def _on_scheduler_restarted(self) -> None:
-        lost = self.requests.drop_all()
-        if lost:
-            log.warning("scheduler restarted, failing held requests", requests=len(lost))
+        # The new incarnation knows none of our requests: each resumes there with
+        # the ids generated so far (recomputed); its text goes on from here.
+        resumed, lost = self.requests.resumptions()
+        if resumed or lost:
+            log.warning("scheduler restarted, resuming held requests",
+                        resumed=len(resumed), failed=len(lost))
+        for submit, state in resumed:
+            await self.scheduler.send(submit, ctx=cast(Context | None, state.trace))
         for state in lost:
             await self.api.send(
                 RequestFailed(state.request_id, 503, "server_error", "scheduler restarted"),

@@ -21,7 +21,9 @@ from collections.abc import Iterable
 import msgspec
 
 # 2: the step and KV tables became nested structs (shared/protocol/tables.py).
-PROTOCOL_VERSION = 2
+# 3: a Submit may resume a request after a scheduler restart (``output_token_ids``):
+#    a scheduler of version 2 would ignore the field and restart it from scratch.
+PROTOCOL_VERSION = 3
 
 
 class Envelope(msgspec.Struct, frozen=True, array_like=True, gc=False):

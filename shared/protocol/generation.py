@@ -3,7 +3,14 @@
 Ownership: the api holds what the client sent until the request ends; the scheduler
 holds every token id (prompt and output) of every admitted request, which is why a
 tokenizer replica that dies loses nothing: the scheduler re-sends a ``Reassign`` to
-another replica, which rebuilds its detokenizer from the ids.
+another replica, which rebuilds its detokenizer from the ids. The tokenizers hold
+what a resubmission needs (prompt and output ids, sampling, priority, salt), which is
+why a scheduler that dies loses nothing either: when a new scheduler incarnation
+answers, each tokenizer re-sends every request it holds as a resuming ``Submit``.
+
+Schema evolution: new fields get defaults and go last; never reorder. Version 3
+(``PROTOCOL_VERSION``) added ``Submit.output_token_ids``/``resumed`` and the
+``Reassign`` fields after ``finish_reason``.
 """
 
 from __future__ import annotations
@@ -78,6 +85,16 @@ class Submit(msgspec.Struct, frozen=True, tag=True):
     # scheduler's outputs, aborts and failures name those choice ids.
     n: int = 1
     cache_salt: str = ""  # extra key of the prefix cache's block hashes
+    # A resumption after a scheduler restart: the request had generated these output
+    # ids already (packed int32). The scheduler queues prompt + outputs to be
+    # recomputed and counts the outputs against max_tokens/min_tokens and in
+    # ``TokenOutput.num_prior``; seeded noise continues at output index
+    # len(output ids). A resumption names one request: n == 1, and a choice of an
+    # n > 1 request resumes under its choice id with its own seed (``choice_sampling``).
+    output_token_ids: bytes = b""
+    # True for every resumption (also one with no outputs yet): it was admitted
+    # before, so a full waiting queue does not refuse it.
+    resumed: bool = False
 
 
 class Abort(msgspec.Struct, frozen=True, tag=True):
@@ -105,13 +122,21 @@ class TokenBatch(msgspec.Struct, frozen=True, tag=True, gc=False):
 
 
 class Reassign(msgspec.Struct, frozen=True, tag=True):
-    """scheduler -> tokenizer: take over a request whose tokenizer replica died."""
+    """scheduler -> tokenizer: take over a request whose tokenizer replica died.
+
+    ``sampling`` (the request's own: a choice's carries its choice seed),
+    ``priority`` and ``cache_salt`` let the new owner resume the request should the
+    scheduler restart later; without them (None) it cannot, and fails it then.
+    """
 
     request_id: str
     detokenize: DetokenizeSpec
     prompt_token_ids: bytes
     output_token_ids: bytes
     finish_reason: str | None = None
+    sampling: SamplingParams | None = None
+    priority: int = 0
+    cache_salt: str = ""
 
 
 class TextDelta(msgspec.Struct, frozen=True, array_like=True, gc=False):

@@ -41,6 +41,10 @@ class KvPoolOpen(msgspec.Struct, frozen=True, tag=True):
     leased_blocks: bytes = b""  # packed int32
     seq: int = 0  # echoed in the KvLease answer
     block_bytes: int = 0  # one block's bytes at the worker: sizes the host pool
+    # The scheduler incarnation that opens the pool. Pools opened by another one
+    # belong to a scheduler that died: the KV manager closes them (their leases and
+    # holds go back to the free pool) before opening this one. "": no reconciling.
+    owner: str = ""
 
 
 class KvPoolClose(msgspec.Struct, frozen=True, tag=True):

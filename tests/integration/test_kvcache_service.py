@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 import zmq
 import zmq.asyncio
@@ -125,4 +126,66 @@ async def test_prefix_commit_share_dump_and_cli(ipc_dir: Path) -> None:
                 tg.cancel_scope.cancel()
     finally:
         scheduler.close()
+        ctx.destroy(linger=0)
+
+
+async def _serve(endpoint: DealerEndpoint, *,
+                 task_status: anyio.abc.TaskStatus[anyio.CancelScope]) -> None:
+    """Run an endpoint under its own cancel scope, so a test can kill just that peer."""
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            await tg.start(endpoint.run)
+            task_status.started(scope)
+
+
+async def test_a_restarted_scheduler_leaks_nothing(ipc_dir: Path) -> None:
+    """The scheduler dies holding blocks in two pools; its new incarnation says
+    hello (same identity) and re-opens one pool: the dead one's leases and holds
+    are gone from both, and ``meshserve kv stats`` shows no used block."""
+    from services.supervisor.kv_cli import _ask
+
+    addr = mesh_addresses(ipc_dir).kvcache_addr
+    ctx = zmq.asyncio.Context()
+    old = DealerEndpoint(ctx, addr, Identity("scheduler", 0), KvReplies, heartbeat_s=0.1)
+    new = DealerEndpoint(ctx, addr, Identity("scheduler", 0), KvReplies, heartbeat_s=0.1)
+    try:
+        with running_service("kvcache", ipc_dir):
+            async with anyio.create_task_group() as tg:
+                old_scope = await tg.start(_serve, old)
+                await expect(old, UpstreamJoined)
+                for worker in ("worker/0", "worker/1"):
+                    await old.send(KvPoolOpen(worker, num_blocks=8, block_size=16,
+                                              lease_target=4, owner=old.identity.incarnation))
+                    leased = list(unpack_i32((await expect(old, KvLease)).block_ids))
+                    await old.send(KvSync(worker, 1, lease_target=4, holds=RequestBlocks.pack(
+                        {"a": leased[:3]})))
+                    assert (await expect(old, KvLease)).usage.used_blocks == 3
+                # The scheduler is killed: its socket goes without a word.
+                old_scope.cancel()
+                stats = await _ask(addr, KvStatsRequest(), KvStats)
+                assert isinstance(stats, KvStats)
+                assert [p.used_blocks for p in stats.pools] == [3, 3]  # still the old one's
+
+                await tg.start(new.run)
+                await expect(new, UpstreamJoined)
+                # Its hello alone closes the dead incarnation's pools: worker/1 died
+                # while no scheduler ran, and nobody will ever re-open or close it.
+                with anyio.fail_after(20):
+                    while True:
+                        stats = await _ask(addr, KvStatsRequest(), KvStats)
+                        assert isinstance(stats, KvStats)
+                        if not stats.pools:
+                            break
+                        await anyio.sleep(0.1)  # polled: the close has no event here
+                await new.send(KvPoolOpen("worker/0", num_blocks=8, block_size=16,
+                                          lease_target=4, owner=new.identity.incarnation))
+                lease = await expect(new, KvLease)
+                assert (lease.usage.used_blocks, lease.usage.leased_blocks,
+                        lease.usage.requests) == (0, 4, 0)
+                tg.cancel_scope.cancel()
+        log = read_log(ipc_dir, "kvcache")
+        assert log.count("closed the pool of a dead scheduler incarnation") == 2
+    finally:
+        old.close()
+        new.close()
         ctx.destroy(linger=0)

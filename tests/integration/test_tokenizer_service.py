@@ -516,13 +516,25 @@ async def test_garbage_and_wrong_messages_are_rejected_and_service_keeps_serving
         assert "unknown request" in log and "corrupt token output" in log
 
 
-async def test_scheduler_restart_fails_held_requests(
-    ipc_dir: Path, model_dir: Path
+async def test_scheduler_restart_resumes_held_requests(
+    ipc_dir: Path, model_dir: Path, encoder: PromptEncoder
 ) -> None:
+    ids = encoder.encode_text("before the restart 😀 and after it")
+    # Cut inside the emoji: its first bytes are held back when the scheduler dies.
+    decode = encoder.tokenizer.decode
+    cut = next(n for n in range(1, len(ids)) if decode(ids[:n]).endswith("\ufffd"))
     async with tokenizer_mesh(ipc_dir, model_dir) as peers:
-        for request_id in ("r1", "r2"):
-            await peers.generate(generate_request(request_id, prompt="p"))
-            await peers.submitted()
+        sampling = SamplingParams(max_tokens=64, seed=7)
+        await peers.generate(generate_request("r1", prompt="p", sampling=sampling,
+                                              priority=3, cache_salt="t"))
+        first = await peers.submitted()
+        await peers.generate(generate_request("r2", prompt="q", sampling=sampling, n=2))
+        await peers.submitted()
+        # r1 got its ids up to the middle of the emoji; r2's choices nothing yet.
+        await peers.tokens(TokenOutput("r1", pack_i32(ids[:cut]), 0, 1))
+        deltas = list((await peers.expect(peers.api, TextBatch)).body.deltas)
+        assert [d.request_id for d in deltas] == ["r1"]
+        assert "\ufffd" not in deltas[0].text
         # The scheduler dies; a new incarnation binds the same address.
         peers.scheduler_scope.cancel()
         restarted: RouterEndpoint[Any] = RouterEndpoint(
@@ -532,11 +544,30 @@ async def test_scheduler_restart_fails_held_requests(
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(restarted.run)
-                failures = [(await peers.expect(peers.api, RequestFailed)).body for _ in "12"]
-                assert sorted(f.request_id for f in failures) == ["r1", "r2"]
-                assert {(f.status, f.code, f.message) for f in failures} == {
-                    (503, "server_error", "scheduler restarted")
-                }
+                resumed = {}
+                for _ in range(3):
+                    submit = (await peers.expect(restarted, Submit)).body
+                    resumed[submit.request_id] = submit
+                assert sorted(resumed) == ["r1", "r2-0", "r2-1"]
+                r1 = resumed["r1"]
+                assert r1.resumed and r1.n == 1
+                assert (r1.prompt_token_ids, r1.sampling, r1.priority, r1.cache_salt) == (
+                    first.prompt_token_ids, sampling, 3, "t")
+                assert list(unpack_i32(r1.output_token_ids)) == ids[:cut]
+                # Each choice resumes on its own, with its choice seed.
+                assert [resumed[f"r2-{i}"].sampling.seed for i in (0, 1)] == [7, 8]
+                assert all(resumed[f"r2-{i}"].output_token_ids == b"" for i in (0, 1))
+                # The new scheduler's outputs go on from num_prior = cut: the text
+                # completes the emoji, nothing repeated, nothing missing.
+                peer = restarted.peers_of("tokenizer")[0]
+                for out in one_by_one("r1", ids, "stop")[cut:]:
+                    await restarted.send(peer, TokenBatch([out]))
+                while deltas[-1].finish_reason is None:
+                    batch = (await peers.expect(peers.api, TextBatch)).body
+                    deltas += [d for d in batch.deltas if d.request_id == "r1"]
+                assert assert_contiguous(deltas) == encoder.tokenizer.decode(ids)
+                assert deltas[-1].completion_tokens == len(ids)
+                assert "scheduler restarted, resuming held requests" in peers.log_text()
                 tg.cancel_scope.cancel()
         finally:
             restarted.close()

@@ -1,5 +1,6 @@
 """The tokenizer's request table, driven synchronously with hand-built outputs:
-duplicates, gaps, stragglers, stop strings, scheduler finishes and reassignment."""
+duplicates, gaps, stragglers, stop strings, scheduler finishes, reassignment and
+resumption after a scheduler restart."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from collections.abc import Sequence
 import pytest
 from tokenizers import Tokenizer
 
-from services.tokenizer.inflight import InflightRequests
+from services.tokenizer.inflight import InflightRequests, ResumeSpec
 from shared.embedded_model import ensure_embedded_model
-from shared.protocol.envelope import pack_i32
-from shared.protocol.generation import DetokenizeSpec, Reassign, TokenOutput
+from shared.protocol.envelope import pack_i32, unpack_i32
+from shared.protocol.generation import DetokenizeSpec, Reassign, SamplingParams, TokenOutput
 
 PROMPT = [10, 11, 12]
 
@@ -162,3 +163,35 @@ def test_drop_all_forgets_everything(tokenizer: Tokenizer) -> None:
     assert sorted(s.request_id for s in table.drop_all()) == ["a", "b"]
     assert len(table) == 0
     assert table.apply([output("a", [70], 0)]).stragglers == 1
+
+
+def test_resumptions_carry_the_ids_so_far_and_the_text_goes_on(tokenizer: Tokenizer) -> None:
+    table = InflightRequests(tokenizer, vocab_size=tokenizer.get_vocab_size())
+    sampling = SamplingParams(max_tokens=40, seed=9)
+    spec = ResumeSpec(pack_i32(PROMPT), sampling, DetokenizeSpec(), priority=2,
+                      cache_salt="s")
+    table.admit("a", PROMPT, DetokenizeSpec(), trace="ctx-a", resume=spec)
+    ids = tokenizer.encode("pause 😀 then resume").ids
+    cut = next(n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    first = table.apply([output("a", ids[:cut], 0)])  # ends inside the emoji
+    # Reassigned by a scheduler that sent its sampling: resumable too; one that
+    # did not: not resumable.
+    table.reassign(Reassign("b", DetokenizeSpec(), pack_i32(PROMPT), pack_i32(ids[:2]),
+                            sampling=SamplingParams(seed=4), priority=1))
+    table.reassign(Reassign("old", DetokenizeSpec(), pack_i32(PROMPT), b""))
+    resumed, lost = table.resumptions()
+    assert [s.request_id for s in lost] == ["old"] and "old" not in table
+    by_id = {submit.request_id: submit for submit, _ in resumed}
+    a = by_id["a"]
+    assert (a.sampling, a.priority, a.cache_salt, a.n, a.resumed) == (sampling, 2, "s", 1, True)
+    assert list(unpack_i32(a.output_token_ids)) == ids[:cut]
+    assert list(unpack_i32(a.prompt_token_ids)) == PROMPT
+    b = by_id["b"]
+    assert (b.sampling.seed, b.priority, list(unpack_i32(b.output_token_ids))) == (
+        4, 1, ids[:2])
+    # The new scheduler's outputs start at num_prior = cut; the held-back bytes
+    # of the emoji complete it: no repeated or missing character.
+    rest = table.apply([output("a", ids[cut:], cut, "length")])
+    text = "".join(d.text for d in first.deltas + rest.deltas)
+    assert text == tokenizer.decode(ids)
+    assert rest.deltas[0].offset == len("".join(d.text for d in first.deltas))
