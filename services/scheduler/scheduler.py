@@ -5,7 +5,8 @@ results and KV leases, and asks it for a ``StepPlan`` per worker; results for th
 tokenizers accumulate in ``outputs`` and ``failures`` for the actor to send. The
 parts, each in its own module:
 
-    waiting_queue.py  WaitingQueue: heap by priority, lazy deletion, its own count
+    waiting_queue.py  WaitingQueue: heap by priority, lazy deletion, its own counts;
+                      queue_refusal: max_waiting and max_waiting_tokens (HTTP 429)
     worker_slot.py    WorkerSlot: one worker's lease, host tier, running requests
     step_builder.py   StepBuilder: one step's lists, packed into the StepPlan
     forks.py          n > 1: choices, copy-on-write forks of the leader's table
@@ -48,7 +49,7 @@ from services.scheduler.outcomes import RequestFailure, RequestOutput, SubmitRes
 from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 from services.scheduler.stats import SchedulerStats
 from services.scheduler.step_builder import StepBuilder
-from services.scheduler.waiting_queue import WaitingQueue
+from services.scheduler.waiting_queue import WaitingQueue, queue_refusal
 from services.scheduler.worker_slot import WorkerSlot, steps_ahead
 from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.common import WorkerDetails
@@ -156,10 +157,7 @@ class Scheduler:
                                   f"most {limit} tokens in all (prompt and output)")
         if msg.n < 1:
             return 400, invalid, f"n must be at least 1, got {msg.n}"
-        if len(self.waiting) >= self.config.max_waiting:
-            return 429, "server_busy", (f"the waiting queue is full "
-                                        f"({self.config.max_waiting} requests); retry later")
-        return None
+        return queue_refusal(self.waiting, self.config, prompt_len)
 
     def abort(self, request_ids: list[str]) -> None:
         """Idempotent: finish these requests as aborted and free what they hold;
