@@ -1,11 +1,16 @@
 """Container healthcheck: exit 0 when this container's service reported itself
-ready within the last ``MISSED_BEATS_DEAD`` heartbeats (see ProcessConfig.health_file)."""
+ready within the last ``MISSED_BEATS_DEAD`` heartbeats (see ProcessConfig.health_file).
+
+``python -m shared.healthcheck URL`` probes an HTTP endpoint instead (the api's
+``/health/ready``, which also turns 503 while the api drains): exit 0 on a 2xx."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+import urllib.error
+import urllib.request
 
 from shared.config import MISSED_BEATS_DEAD, ProcessConfig, load_config
 
@@ -24,7 +29,27 @@ def check(path: str) -> str | None:
     return None
 
 
+HTTP_TIMEOUT_S = 4.0  # below compose's healthcheck timeout (5 s)
+
+
+def check_url(url: str) -> str | None:
+    """None when ``url`` answers 2xx, else why not."""
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        return f"{url} answered {e.code}: {e.read(500).decode(errors='replace')}"
+    except (OSError, ValueError) as e:
+        return f"{url} did not answer: {e}"
+    return None if 200 <= status < 300 else f"{url} answered {status}"
+
+
 def main() -> None:
+    if len(sys.argv) > 1:
+        problem = check_url(sys.argv[1])
+        if problem:
+            sys.exit(problem)
+        return
     process = load_config(ProcessConfig)
     if not process.health_file:
         sys.exit("MESHSERVE_HEALTH_FILE is not set")

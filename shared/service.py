@@ -2,8 +2,9 @@
 
 It configures logs and telemetry, runs the service's ``main`` inside one task
 group under asyncio (zmq.asyncio does not run under trio), turns SIGTERM/SIGINT
-into cancellation, keeps a heartbeat link to the supervisor when there is one, and
-flushes spans on the way out.
+into cancellation (for a service that drains, into ``stop_requested`` first),
+keeps a heartbeat link to the supervisor when there is one, and flushes spans on
+the way out.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -45,6 +46,11 @@ class ServiceRuntime:
     # reached), and clears it when it cannot.
     ready: bool = False
     capacity: int = 1
+    # A service that drains (the api) sets ``drains_on_signal`` before it starts
+    # serving: the first SIGTERM/SIGINT then only sets ``stop_requested`` and the
+    # service's ``main`` returns once it has drained; a second signal cancels.
+    drains_on_signal: bool = False
+    stop_requested: anyio.Event = field(default_factory=anyio.Event)
 
     def hello(self) -> Hello:
         """This process's hello as of now: its readiness and capacity."""
@@ -91,7 +97,12 @@ async def _run(service: str, main: ServiceMain) -> None:
             async def stop_on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:
-                        log.info("stopping", signal=signal.Signals(signum).name)
+                        name = signal.Signals(signum).name
+                        if runtime.drains_on_signal and not runtime.stop_requested.is_set():
+                            log.info("draining", signal=name)
+                            runtime.stop_requested.set()
+                            continue
+                        log.info("stopping", signal=name)
                         tg.cancel_scope.cancel()
                         return
 

@@ -1,4 +1,5 @@
-"""The Starlette app: OpenAI's text routes over the api actor, /health, /metrics,
+"""The Starlette app: OpenAI's text routes over the api actor, /health (/health/ready,
+/health/live), /metrics,
 and whatever joins through ``extra_routes`` (the speech routes, ``speech_routes.py``).
 
 Every failure is an OpenAI error body with a 4xx/5xx status, including routing
@@ -79,6 +80,8 @@ class OpenAIRoutes:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
+            Route("/health/ready", self.health, methods=["GET"]),
+            Route("/health/live", self.live, methods=["GET"]),
             Route("/metrics", self.render_metrics, methods=["GET"]),
         ]
 
@@ -106,15 +109,22 @@ class OpenAIRoutes:
         return json_response(self._card())
 
     async def health(self, request: Request) -> Response:
+        """/health/ready (and /health): 503 while draining or a service is missing."""
         report = self.actor.health_report()
         return json_response(report, 200 if report.status == "ok" else 503)
 
+    async def live(self, request: Request) -> Response:
+        """/health/live: this process serves HTTP (also while draining)."""
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
     async def completions(self, request: Request) -> Response:
-        body = await read_json(request, CompletionRequest, self.config.max_request_bytes)
+        body = await read_json(request, CompletionRequest, self.config.max_request_bytes,
+                               self.config.body_timeout_s)
         return await self._generate(request, plan_completion(body, self._plan_context("cmpl")))
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await read_json(request, ChatCompletionRequest, self.config.max_request_bytes)
+        body = await read_json(request, ChatCompletionRequest, self.config.max_request_bytes,
+                               self.config.body_timeout_s)
         return await self._generate(request, plan_chat(body, self._plan_context("chatcmpl")))
 
     def _plan_context(self, id_prefix: str) -> PlanContext:

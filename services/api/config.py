@@ -18,8 +18,20 @@ class ApiConfig(msgspec.Struct, frozen=True):
     chat_max_tokens_default: int = 1 << 20
     max_n: int = 16  # largest `n` (choices per request) accepted
     max_inflight: int = 4096  # in-flight sub-requests; beyond it HTTP 429
-    shutdown_grace_s: float = 5.0  # open HTTP connections get this long to finish
+    # SIGTERM drains: new requests get 503, in-flight ones get this long to finish
+    # (`meshserve up --shutdown-timeout`; the supervisor reads the same setting).
+    shutdown_timeout_s: float = 30.0
+    # After the drain deadline: what is left is failed and aborted, and open HTTP
+    # connections get this long to take their error before the process ends.
+    shutdown_grace_s: float = 5.0
     max_request_bytes: int = 16 << 20  # larger request bodies get HTTP 413
+    # Slow clients: a request's line and headers must arrive within header_timeout_s
+    # (of the connection or of its first byte), its body within body_timeout_s (else
+    # HTTP 408); an idle keep-alive connection is closed after keep_alive_timeout_s.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
+    max_header_bytes: int = 16 << 10  # request line + headers; larger: HTTP 400
     # Speech. What a request may ask for (input length, speed, sample rate) is in
     # shared/protocol/speech.py, shared with the tts replicas; these bound the api.
     speech_max_request_bytes: int = 1 << 20  # a 4096-character input is far below this

@@ -17,6 +17,12 @@ class ErrorBody(msgspec.Struct, frozen=True):
     error: ErrorDetail
 
 
+# Seconds a client should wait before retrying, sent as ``Retry-After`` with every
+# 429 (a full queue drains in about a step) and 503 (a restarting replica or a
+# draining api: another api behind the same balancer may take the retry at once).
+RETRY_AFTER_S = {429: 1, 503: 2}
+
+
 def error_type_for(status: int) -> str:
     """OpenAI's ``error.type`` for an HTTP status."""
     if status == 401:
@@ -43,6 +49,7 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         type: str | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         # Anything else is not an error status; a peer that sends one is confused,
@@ -52,6 +59,15 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.type = type or error_type_for(self.status)
+        self.retry_after_s = (
+            retry_after_s if retry_after_s is not None else RETRY_AFTER_S.get(self.status)
+        )
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with this error (``Retry-After`` on 429 and 503)."""
+        if self.retry_after_s is None:
+            return {}
+        return {"retry-after": str(self.retry_after_s)}
 
     def body(self) -> ErrorBody:
         return ErrorBody(ErrorDetail(self.message, self.type, self.param, self.code))

@@ -1,5 +1,7 @@
-"""The /health condition: a tokenizer replica is connected and the scheduler has
-reported at least one worker recently. The same answer is ``runtime.ready``."""
+"""The readiness condition (/health/ready, /health, ``runtime.ready``): the api is
+not draining, a tokenizer replica is connected and the scheduler has reported at
+least one worker recently. Liveness (/health/live) is only "this process answers
+HTTP" and needs nothing from here."""
 
 from __future__ import annotations
 
@@ -32,9 +34,11 @@ class MeshHealth:
             return None
         return self.scheduler
 
-    def report(self, tokenizers: int, now: float) -> HealthReport:
+    def report(self, tokenizers: int, now: float, *, draining: bool = False) -> HealthReport:
         status = self.fresh_status(now)
         missing = []
+        if draining:
+            missing.append("the api is draining for shutdown")
         if tokenizers == 0:
             missing.append("no tokenizer replica is connected")
         if status is None:

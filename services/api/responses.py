@@ -27,7 +27,8 @@ def json_response(payload: msgspec.Struct, status: int = 200) -> Response:
 
 
 def error_response(error: ApiError) -> Response:
-    return Response(error.encode(), status_code=error.status, media_type="application/json")
+    return Response(error.encode(), status_code=error.status, media_type="application/json",
+                    headers=error.headers())
 
 
 # Nobody reads it: the client is gone. 499 is what proxies log for "client closed request".

@@ -1,12 +1,16 @@
 """The api process: the text actor, the speech gateway and uvicorn in one task group.
 
 uvicorn runs *inside* the service's task group rather than owning the event
-loop, and without its signal handlers: ``shared/service.py`` turns SIGTERM/SIGINT
-into cancellation, and cancellation is how the HTTP server learns to stop.
+loop, and without its signal handlers: the api asks ``shared/service.py`` to turn
+the first SIGTERM/SIGINT into ``runtime.stop_requested`` (a second one cancels).
 
-Shutdown order, on cancellation: every in-flight request is failed (503
-``shutting_down``) so its handler answers at once; uvicorn stops accepting, lets
-open connections finish for up to ``shutdown_grace_s``, then cancels what is left.
+Shutdown (drain.py): on SIGTERM new requests get 503 ``shutting_down`` with
+``Retry-After`` and /health/ready turns 503, while uvicorn keeps answering; the
+requests in flight get ``shutdown_timeout_s`` to finish. What is left then is failed
+(503; a stream ends with an error event and ``[DONE]``) and aborted in the mesh, and
+gets up to ``shutdown_grace_s`` to be answered. Then the task group is cancelled:
+uvicorn stops accepting, closes idle connections, waits up to ``shutdown_grace_s``
+for the rest, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from starlette.types import ASGIApp
 
 from services.api.app import build_app
 from services.api.config import ApiConfig
+from services.api.errors import ApiError
+from services.api.http_protocol import bounded_h11
 from services.api.service import ApiActor
 from services.api.speech_gateway import SpeechGateway
 from services.api.speech_routes import speech_routes
@@ -73,7 +79,10 @@ async def serve_http(
         port=config.port,
         log_config=None,
         lifespan="off",
-        timeout_graceful_shutdown=config.shutdown_grace_s,
+        http=bounded_h11(config.header_timeout_s),
+        h11_max_incomplete_event_size=config.max_header_bytes,
+        timeout_keep_alive=config.keep_alive_timeout_s,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=config.shutdown_grace_s,  # type: ignore[arg-type]
     ))
 
     async def run_server() -> None:
@@ -100,11 +109,41 @@ async def serve_http(
             server.should_exit = True
 
 
+async def drain(actor: ApiActor, speech: SpeechGateway, config: ApiConfig) -> None:
+    """Refuse new requests, let those in flight finish within ``shutdown_timeout_s``,
+    then fail and abort the rest (drain.py has the whole sequence)."""
+
+    def idle() -> bool:
+        return not len(actor.registry) and not speech.flights
+
+    actor.drain.start()
+    log.info("draining", text_requests=len(actor.registry), speech_requests=len(speech.flights),
+             timeout_s=config.shutdown_timeout_s)
+    with anyio.move_on_after(config.shutdown_timeout_s):
+        await actor.drain.wait_until(idle)
+    if idle():
+        log.info("drained")
+        return
+    log.warning("drain deadline passed; failing what is left",
+                text_requests=len(actor.registry), speech_requests=len(speech.flights))
+    # Failed while the sockets are still open: each handler then answers its client
+    # and releases its flight, which aborts the request in the mesh.
+    error = ApiError(503, f"the api shut down before this request finished (shutdown "
+                     f"timeout {config.shutdown_timeout_s:g} s)", code="shutting_down")
+    actor.fail_all(error)
+    for flight in list(speech.flights.values()):
+        flight.fail(error)
+    with anyio.move_on_after(config.shutdown_grace_s):
+        await actor.drain.wait_until(idle)
+
+
 async def main(runtime: ServiceRuntime) -> None:
     config = load_config(ApiConfig)
     served = served_model_name(config.model, config.served_model_name)
+    # Before anything serves: the first SIGTERM now means "drain", not "cancel".
+    runtime.drains_on_signal = True
     actor = ApiActor(runtime, config)
-    speech = SpeechGateway(runtime, config)
+    speech = SpeechGateway(runtime, config, drain=actor.drain)
     app = build_app(
         actor, config, served,
         extra_routes=speech_routes(speech, config),
@@ -115,3 +154,6 @@ async def main(runtime: ServiceRuntime) -> None:
         await tg.start(actor.run)
         await tg.start(speech.run)
         await tg.start(serve_http, app, config, actor.stop)
+        await runtime.stop_requested.wait()
+        await drain(actor, speech, config)
+        tg.cancel_scope.cancel()

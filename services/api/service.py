@@ -27,6 +27,7 @@ import zmq
 from anyio.abc import TaskStatus
 
 from services.api.config import ApiConfig
+from services.api.drain import Drain
 from services.api.errors import ApiError
 from services.api.health import MeshHealth
 from services.api.openai_schema import HealthReport
@@ -94,6 +95,7 @@ class ApiActor:
         )
         self.registry = FlightRegistry(config.max_inflight)
         self.health = MeshHealth(runtime.process.heartbeat_s)
+        self.drain = Drain()  # shared with the speech gateway: both refuse while draining
         self.stopping = False
 
     # --- lifecycle ----------------------------------------------------------------
@@ -137,7 +139,9 @@ class ApiActor:
         )
 
     def health_report(self) -> HealthReport:
-        return self.health.report(len(self._tokenizer_candidates()), time.monotonic())
+        """Readiness: /health, /health/ready and ``runtime.ready``."""
+        return self.health.report(len(self._tokenizer_candidates()), time.monotonic(),
+                                  draining=self.drain.draining)
 
     async def submit(self, flight: Flight) -> None:
         """Register a flight and send each choice to a tokenizer replica.
@@ -147,6 +151,7 @@ class ApiActor:
         """
         if self.stopping:
             raise ApiError(503, "the api is shutting down", code="shutting_down")
+        self.drain.check_open()
         if not self._tokenizer_candidates():
             raise ApiError(503, "no tokenizer replica is connected; retry later",
                            code="no_tokenizer")
@@ -157,6 +162,7 @@ class ApiActor:
         """The handler is done with a flight: forget it and abort what is unfinished,
         at the scheduler and at each holding tokenizer at once. Idempotent."""
         unfinished = self.registry.close(flight)
+        self.drain.changed()
         if not unfinished:
             return
         ids = [choice.request_id for choice in unfinished]

@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 from opentelemetry.context import Context
 
 from services.api.config import ApiConfig
+from services.api.drain import Drain
 from services.api.errors import ApiError, bad_request
 from services.api.metrics import SpeechMetrics
 from services.api.speech_flight import SpeechFlight
@@ -82,6 +83,7 @@ class SpeechGateway:
         config: ApiConfig,
         *,
         status_interval_s: float = 1.0,
+        drain: Drain | None = None,
     ) -> None:
         self.router: RouterEndpoint[SpeechFromTts] = bind_router(
             runtime, runtime.addresses.speech_addr, SpeechFromTts
@@ -92,6 +94,9 @@ class SpeechGateway:
         self.metrics = SpeechMetrics()
         self.status_interval_s = status_interval_s
         self._replicas_changed = anyio.Event()
+        # The api's drain (server.py passes the text actor's): new speech is refused
+        # while draining, and each closed flight wakes the drain's wait.
+        self.drain = drain or Drain()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind, report started, then serve the replicas until cancelled."""
@@ -148,6 +153,7 @@ class SpeechGateway:
 
     async def open(self, request: SpeechRequest, context: Context) -> SpeechFlight:
         """Send ``request`` to the least loaded replica that can serve it."""
+        self.drain.check_open()
         self.check(request)
         limit = self.config.speech_max_inflight
         if len(self.flights) >= limit:
@@ -189,6 +195,7 @@ class SpeechGateway:
         a request still running is cancelled at its replica. Idempotent."""
         if self.flights.pop(flight.request_id, None) is None:
             return
+        self.drain.changed()
         self.metrics.running -= 1
         replica = self.replicas.get(flight.replica) if flight.replica else None
         if replica is not None:

@@ -80,7 +80,8 @@ class SpeechRoutes:
 
     async def speech(self, request: Request) -> Response:
         body = check_speech_body(
-            await read_json(request, SpeechBody, self.config.speech_max_request_bytes)
+            await read_json(request, SpeechBody, self.config.speech_max_request_bytes,
+                            self.config.body_timeout_s)
         )
         span = SpeechSpan(body, context_from_headers(request.headers), request.url.path)
         flight: SpeechFlight | None = None

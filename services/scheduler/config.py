@@ -10,6 +10,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     max_num_batched_tokens: int = 2048  # token budget of one step
     max_prefill_chunk: int = 512  # longest prefill chunk of one request in one step
     max_waiting: int = 1024  # bounded queue; beyond it requests get HTTP 429
+    # Prompt tokens the waiting queue may hold (4 bytes each here, more in the
+    # tokenizer and api); a request past it gets HTTP 429 unless the queue is empty.
+    max_waiting_tokens: int = 1 << 20
     max_model_len: int = 0  # 0: the worker's
     # Free KV blocks leased ahead from the KV manager; 0: enough for every step in
     # flight at a full token budget (scheduler/worker_slot.py: lease_target).

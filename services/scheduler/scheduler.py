@@ -4,7 +4,8 @@ The actor feeds it submits, aborts, worker joins/losses, step results and KV lea
 and asks it for a ``StepPlan`` per worker; results for the tokenizers accumulate in
 ``outputs`` and ``failures`` for the actor to send. Its parts:
 
-    waiting_queue.py  WaitingQueue: heap by priority, lazy deletion, its own count
+    waiting_queue.py  WaitingQueue: heap by priority, lazy deletion, its own counts;
+                      queue_refusal: max_waiting and max_waiting_tokens (HTTP 429)
     worker_slot.py    WorkerSlot: one worker's lease, host tier, running requests
     step_builder.py   StepBuilder: one step's lists, packed into the StepPlan
     forks.py          n > 1: choices, copy-on-write forks of the leader's table
@@ -98,8 +99,7 @@ class Scheduler:
             return self._take_over(msg, existing, owner)
         if msg.request_id in self._aborted:
             return SubmitResult()
-        refusal = submission.refusal(msg, self.max_model_len(), len(self.waiting),
-                                     self.config.max_waiting)
+        refusal = submission.refusal(msg, self.max_model_len(), self.waiting, self.config)
         if refusal is not None:
             self.failures.extend(RequestFailure(owner, RequestFailed(request_id, *refusal))
                                  for request_id in choice_ids(msg.request_id, msg.n))

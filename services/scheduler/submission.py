@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from array import array
 
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.waiting_queue import WaitingQueue, queue_refusal
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import Submit
 
@@ -50,7 +52,7 @@ def _malformed(msg: Submit) -> str | None:
     return None
 
 
-def refusal(msg: Submit, max_model_len: int, num_waiting: int, max_waiting: int
+def refusal(msg: Submit, max_model_len: int, queue: WaitingQueue, config: SchedulerConfig
             ) -> tuple[int, str, str] | None:
     """(HTTP status, error type, message) for a Submit that cannot be queued, or
     None. ``max_model_len`` 0: no worker yet, no limit known."""
@@ -67,7 +69,6 @@ def refusal(msg: Submit, max_model_len: int, num_waiting: int, max_waiting: int
     if msg.n < 1:
         return 400, INVALID, f"n must be at least 1, got {msg.n}"
     # A resumption was admitted before the restart: refusing it now would lose it.
-    if num_waiting >= max_waiting and not msg.resumed:
-        return 429, "server_busy", (f"the waiting queue is full "
-                                    f"({max_waiting} requests); retry later")
-    return None
+    if msg.resumed:
+        return None
+    return queue_refusal(queue, config, prompt_len)

@@ -1,7 +1,8 @@
 """The `meshserve` command line.
 
     meshserve up [--model DIR] [--host H] [--port P] [--device D] [--tokenizers N]
-                 [--workers N] [--tts N] [--set KEY=VALUE ...] [--run-dir DIR] [--detach]
+                 [--workers N] [--tts N] [--shutdown-timeout S] [--set KEY=VALUE ...]
+                 [--run-dir DIR] [--detach]
     meshserve status [--json]        every child: service, replica, pid, state, health
     meshserve restart SVC[/REPLICA]  SIGTERM, wait, start again, wait until healthy
     meshserve scale SVC=N            tokenizer | worker | tts
@@ -78,6 +79,16 @@ def _count(value: str) -> int:
     return int(value)
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a non-negative number of seconds")
+    return seconds
+
+
 def _add_run_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run-dir",
@@ -94,6 +105,11 @@ def _add_mesh_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizers", type=_count, help="tokenizer replicas (default 1)")
     parser.add_argument("--workers", type=_count, help="worker replicas (default 1)")
     parser.add_argument("--tts", type=_count, help="tts replicas (default 1; 0: no speech)")
+    parser.add_argument(
+        "--shutdown-timeout", type=_seconds, metavar="SECONDS",
+        help="on SIGTERM / `down`, in-flight requests get this long to finish while new "
+        "ones get 503 (default 30)",
+    )
     parser.add_argument(
         "--set",
         dest="settings",
@@ -135,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_dir(scale)
 
     down = commands.add_parser("down", help="stop the mesh and wait until it is gone")
-    down.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
+    down.add_argument("--timeout", type=float,
+                      help="seconds to wait (default: the shutdown timeout + 30)")
     _add_run_dir(down)
 
     config = commands.add_parser("config", help="print every service's effective settings")
@@ -156,6 +173,7 @@ def _flags(args: argparse.Namespace) -> Flags:
         workers=args.workers,
         tts=args.tts,
         run_dir=args.run_dir,
+        shutdown_timeout=args.shutdown_timeout,
         settings=list(args.settings),
     )
 
@@ -308,11 +326,15 @@ def cmd_down(args: argparse.Namespace) -> int:
         # the signal, which the supervisor handles the same way.
         print(f"meshserve: {e}; sending SIGTERM to {pid}", file=sys.stderr)
         os.kill(pid, signal.SIGTERM)
-    if not wait_for_exit(pid, args.timeout):
+    # The api drains first (shutdown_timeout_s), then every child stops in turn.
+    timeout_s = args.timeout
+    if timeout_s is None:
+        timeout_s = load_config(SupervisorConfig).shutdown_timeout_s + 30.0
+    if not wait_for_exit(pid, timeout_s):
         gone = kill_and_wait(pid, 5.0)
         _remove_leftovers(run_dir)
         raise CliError(
-            f"the supervisor (pid {pid}) did not stop within {args.timeout:g} s; "
+            f"the supervisor (pid {pid}) did not stop within {timeout_s:g} s; "
             + ("killed it" if gone else "could not kill it")
         )
     # A clean supervisor removed these itself; one that was killed could not.

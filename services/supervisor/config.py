@@ -13,6 +13,10 @@ class SupervisorConfig(msgspec.Struct, frozen=True):
     startup_timeout_s: float = 300.0  # every child healthy within this, or `up` fails
     hello_timeout_s: float = 120.0  # a started child says hello within this, or is killed
     stop_timeout_s: float = 5.0  # SIGTERM, then SIGKILL after this
+    # Shutdown drains the api first: it gets this long (plus stop_timeout_s to exit)
+    # to finish its requests while the rest of the mesh serves them; the api reads
+    # the same setting (`--shutdown-timeout`).
+    shutdown_timeout_s: float = 30.0
     restart_intensity: int = 5  # more restarts of one service than this ...
     restart_period_s: float = 30.0  # ... within this window: give up, stop the mesh
     backoff_initial_s: float = 0.1  # first restart delay, doubling per crash

@@ -30,6 +30,8 @@ START_ORDER = ("kvcache", "scheduler", "api", "tokenizer", "worker", "tts")
 # The api goes first so it stops taking requests and drains; the KV manager goes
 # last because the scheduler frees into it until the end.
 STOP_ORDER = ("api", "tokenizer", "tts", "scheduler", "worker", "kvcache")
+# The service that drains on SIGTERM (up to shutdown_timeout_s) before the rest stop.
+DRAINS_FIRST = "api"
 SINGLETONS = frozenset({"kvcache", "scheduler", "api"})
 SCALABLE = frozenset({"tokenizer", "worker", "tts"})
 # A text mesh cannot serve without one of these; tts may scale to zero.
@@ -135,6 +137,7 @@ class Flags:
     workers: int | None = None
     tts: int | None = None
     run_dir: str | None = None
+    shutdown_timeout: float | None = None
     settings: list[str] = field(default_factory=list)
 
 
@@ -218,6 +221,7 @@ def resolve_settings(flags: Flags, environ: Mapping[str, str]) -> MeshSettings:
         "workers": flags.workers,
         "tts_replicas": flags.tts,
         "run_dir": flags.run_dir,
+        "shutdown_timeout_s": flags.shutdown_timeout,
     }
     for key, value in named.items():
         if value is not None:

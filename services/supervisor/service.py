@@ -27,6 +27,7 @@ from services.supervisor.children import Child
 from services.supervisor.control import ControlRequest, ControlServer, control_address
 from services.supervisor.mesh_plan import (
     AT_LEAST_ONE,
+    DRAINS_FIRST,
     SCALABLE,
     SINGLETONS,
     START_ORDER,
@@ -196,17 +197,21 @@ class Supervisor:
 
     def _add_child(self, service: str, replica: int) -> ChildSlot:
         assert self._children_tg is not None
-        slot = ChildSlot(Child(service, replica), self._slot_hooks)
+        slot = ChildSlot(Child(service, replica), self._slot_hooks(service))
         self._slots[(service, replica)] = slot
         self._children_tg.start_soon(slot.supervise, name=f"child {service}/{replica}")
         return slot
 
-    @property
-    def _slot_hooks(self) -> SlotHooks:
+    def _slot_hooks(self, service: str) -> SlotHooks:
+        stop_timeout_s = self.config.stop_timeout_s
+        if service == DRAINS_FIRST:
+            # It drains on SIGTERM: its requests get shutdown_timeout_s to finish
+            # (the rest of the mesh keeps serving them meanwhile, STOP_ORDER).
+            stop_timeout_s += self.config.shutdown_timeout_s
         return SlotHooks(
             spawn=self._spawn,
             policy=self.policy,
-            stop_timeout_s=self.config.stop_timeout_s,
+            stop_timeout_s=stop_timeout_s,
             changed=self._notify,
             give_up=partial(self.request_shutdown, failed=True),
         )

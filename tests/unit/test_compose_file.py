@@ -5,6 +5,7 @@ and the cpu/gpu profiles."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from services.api.config import ApiConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -111,3 +114,21 @@ def test_cpu_and_gpu_profiles(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
         if name not in ("worker", "worker-gpu"):
             assert "profiles" not in service, name
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration such as ``45s``, ``1m30s`` or ``500ms`` in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_api_drains_within_its_stop_grace_period(services: dict[str, dict[str, Any]]) -> None:
+    api = services["api"]
+    defaults = ApiConfig()
+    # The runtime SIGKILLs after stop_grace_period: the drain (and the grace for the
+    # requests it then fails) must fit in it, with a second to exit.
+    assert _seconds(api["stop_grace_period"]) >= (
+        defaults.shutdown_timeout_s + defaults.shutdown_grace_s + 1)
+    assert "/health/ready" in api["healthcheck"]["test"]

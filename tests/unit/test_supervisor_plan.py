@@ -155,3 +155,19 @@ def test_status_table_shows_every_child() -> None:
     assert lines[3].split()[0] == "SERVICE"
     assert lines[4].split() == ["kvcache", "0", "11", "running", "healthy", "0", "1m15s"]
     assert lines[5].split() == ["worker", "1", "-", "backoff", "unhealthy", "3", "-"]
+
+
+def test_shutdown_timeout_reaches_the_supervisor_and_the_api() -> None:
+    args = build_parser().parse_args(["up", "--shutdown-timeout", "90"])
+    assert args.shutdown_timeout == 90.0
+    for bad in ("-1", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["up", "--shutdown-timeout", bad])
+    env = {"MESHSERVE_SHUTDOWN_TIMEOUT_S": "10"}
+    settings = resolve_settings(Flags(shutdown_timeout=90.0, run_dir="/tmp/ms-t"), env)
+    assert settings.supervisor.shutdown_timeout_s == 90.0
+    assert settings.effective_configs()["api"].shutdown_timeout_s == 90.0  # type: ignore[attr-defined]
+    # Without the flag, the env (or --set) decides for both.
+    settings = resolve_settings(Flags(run_dir="/tmp/ms-t"), env)
+    assert settings.supervisor.shutdown_timeout_s == 10.0
+    assert settings.effective_configs()["api"].shutdown_timeout_s == 10.0  # type: ignore[attr-defined]
