@@ -19,8 +19,9 @@ service once every stream has shown text and ``--kill-after`` seconds have passe
   server closed (the api itself was killed); "ended after" is the latest such end,
   in seconds after the kill.
 - hung: nothing arrived for ``--stall-s`` seconds.
-- serving again after: from the kill until the supervisor reports a new, healthy
-  process for the killed replica and a fresh one-token completion answers 200.
+- serving again after: from the kill until the supervisor reports a new process
+  for the killed replica, every replica of its service healthy, and a fresh
+  one-token completion answers 200.
 - KV blocks leaked: once the round's streams ended, blocks still in use or
   requests still held in any pool (`meshserve kv stats`).
 
@@ -237,6 +238,7 @@ class RoundReport:
     differs: int = 0
     leaked_blocks: int = 0
     leaked_requests: int = 0
+    drained_after_s: float | None = None  # from the fault until no pool held a request
     kv_pools: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -259,53 +261,84 @@ class RoundReport:
         return max(ends) - self.killed_at
 
 
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """What a round does to ``service`` mid-stream: ``signal`` to its replica 0
+    (SIGKILL, or SIGSTOP: a process that stops answering), or, with
+    ``stall_file``, create that file so the next step of some worker never
+    completes (the worker's ``fault_stall_file``)."""
+
+    service: str
+    signal: int = signal.SIGKILL
+    stall_file: Path | None = None
+
+    @property
+    def name(self) -> str:
+        if self.stall_file is not None:
+            return f"{self.service} (hung step)"
+        if self.signal == signal.SIGKILL:
+            return self.service
+        return f"{self.service} ({signal.Signals(self.signal).name})"
+
+    def inflict(self, pids: dict[int, int | None]) -> None:
+        if self.stall_file is not None:
+            self.stall_file.touch()
+            return
+        pid = pids.get(0)
+        assert pid is not None, f"no {self.service} replica 0 is running"
+        os.kill(pid, self.signal)
+
+
+def _replica_pids(mesh: ChaosMesh, service: str) -> dict[int, int | None]:
+    return {c.replica: c.pid for c in mesh.status().children if c.service == service}
+
+
 async def _wait_back(mesh: ChaosMesh, client: httpx.AsyncClient, service: str,
-                     old_pid: int, killed_at: float) -> float | None:
-    """Seconds from the kill until a new healthy process runs and a completion answers."""
-    deadline = killed_at + BACK_DEADLINE_S
+                     before: dict[int, int | None], faulted_at: float) -> float | None:
+    """Seconds from the fault until a new process replaced one of ``service``'s
+    replicas, every replica is healthy, and a completion answers 200."""
+    deadline = faulted_at + BACK_DEADLINE_S
     while time.monotonic() < deadline:
         status = await anyio.to_thread.run_sync(mesh.status)
-        child = next((c for c in status.children
-                      if c.service == service and c.replica == 0), None)
-        if child is not None and child.pid not in (None, old_pid) and child.healthy:
+        children = [c for c in status.children if c.service == service]
+        replaced = any(c.pid not in (None, before.get(c.replica)) for c in children)
+        if replaced and all(c.healthy for c in children):
             with contextlib.suppress(httpx.TransportError):
                 reply = await client.post(
                     mesh.base_url + "/v1/completions", timeout=30,
                     json={"model": MODEL, "prompt": "back?", "max_tokens": 1,
                           "temperature": 0})
                 if reply.status_code == 200:
-                    return time.monotonic() - killed_at
+                    return time.monotonic() - faulted_at
         await anyio.sleep(0.1)  # polling: the supervisor's state is in another process
     return None
 
 
 async def run_round(
-    mesh: ChaosMesh, texts: Sequence[str], max_tokens: int, *, kill: str | None,
+    mesh: ChaosMesh, texts: Sequence[str], max_tokens: int, *, fault: Fault | None,
     kill_after_s: float = 1.5, stall_s: float = 30.0,
 ) -> RoundReport:
-    """``len(texts)`` streams at once; with ``kill``, SIGKILL replica 0 of that service
-    mid-stream and time its return."""
+    """``len(texts)`` streams at once; with a ``fault``, inflict it mid-stream (every
+    stream has shown text and ``kill_after_s`` passed) and time the service's return."""
     results = [StreamResult() for _ in texts]
-    report = RoundReport(kill or "(none)", results)
+    report = RoundReport(fault.name if fault else "(none)", results)
     limits = httpx.Limits(max_connections=len(texts) + 8, max_keepalive_connections=0)
-    async with httpx.AsyncClient(limits=limits) as client:
-        async with anyio.create_task_group() as tg:
-            started = time.monotonic()
-            for prompt, result in zip(texts, results, strict=True):
-                tg.start_soon(stream_completion, client, mesh.base_url, prompt, max_tokens,
-                              result, stall_s)
-            if kill is not None:
-                # Mid-stream: every stream has text (or ended), and kill_after passed.
-                while (time.monotonic() - started < kill_after_s
-                       or any(r.first_text_at is None and r.ended_at is None for r in results)):
-                    await anyio.sleep(0.02)
-                pid = await anyio.to_thread.run_sync(mesh.pid_of, kill)
-                assert pid is not None, f"no {kill} replica 0 is running"
-                report.running_at_kill = sum(r.ended_at is None for r in results)
-                os.kill(pid, signal.SIGKILL)
-                report.killed_at = time.monotonic()
-                report.back_after_s = await _wait_back(mesh, client, kill, pid,
-                                                       report.killed_at)
+    async with httpx.AsyncClient(limits=limits) as client, anyio.create_task_group() as tg:
+        started = time.monotonic()
+        for prompt, result in zip(texts, results, strict=True):
+            tg.start_soon(stream_completion, client, mesh.base_url, prompt, max_tokens,
+                          result, stall_s)
+        if fault is None:
+            return report
+        while (time.monotonic() - started < kill_after_s
+               or any(r.first_text_at is None and r.ended_at is None for r in results)):
+            await anyio.sleep(0.02)
+        before = await anyio.to_thread.run_sync(_replica_pids, mesh, fault.service)
+        report.running_at_kill = sum(r.ended_at is None for r in results)
+        fault.inflict(before)
+        report.killed_at = time.monotonic()
+        report.back_after_s = await _wait_back(mesh, client, fault.service, before,
+                                               report.killed_at)
     return report
 
 
@@ -323,10 +356,13 @@ def check_kv(mesh: ChaosMesh, report: RoundReport, deadline_s: float = 30.0) -> 
         report.kv_pools = pools
         report.leaked_blocks = sum(p["used_blocks"] for p in pools)
         report.leaked_requests = sum(p["requests"] for p in pools)
-        if (report.leaked_blocks == 0 and report.leaked_requests == 0) or \
-                time.monotonic() > deadline:
+        if report.leaked_blocks == 0 and report.leaked_requests == 0:
+            if report.killed_at is not None:
+                report.drained_after_s = time.monotonic() - report.killed_at
             return
-        time.sleep(0.5)
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
 
 
 def format_table(reports: Sequence[RoundReport]) -> str:
@@ -364,14 +400,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 async def chaos(mesh: ChaosMesh, args: argparse.Namespace) -> list[RoundReport]:
     texts = prompts(args.streams)
-    baseline = await run_round(mesh, texts, args.max_tokens, kill=None, stall_s=args.stall_s)
+    baseline = await run_round(mesh, texts, args.max_tokens, fault=None, stall_s=args.stall_s)
     if baseline.completed != len(texts):
         raise RuntimeError(f"the undisturbed round failed: "
                            f"{[r.error for r in baseline.results if not r.completed]}")
     reference = [r.text for r in baseline.results]
     reports = [baseline]
     for service in args.services.split(","):
-        report = await run_round(mesh, texts, args.max_tokens, kill=service,
+        report = await run_round(mesh, texts, args.max_tokens, fault=Fault(service),
                                  kill_after_s=args.kill_after, stall_s=args.stall_s)
         check_texts(report, reference)
         await anyio.to_thread.run_sync(mesh.wait_healthy)
