@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.chaos [--streams 16] [--max-tokens 400] [--kill-after 1.5]
                                     [--services tokenizer,worker,kvcache,scheduler,api]
+                                    [--services worker:stop,worker:hang]
 
 Starts a mesh (`meshserve up` on the embedded model, 2 workers, 2 tokenizers, no
 tts, its own run dir, port and process group), runs one undisturbed round for the
@@ -390,7 +391,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=400)
     p.add_argument("--kill-after", type=float, default=1.5, help="seconds, at least")
     p.add_argument("--stall-s", type=float, default=30.0, help="no data this long: hung")
-    p.add_argument("--services", default=",".join(SERVICES))
+    p.add_argument("--services", default=",".join(SERVICES),
+                   help="rounds, in order: SERVICE (SIGKILL), or worker:stop (SIGSTOP) "
+                        "or worker:hang (a step that never completes)")
+    p.add_argument("--step-timeout", type=float, default=5.0,
+                   help="the supervisor's step_timeout_s, when a round hangs a step")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--tokenizers", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -398,7 +403,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def chaos(mesh: ChaosMesh, args: argparse.Namespace) -> list[RoundReport]:
+def parse_fault(entry: str, stall_file: Path) -> Fault:
+    service, _, how = entry.partition(":")
+    if how == "stop":
+        return Fault(service, signal.SIGSTOP)
+    if how == "hang":
+        return Fault(service, stall_file=stall_file)
+    if how:
+        raise SystemExit(f"--services: unknown fault {how!r} in {entry!r} (stop, hang)")
+    return Fault(service)
+
+
+async def chaos(mesh: ChaosMesh, args: argparse.Namespace,
+                stall_file: Path) -> list[RoundReport]:
     texts = prompts(args.streams)
     baseline = await run_round(mesh, texts, args.max_tokens, fault=None, stall_s=args.stall_s)
     if baseline.completed != len(texts):
@@ -406,8 +423,9 @@ async def chaos(mesh: ChaosMesh, args: argparse.Namespace) -> list[RoundReport]:
                            f"{[r.error for r in baseline.results if not r.completed]}")
     reference = [r.text for r in baseline.results]
     reports = [baseline]
-    for service in args.services.split(","):
-        report = await run_round(mesh, texts, args.max_tokens, fault=Fault(service),
+    for entry in args.services.split(","):
+        report = await run_round(mesh, texts, args.max_tokens,
+                                 fault=parse_fault(entry, stall_file),
                                  kill_after_s=args.kill_after, stall_s=args.stall_s)
         check_texts(report, reference)
         await anyio.to_thread.run_sync(mesh.wait_healthy)
@@ -420,11 +438,19 @@ async def chaos(mesh: ChaosMesh, args: argparse.Namespace) -> list[RoundReport]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     extra = [item for kv in args.set for item in ("--set", kv)]
-    with started_mesh(workers=args.workers, tokenizers=args.tokenizers, extra=extra) as mesh:
-        print(f"mesh up at {mesh.base_url}, log {mesh.log_path}", flush=True)
-        reports = anyio.run(chaos, mesh, args)
+    stall_file = Path(tempfile.gettempdir()) / f"ms-chaos-stall-{os.getpid()}"
+    if ":hang" in args.services:
+        extra += ["--set", f"fault_stall_file={stall_file}",
+                  "--set", f"step_timeout_s={args.step_timeout}"]
+    try:
+        with started_mesh(workers=args.workers, tokenizers=args.tokenizers,
+                          extra=extra) as mesh:
+            print(f"mesh up at {mesh.base_url}, log {mesh.log_path}", flush=True)
+            reports = anyio.run(chaos, mesh, args, stall_file)
+    finally:
+        stall_file.unlink(missing_ok=True)
     print(f"\n{args.streams} streamed greedy completions of {args.max_tokens} tokens, "
-          f"SIGKILL of replica 0 at >= {args.kill_after:g} s, once every stream had text:\n")
+          f"the fault at >= {args.kill_after:g} s, once every stream had text:\n")
     print(format_table(reports))
     return 0
 
