@@ -51,10 +51,14 @@ class ServiceRuntime:
     # service's ``main`` returns once it has drained; a second signal cancels.
     drains_on_signal: bool = False
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
+    # Set (monotonic) while a unit of work that must finish runs off the event loop
+    # (a worker's step), None when idle: every hello reports for how long.
+    busy_since: float | None = None
 
     def hello(self) -> Hello:
-        """This process's hello as of now: its readiness and capacity."""
-        return self.identity.hello(ready=self.ready, capacity=self.capacity)
+        """This process's hello as of now: its readiness, capacity and busy time."""
+        busy_s = 0.0 if self.busy_since is None else time.monotonic() - self.busy_since
+        return self.identity.hello(ready=self.ready, capacity=self.capacity, busy_s=busy_s)
 
 
 ServiceMain = Callable[[ServiceRuntime], Awaitable[None]]

@@ -7,7 +7,9 @@ id and the restart count.
 Health (DESIGN.md): a child is healthy when it said ``Hello(ready=True)`` within
 the last three heartbeats. It is *dead* when it said hello before and then went
 silent for three beats, or never said hello within ``hello_timeout_s`` of its
-start (a process wedged in its imports looks alive to ``waitpid`` forever).
+start (a process wedged in its imports looks alive to ``waitpid`` forever), or
+its heartbeat says one unit of work (a worker's step) has run past the step
+timeout: its event loop beats, but the work it holds makes no progress.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Child:
     first_hello_at: float | None = None
     last_hello_at: float | None = None
     ready: bool = False
+    busy_s: float = 0.0  # as of the last hello: how long its work in hand has run
     healthy_since: float | None = None
     # Why the current process is going away, set before it is signalled, so the
     # exit is not mistaken for a crash.
@@ -61,10 +64,11 @@ class Child:
         self.first_hello_at = None
         self.last_hello_at = None
         self.ready = False
+        self.busy_s = 0.0
         self.healthy_since = None
         self.restarting = False
 
-    def heard(self, ready: bool, at: float) -> None:
+    def heard(self, ready: bool, at: float, busy_s: float = 0.0) -> None:
         """A hello from the current process (matched by pid) was seen at ``at``."""
         if not self.alive:
             return
@@ -72,6 +76,7 @@ class Child:
             self.first_hello_at = at
         self.last_hello_at = at if self.last_hello_at is None else max(self.last_hello_at, at)
         self.ready = ready
+        self.busy_s = busy_s
         if ready and self.state is ChildState.STARTING:
             self.state = ChildState.RUNNING
 
@@ -98,9 +103,11 @@ class Child:
         return now - self.healthy_since
 
     def liveness_problem(
-        self, now: float, heartbeat_s: float, hello_timeout_s: float
+        self, now: float, heartbeat_s: float, hello_timeout_s: float,
+        step_timeout_s: float = 0.0,
     ) -> str | None:
-        """Why this live process must be killed, or None while it is fine."""
+        """Why this live process must be killed, or None while it is fine
+        (``step_timeout_s`` 0: no limit on one unit of work)."""
         if not self.alive or self.stopping or self.started_at is None:
             return None
         if self.last_hello_at is None:
@@ -110,6 +117,9 @@ class Child:
         silent_s = now - self.last_hello_at
         if silent_s > heartbeat_s * MISSED_BEATS_DEAD:
             return f"missed heartbeats (silent for {silent_s:.1f} s)"
+        if step_timeout_s > 0 and self.busy_s > step_timeout_s:
+            return (f"no progress: one step has run {self.busy_s:.1f} s "
+                    f"(step_timeout_s={step_timeout_s:g})")
         return None
 
     def status(self, now: float, heartbeat_s: float) -> ChildStatus:

@@ -22,3 +22,6 @@ class SupervisorConfig(msgspec.Struct, frozen=True):
     backoff_initial_s: float = 0.1  # first restart delay, doubling per crash
     backoff_max_s: float = 5.0  # restart delay cap
     backoff_reset_s: float = 10.0  # healthy this long: the delay starts over
+    # A child whose heartbeat says one unit of work (a worker's step) has run this
+    # long is hung although it beats: killed and restarted (0: no limit).
+    step_timeout_s: float = 60.0

@@ -288,11 +288,13 @@ class Supervisor:
             for slot in self._slots.values():
                 child = slot.child
                 if slot.peer is not None:
-                    child.heard(slot.peer.hello.ready, slot.peer.last_seen)
+                    hello = slot.peer.hello
+                    child.heard(hello.ready, slot.peer.last_seen, hello.busy_s)
                 healthy_for = child.update_health(now, self.beat_s)
                 if healthy_for:
                     self.policy.on_healthy(child.service, child.replica, healthy_for)
-                problem = child.liveness_problem(now, self.beat_s, self.config.hello_timeout_s)
+                problem = child.liveness_problem(now, self.beat_s, self.config.hello_timeout_s,
+                                                 self.config.step_timeout_s)
                 if problem and slot.kill_reason is None and slot.process is not None:
                     log.error("child unresponsive; killing it", child=child.name, reason=problem)
                     slot.kill(problem)

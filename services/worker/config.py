@@ -23,3 +23,6 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     # computes at launch, so it never overlaps.
     overlap_steps: bool = True
     torch_threads: int = 0  # 0: all cores but one on CPU (the mesh needs one), torch's on CUDA
+    # Testing the watchdog only: the first step to find this file removes it and
+    # never completes, as a hung kernel would (empty: off).
+    fault_stall_file: str = ""

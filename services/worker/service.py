@@ -11,6 +11,11 @@ N+1 while the GPU computes step N, and N's sampled ids come back while N+1 runs.
 A full queue is answered at once with an error result ("busy"), never by
 blocking the inbox.
 
+While a step call runs in the thread, ``runtime.busy_since`` is set, so every
+heartbeat to the supervisor says for how long (``Hello.busy_s``): a step that never
+completes (a hung kernel) gets the worker killed and restarted by the supervisor
+even though the event loop keeps beating.
+
 A scheduler restart voids every request the worker holds (the new scheduler never
 heard of them): each queued plan carries the scheduler incarnation it came from,
 and the executor resets the runner before the first plan of a new incarnation and
@@ -19,8 +24,12 @@ drops plans of an old one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import anyio
@@ -67,8 +76,10 @@ def _num_tokens(plan: StepPlan) -> int:
 
 class WorkerActor:
     def __init__(self, runtime: ServiceRuntime, runner: ModelRunner, overlap: bool = True,
-                 ) -> None:
+                 fault_stall_file: str = "") -> None:
         self.runner = runner
+        self._runtime = runtime
+        self._fault_stall_file = fault_stall_file
         self.overlap = overlap and runner.launches_async
         details = runner.details()
         # The hello carries the KV geometry the scheduler plans with.
@@ -162,7 +173,8 @@ class WorkerActor:
         }
         span = _tracer.start_span("worker.step", context=queued.context, links=links,
                                   attributes=attributes)
-        launched = await anyio.to_thread.run_sync(self.runner.launch, plan)
+        with self._busy():
+            launched = await anyio.to_thread.run_sync(self._launch_in_thread, plan)
         if previous is not None:
             await self._finish(previous)
         return _InFlight(queued, launched, span)
@@ -170,7 +182,8 @@ class WorkerActor:
     async def _finish(self, in_flight: _InFlight) -> None:
         queued, span = in_flight.queued, in_flight.span
         try:
-            result = await anyio.to_thread.run_sync(self.runner.collect, in_flight.launched)
+            with self._busy():
+                result = await anyio.to_thread.run_sync(self.runner.collect, in_flight.launched)
             if queued.epoch < self._epoch:
                 # The scheduler restarted while this step ran; its step ids start
                 # over, so this result could be mistaken for one of the new ones.
@@ -184,6 +197,34 @@ class WorkerActor:
             await self.endpoint.send(result)
         finally:
             span.end()
+
+
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """A step call runs in the thread: the heartbeat reports for how long."""
+        self._runtime.busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._runtime.busy_since = None
+
+    def _launch_in_thread(self, plan: StepPlan) -> LaunchedStep:
+        if self._fault_stall_file:
+            _stall_if_asked(self._fault_stall_file)
+        return self.runner.launch(plan)
+
+
+def _stall_if_asked(path: str) -> None:
+    """Fault injection for the watchdog's tests (``fault_stall_file``): the step
+    that finds the file removes it and never returns, like a hung kernel, while
+    the event loop keeps beating. Removing it first makes it fire once per mesh,
+    not once per restarted incarnation."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    log.warning("fault injection: this step never completes", path=path)
+    threading.Event().wait()
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,4 +265,5 @@ async def main(runtime: ServiceRuntime) -> None:
              dtype=str(runner.dtype).removeprefix("torch."))
     runtime.capacity = PLAN_QUEUE_SIZE
     runtime.ready = True
-    await WorkerActor(runtime, runner, overlap=config.overlap_steps).run()
+    await WorkerActor(runtime, runner, overlap=config.overlap_steps,
+                      fault_stall_file=config.fault_stall_file).run()

@@ -36,6 +36,11 @@ class Hello(msgspec.Struct, frozen=True, tag=True):
     capacity: int = 1
     ready: bool = True
     worker: WorkerDetails | None = None
+    # How long the unit of work in hand has been running (a worker: the step call
+    # in its thread), 0.0 when idle. The heartbeat comes from the event loop, so a
+    # step that hangs while the loop keeps beating still shows here; the supervisor
+    # kills a child whose busy_s passes its step_timeout_s.
+    busy_s: float = 0.0
 
 
 class Welcome(msgspec.Struct, frozen=True, tag=True):

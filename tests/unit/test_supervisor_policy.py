@@ -120,6 +120,22 @@ def test_liveness_silent_after_hello_or_no_hello_at_all() -> None:
     assert child.liveness_problem(10.0, BEAT, 120.0) is None
 
 
+def test_liveness_a_step_that_runs_past_the_step_timeout_while_beating() -> None:
+    child = Child("worker", 0)
+    child.spawned(pid=9, now=0.0)
+    child.heard(ready=True, at=1.0, busy_s=2.9)
+    assert child.liveness_problem(1.2, BEAT, 120.0, step_timeout_s=3.0) is None
+    child.heard(ready=True, at=1.5, busy_s=3.4)  # it beats, but the same step runs on
+    problem = child.liveness_problem(1.6, BEAT, 120.0, step_timeout_s=3.0) or ""
+    assert "one step has run 3.4 s" in problem
+    assert child.liveness_problem(1.6, BEAT, 120.0, step_timeout_s=0.0) is None  # no limit
+    child.heard(ready=True, at=2.0, busy_s=0.0)  # the step came back: fine again
+    assert child.liveness_problem(2.1, BEAT, 120.0, step_timeout_s=3.0) is None
+    child.exited()
+    child.spawned(pid=10, now=3.0)  # a new process starts with no busy time
+    assert child.busy_s == 0.0
+
+
 def test_a_restart_forgets_the_previous_process_hellos() -> None:
     child = Child("worker", 0)
     child.spawned(pid=1, now=0.0)
