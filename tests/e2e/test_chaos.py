@@ -122,9 +122,7 @@ def assert_nothing_lost(chaos: Chaos, report: RoundReport, back_within_s: float)
     "tokenizer",
     "worker",
     "kvcache",
-    pytest.param("scheduler", marks=pytest.mark.xfail(
-        reason="a scheduler restart that loses nothing is the schedfail branch's part of "
-               "issue 10; passes once it is merged (then drop this mark)", strict=False)),
+    "scheduler",
 ])
 def test_kill_9_under_load_loses_nothing(chaos: Chaos, service: str) -> None:
     report = chaos.round(Fault(service))
