@@ -9,9 +9,12 @@ import pytest
 from services.api.body import decode_json
 from services.api.errors import ApiError
 from services.api.openai_schema import ChatCompletionRequest
+from services.kvcache.block_pool import BlockPoolError
+from services.kvcache.manager import MAX_POOL_BLOCKS, KvManager
 from shared.frames import decode_frames
 from shared.protocol.common import Hello
 from shared.protocol.envelope import PROTOCOL_VERSION, Envelope
+from shared.protocol.kv import KvPoolOpen
 
 _encode = msgspec.msgpack.encode
 _hello = msgspec.msgpack.Decoder(Hello)
@@ -39,3 +42,14 @@ def test_http_bodies_msgspec_cannot_decode_are_a_400(body: bytes, why: str) -> N
         decode_json(body, ChatCompletionRequest)
     assert raised.value.status == 400
     assert why in raised.value.message
+
+
+@pytest.mark.parametrize("num_blocks", [-8979133, 0, MAX_POOL_BLOCKS + 1, 2**63 - 1])
+def test_a_pool_of_impossible_size_is_refused(num_blocks: int) -> None:
+    # A negative size once raised ValueError out of BlockPool and ended the KV
+    # manager; a huge one would allocate without end.
+    manager = KvManager()
+    with pytest.raises(BlockPoolError, match="1..16777216 blocks"):
+        manager.open_pool(KvPoolOpen("worker/0", num_blocks, 16, 8))
+    assert manager.pools == {}
+    assert manager.open_pool(KvPoolOpen("worker/0", 4, 16, 2)).usage.num_blocks == 4
