@@ -49,7 +49,7 @@ def test_a_pool_of_impossible_size_is_refused(num_blocks: int) -> None:
     # A negative size once raised ValueError out of BlockPool and ended the KV
     # manager; a huge one would allocate without end.
     manager = KvManager()
-    with pytest.raises(BlockPoolError, match="1..16777216 blocks"):
+    with pytest.raises(BlockPoolError, match=r"1\.\.16777216 blocks"):
         manager.open_pool(KvPoolOpen("worker/0", num_blocks, 16, 8))
     assert manager.pools == {}
     assert manager.open_pool(KvPoolOpen("worker/0", 4, 16, 2)).usage.num_blocks == 4
