@@ -48,6 +48,12 @@ class FrameWriter:
         return [encode_envelope(envelope), self._encoder.encode(body)]
 
 
+# What msgspec raises on bytes it cannot decode: its own errors, and for invalid
+# UTF-8 in a string or nesting past its depth limit, Python's. A receiver treats
+# them all as garbage; none may escape into (and end) its receiving task.
+UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
 def decode_frames(
     frames: list[bytes], decoder: msgspec.msgpack.Decoder[Any]
 ) -> tuple[Envelope, Any] | str:
@@ -58,12 +64,12 @@ def decode_frames(
         return f"expected 2 frames (envelope, body), got {len(frames)}"
     try:
         envelope = decode_envelope(frames[0])
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except UNDECODABLE as e:
         return f"bad envelope: {e}"
     if envelope.version != PROTOCOL_VERSION:
         return f"protocol version {envelope.version}, this build speaks {PROTOCOL_VERSION}"
     try:
         body = decoder.decode(frames[1])
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except UNDECODABLE as e:
         return f"bad body from {envelope.sender}: {e}"
     return envelope, body

@@ -39,6 +39,7 @@ from services.api.openai_schema import (
     ModelCard,
     ModelList,
 )
+from services.api.openapi import openapi_route
 from services.api.render import ResponseCollector, StreamRenderer, usage_of
 from services.api.requests import ChoiceUpdate, Flight
 from services.api.responses import (
@@ -267,7 +268,7 @@ def build_app(
     each of ``metrics_sources`` appends exposition lines to /metrics."""
     openai_routes = OpenAIRoutes(actor, config, served_model, metrics_sources)
     return Starlette(
-        routes=openai_routes.routes() + list(extra_routes or []),
+        routes=openai_routes.routes() + list(extra_routes or []) + [openapi_route()],
         exception_handlers={
             ApiError: openai_routes.api_error,
             HTTPException: _http_error,

@@ -12,7 +12,7 @@ import anyio
 import msgspec
 from starlette.requests import Request
 
-from services.api.errors import ApiError, from_decode_error
+from services.api.errors import ApiError, bad_request, from_decode_error
 from services.api.openai_schema import decode_body
 
 T = TypeVar("T")
@@ -45,6 +45,11 @@ def decode_json(raw: bytes, kind: type[T]) -> T:
         return decode_body(raw, kind)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise from_decode_error(e) from e
+    # msgspec raises Python's own errors for these two; they are the client's too.
+    except UnicodeDecodeError as e:
+        raise bad_request(f"request body is not valid UTF-8: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise bad_request("request body is nested too deeply", code="invalid_json") from e
 
 
 async def read_json(request: Request, kind: type[T], max_bytes: int, timeout_s: float) -> T:

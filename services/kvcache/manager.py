@@ -74,6 +74,12 @@ def _checked_sync(pool: BlockPool, msg: KvSync) -> tuple[
     return holds, drops, host_holds, commits, uncache
 
 
+# A pool costs ~100 bytes of bookkeeping per block here: this bound (1.6 GB) is far
+# above any real device's block count, and keeps a confused or hostile peer from
+# making the KV manager allocate without end.
+MAX_POOL_BLOCKS = 1 << 24
+
+
 def host_blocks_for(host_swap_gb: float, block_bytes: int) -> int:
     if block_bytes <= 0 or host_swap_gb <= 0:
         return 0
@@ -89,6 +95,10 @@ class KvManager:
         self.owners: dict[str, str] = {}  # pool -> scheduler incarnation that opened it
 
     def open_pool(self, msg: KvPoolOpen) -> KvLease:
+        if not 1 <= msg.num_blocks <= MAX_POOL_BLOCKS:
+            raise BlockPoolError(
+                f"a pool has 1..{MAX_POOL_BLOCKS} blocks, {msg.pool_id!r} asked for "
+                f"{msg.num_blocks}")
         pool = BlockPool(msg.num_blocks)
         owned = _checked("holds", msg.holds.unpack)
         pool.restore(owned, _checked("leased_blocks", lambda w: unpack_ints(msg.leased_blocks, w)))

@@ -1,0 +1,55 @@
+"""What the socket and HTTP fuzzers found, pinned as regression tests: each input once
+crashed a service (or made a 500) and must now be a clean rejection."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from services.api.body import decode_json
+from services.api.errors import ApiError
+from services.api.openai_schema import ChatCompletionRequest
+from services.kvcache.block_pool import BlockPoolError
+from services.kvcache.manager import MAX_POOL_BLOCKS, KvManager
+from shared.frames import decode_frames
+from shared.protocol.common import Hello
+from shared.protocol.envelope import PROTOCOL_VERSION, Envelope
+from shared.protocol.kv import KvPoolOpen
+
+_encode = msgspec.msgpack.encode
+_hello = msgspec.msgpack.Decoder(Hello)
+GOOD_ENVELOPE = _encode(Envelope(PROTOCOL_VERSION, 1, "fuzz/0"))
+
+
+@pytest.mark.parametrize("frames", [
+    # Invalid UTF-8 in the envelope's sender: msgspec raises UnicodeDecodeError, which
+    # once ended the api's receiving task (and the api).
+    [b"\x93\x02\x01\xa2\xff\xfe", _encode(Hello("t", 0, "i", PROTOCOL_VERSION, 1))],
+    # ... and in a body's string.
+    [GOOD_ENVELOPE, b"\x85\xa4type\xa5Hello\xa7service\xa2\xff\xfe\xa7replica\x00"
+                    b"\xabincarnation\xa1i\xa8protocol\x02"],
+])
+def test_undecodable_strings_are_a_rejection(frames: list[bytes]) -> None:
+    assert isinstance(decode_frames(frames, _hello), str)
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    (b'{"messages": [{"role": "\xff\xfe"}]}', "UTF-8"),
+    (b'{"messages": [], "tools": ' + b"[" * 100_000 + b"]", "nested too deeply"),
+])
+def test_http_bodies_msgspec_cannot_decode_are_a_400(body: bytes, why: str) -> None:
+    with pytest.raises(ApiError) as raised:
+        decode_json(body, ChatCompletionRequest)
+    assert raised.value.status == 400
+    assert why in raised.value.message
+
+
+@pytest.mark.parametrize("num_blocks", [-8979133, 0, MAX_POOL_BLOCKS + 1, 2**63 - 1])
+def test_a_pool_of_impossible_size_is_refused(num_blocks: int) -> None:
+    # A negative size once raised ValueError out of BlockPool and ended the KV
+    # manager; a huge one would allocate without end.
+    manager = KvManager()
+    with pytest.raises(BlockPoolError, match=r"1\.\.16777216 blocks"):
+        manager.open_pool(KvPoolOpen("worker/0", num_blocks, 16, 8))
+    assert manager.pools == {}
+    assert manager.open_pool(KvPoolOpen("worker/0", 4, 16, 2)).usage.num_blocks == 4
