@@ -118,6 +118,16 @@ OPERATIONS: tuple[Operation, ...] = (
         ok=(Body(_JSON, HealthReport),), errors={503: "not ready"},
     ),
     Operation(
+        "/health/ready", "get", "ready",
+        "Readiness: 200 when the mesh can serve and the api is not draining; 503 names "
+        "what is missing",
+        ok=(Body(_JSON, HealthReport),), errors={503: "not ready"},
+    ),
+    Operation(
+        "/health/live", "get", "live", "Liveness: 200 while this process serves HTTP",
+        ok=(Body(_JSON),),
+    ),
+    Operation(
         "/metrics", "get", "metrics", "Prometheus metrics (vLLM's names where one exists)",
         ok=(Body("text/plain"),),
     ),
@@ -167,7 +177,7 @@ def _operation(op: Operation) -> dict[str, Any]:
         },
     }
     for status, why in sorted(op.errors.items()):
-        if status == 503 and op.path == "/health":
+        if status == 503 and op.path in ("/health", "/health/ready"):
             # /health answers 503 with the same report, not an error body.
             responses["503"] = {"description": why, "content": {_JSON: {"schema":
                                                                          _ref(HealthReport)}}}
