@@ -25,6 +25,7 @@ from shared.config import MeshAddresses, ProcessConfig, load_config
 from shared.endpoints import connect_dealer
 from shared.logs import configure_logging, get_logger
 from shared.mesh import DealerEndpoint, Identity, UpstreamLost
+from shared.mesh_auth import MeshAuth
 from shared.protocol.common import Hello, Rejected
 from shared.telemetry import configure_telemetry, shutdown_telemetry
 
@@ -45,6 +46,9 @@ class ServiceRuntime:
     # reached), and clears it when it cannot.
     ready: bool = False
     capacity: int = 1
+    # CURVE for every endpoint, when the process has a key dir; its ZAP handler
+    # runs before ``main`` starts.
+    auth: MeshAuth | None = None
 
     def hello(self) -> Hello:
         """This process's hello as of now: its readiness and capacity."""
@@ -86,7 +90,10 @@ async def _run(service: str, main: ServiceMain) -> None:
                 process=process,
                 addresses=addresses,
                 zmq=ctx,
+                auth=MeshAuth.from_dir(process.curve_dir, service) if process.curve_dir else None,
             )
+            if runtime.auth is not None:
+                await tg.start(runtime.auth.run_zap, ctx)
 
             async def stop_on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
