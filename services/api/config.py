@@ -20,6 +20,9 @@ class ApiConfig(msgspec.Struct, frozen=True):
     max_inflight: int = 4096  # in-flight sub-requests; beyond it HTTP 429
     shutdown_grace_s: float = 5.0  # open HTTP connections get this long to finish
     max_request_bytes: int = 16 << 20  # larger request bodies get HTTP 413
+    # Bearer keys the HTTP API requires (comma-separated; `meshserve up --api-key`).
+    # Empty: open. /health, /health/*, /metrics and /openapi.json stay open always.
+    api_key: str = ""
     # Speech. What a request may ask for (input length, speed, sample rate) is in
     # shared/protocol/speech.py, shared with the tts replicas; these bound the api.
     speech_max_request_bytes: int = 1 << 20  # a 4096-character input is far below this

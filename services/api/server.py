@@ -21,7 +21,9 @@ from anyio.abc import TaskStatus
 from starlette.types import ASGIApp
 
 from services.api.app import build_app
+from services.api.auth import ApiKeyCheck, ApiKeyGuard, parse_api_keys
 from services.api.config import ApiConfig
+from services.api.metrics import render_auth_metrics
 from services.api.service import ApiActor
 from services.api.speech_gateway import SpeechGateway
 from services.api.speech_routes import speech_routes
@@ -105,13 +107,18 @@ async def main(runtime: ServiceRuntime) -> None:
     served = served_model_name(config.model, config.served_model_name)
     actor = ApiActor(runtime, config)
     speech = SpeechGateway(runtime, config)
+    metrics_sources = [speech.render_metrics]
     app = build_app(
         actor, config, served,
         extra_routes=speech_routes(speech, config),
-        metrics_sources=[speech.render_metrics],
+        metrics_sources=metrics_sources,
     )
+    guard = ApiKeyGuard(app, ApiKeyCheck(parse_api_keys(config.api_key)))
+    auth = runtime.auth
+    metrics_sources.append(lambda: render_auth_metrics(
+        guard.refusals.count, auth.failures if auth is not None else 0))
     log.info("serving", model=served)
     async with anyio.create_task_group() as tg:
         await tg.start(actor.run)
         await tg.start(speech.run)
-        await tg.start(serve_http, app, config, actor.stop)
+        await tg.start(serve_http, guard, config, actor.stop)
