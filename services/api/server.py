@@ -107,16 +107,18 @@ async def main(runtime: ServiceRuntime) -> None:
     served = served_model_name(config.model, config.served_model_name)
     actor = ApiActor(runtime, config)
     speech = SpeechGateway(runtime, config)
-    metrics_sources = [speech.render_metrics]
+
+    def auth_metrics() -> str:
+        # `guard` wraps the app built below; /metrics is served only once it exists.
+        zmq_refused = runtime.auth.failures if runtime.auth is not None else 0
+        return render_auth_metrics(guard.refusals.count, zmq_refused)
+
     app = build_app(
         actor, config, served,
         extra_routes=speech_routes(speech, config),
-        metrics_sources=metrics_sources,
+        metrics_sources=[speech.render_metrics, auth_metrics],
     )
     guard = ApiKeyGuard(app, ApiKeyCheck(parse_api_keys(config.api_key)))
-    auth = runtime.auth
-    metrics_sources.append(lambda: render_auth_metrics(
-        guard.refusals.count, auth.failures if auth is not None else 0))
     log.info("serving", model=served)
     async with anyio.create_task_group() as tg:
         await tg.start(actor.run)
