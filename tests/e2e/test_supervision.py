@@ -131,7 +131,7 @@ def test_restart_intensity_exceeded_gives_up(tmp_path: Path) -> None:
     assert f"{gave_up['failed_service']} restarted more than 5 times" in gave_up["reason"]
     assert '"event": "mesh stopped"' in log
     assert not any(path.suffix in (".sock", ".pid") for path in run_dir.iterdir())
-    run_dir.rmdir()
+    shutil.rmtree(run_dir)  # the mesh's keys stay after it stopped
 
 
 def test_detach_that_cannot_become_healthy_fails_with_the_reason_and_the_log() -> None:
