@@ -49,6 +49,8 @@ log = get_logger("meshserve.mesh")
 Body = TypeVar("Body")
 
 INBOX_SIZE = 4096
+# A RejectionLog beyond this many senders forgets those it has not logged lately.
+MAX_SENDERS_TRACKED = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,8 @@ class RejectionLog:
     def record(self, sender: str, reason: str) -> None:
         self.count += 1
         now = time.monotonic()
+        if len(self._last_logged) > MAX_SENDERS_TRACKED:
+            self._forget_quiet_senders(now)
         last = self._last_logged.get(sender)
         if last is not None and now - last < self._window_s:
             self._suppressed[sender] = self._suppressed.get(sender, 0) + 1
@@ -156,6 +160,14 @@ class RejectionLog:
             suppressed_since_last=self._suppressed.pop(sender, 0),
             rejected_total=self.count,
         )
+
+
+    def _forget_quiet_senders(self, now: float) -> None:
+        """Bound the memory peers with ever new names (or addresses) can make us use."""
+        for sender, last in list(self._last_logged.items()):
+            if now - last >= self._window_s:
+                del self._last_logged[sender]
+                self._suppressed.pop(sender, None)
 
 
 class _Endpoint(ABC, Generic[Body]):

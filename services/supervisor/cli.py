@@ -379,6 +379,13 @@ def _remove_leftovers(run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _without_secrets(config: msgspec.Struct) -> msgspec.Struct:
+    """``config`` with the API keys masked: `config` output gets pasted into issues."""
+    if getattr(config, "api_key", ""):
+        return msgspec.structs.replace(config, api_key="<set, not shown>")
+    return config
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     # Imported here: the embedded model's module pulls in torch.
     from shared.embedded_model import SERVED_NAME, embedded_model_dir
@@ -387,7 +394,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if not settings.model:
         # Show where the embedded model lives without generating it.
         settings = settings.with_model(embedded_model_dir(), SERVED_NAME)
-    configs = settings.effective_configs()
+    configs = {name: _without_secrets(c) for name, c in settings.effective_configs().items()}
     if args.json:
         print(msgspec.json.encode({name: c for name, c in configs.items()}).decode())
         return 0
@@ -395,8 +402,6 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(f"[{name}]  # {type(config).__name__}")
         for field in msgspec.structs.fields(config):
             value = msgspec.json.encode(getattr(config, field.name)).decode()
-            if field.encode_name == "api_key" and value != '""':
-                value = '"<set, not shown>"'  # a secret; `config` output gets pasted
             print(f"{field.encode_name} = {value}  # {env_name(field.encode_name)}")
         print()
     return 0

@@ -77,8 +77,10 @@ def test_keys_are_private_and_the_cli_uses_them(mesh: Mesh) -> None:
     assert mesh.status()["healthy"]
     stats = mesh.cli("kv", "stats", "--json", timeout=60)
     assert stats.returncode == 0, stats.stderr
-    config = mesh.cli("config", "--api-key", "sk-shown?", timeout=60)
-    assert config.returncode == 0 and "sk-shown?" not in config.stdout
+    for json_flag in ((), ("--json",)):
+        config = mesh.cli("config", "--api-key", "sk-shown?", *json_flag, timeout=60)
+        assert config.returncode == 0 and "sk-shown?" not in config.stdout
+        assert "<set, not shown>" in config.stdout
 
 
 def test_a_zmq_peer_without_the_keys_gets_nothing_through(mesh: Mesh) -> None:

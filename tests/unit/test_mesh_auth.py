@@ -16,7 +16,15 @@ import zmq.asyncio
 import zmq.utils.z85
 
 from shared.curve import CurveKeyError, MeshKeys, create_keys, ensure_keys, load_keys
-from shared.mesh import DealerEndpoint, Identity, PeerJoined, Received, RouterEndpoint
+from shared.mesh import (
+    MAX_SENDERS_TRACKED,
+    DealerEndpoint,
+    Identity,
+    PeerJoined,
+    Received,
+    RejectionLog,
+    RouterEndpoint,
+)
 from shared.mesh_auth import MeshAuth
 from shared.protocol.generation import Abort
 from shared.zap import ZapPolicy, ZapRequest, parse_request
@@ -179,3 +187,12 @@ async def anext_event(endpoint: RouterEndpoint[Abort], kind: type) -> object:
             if isinstance(event, kind):
                 return event
     raise AssertionError("inbox closed")
+
+
+def test_refusals_from_ever_new_peers_use_bounded_memory() -> None:
+    # Every refused peer (a new ipc pid, a new IP) is a new sender to the log.
+    refusals = RejectionLog("kvcache", window_s=0.0, event="peer refused")
+    for n in range(3 * MAX_SENDERS_TRACKED):
+        refusals.record(f"10.0.{n // 256}.{n % 256}", "client key not allowed")
+    assert refusals.count == 3 * MAX_SENDERS_TRACKED
+    assert len(refusals._last_logged) <= MAX_SENDERS_TRACKED + 1
