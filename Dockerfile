@@ -28,5 +28,15 @@ RUN pip install $PIP_EXTRA_ARGS --no-deps /app
 # mesh serves byte-identical weights and tokenizer.
 RUN python -m shared.embedded_model
 
+# Services run as an unprivileged user that owns only what they write (the cache;
+# the health file and tts engine sockets go to /tmp). The uid must be able to read
+# the mesh's CURVE keys, which compose mounts with the host file's owner and mode
+# (0600): build with MESHSERVE_UID=$(id -u) if yours is not 1000.
+ARG MESHSERVE_UID=1000
+RUN useradd --uid "$MESHSERVE_UID" --user-group --create-home --shell /usr/sbin/nologin \
+        meshserve \
+    && chown -R meshserve:meshserve "$MESHSERVE_CACHE_DIR"
+USER meshserve
+
 ENTRYPOINT ["python", "-m"]
 CMD ["services.api"]

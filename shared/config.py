@@ -48,6 +48,11 @@ class ProcessConfig(msgspec.Struct, frozen=True):
     # Written every heartbeat with the service's readiness; container healthchecks
     # read it (`python -m shared.healthcheck`). Empty: not written.
     health_file: str = ""
+    # The mesh's CURVE keys (shared/curve.py): binding sockets serve with them and
+    # admit only the mesh's client key; connecting ones present it. Empty: every
+    # socket is plaintext (a service started alone, for tests). `meshserve up`
+    # sets it to <run dir>/keys, compose to its secrets.
+    curve_dir: str = ""
     # Profile the whole process with cProfile and write <service>-<replica>.pstats
     # here on exit. Empty: no profiling.
     profile_dir: str = ""

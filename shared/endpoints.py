@@ -2,7 +2,8 @@
 
 Every actor wires its endpoints the same way: the process's ZMQ context and
 identity, an address from ``MeshAddresses``, the heartbeat from ``ProcessConfig``
-and, on a dealer, a hello that reports the process's readiness and capacity. These
+the process's CURVE keys (``runtime.auth``, when it has some) and, on a
+dealer, a hello that reports the process's readiness and capacity. These
 two functions are the one place that wiring is written; the socket rule (DESIGN.md)
 stays visible at the call site: singletons ``bind_router``, replicas
 ``connect_dealer``.
@@ -33,6 +34,7 @@ def bind_router(runtime: ServiceRuntime, address: str, body_type: Any) -> Router
     return RouterEndpoint(
         runtime.zmq, address, runtime.identity, body_type,
         heartbeat_s=runtime.process.heartbeat_s,
+        auth=runtime.auth,
     )
 
 
@@ -52,4 +54,5 @@ def connect_dealer(
         runtime.zmq, address, runtime.identity, body_type,
         heartbeat_s=runtime.process.heartbeat_s,
         hello=hello or runtime.hello,
+        auth=runtime.auth,
     )

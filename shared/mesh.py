@@ -24,7 +24,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import anyio
 import msgspec
@@ -41,11 +41,16 @@ from shared.protocol.common import Hello, Rejected, Welcome
 from shared.protocol.envelope import PROTOCOL_VERSION, Envelope
 from shared.telemetry import context_of
 
+if TYPE_CHECKING:
+    from shared.mesh_auth import MeshAuth
+
 log = get_logger("meshserve.mesh")
 
 Body = TypeVar("Body")
 
 INBOX_SIZE = 4096
+# A RejectionLog beyond this many senders forgets those it has not logged lately.
+MAX_SENDERS_TRACKED = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +130,13 @@ class UpstreamLost:
 
 
 class RejectionLog:
-    """Counts rejected messages and logs at most once per sender per window."""
+    """Counts rejected messages (or, with another ``event``, refused peers) and
+    logs at most once per sender per window."""
 
-    def __init__(self, endpoint: str, window_s: float = 10.0) -> None:
+    def __init__(self, endpoint: str, window_s: float = 10.0,
+                 event: str = "message rejected") -> None:
         self.endpoint = endpoint
+        self.event = event
         self.count = 0
         self._window_s = window_s
         self._last_logged: dict[str, float] = {}
@@ -137,19 +145,29 @@ class RejectionLog:
     def record(self, sender: str, reason: str) -> None:
         self.count += 1
         now = time.monotonic()
+        if len(self._last_logged) > MAX_SENDERS_TRACKED:
+            self._forget_quiet_senders(now)
         last = self._last_logged.get(sender)
         if last is not None and now - last < self._window_s:
             self._suppressed[sender] = self._suppressed.get(sender, 0) + 1
             return
         self._last_logged[sender] = now
         log.warning(
-            "message rejected",
+            self.event,
             endpoint=self.endpoint,
             sender=sender,
             reason=reason,
             suppressed_since_last=self._suppressed.pop(sender, 0),
             rejected_total=self.count,
         )
+
+
+    def _forget_quiet_senders(self, now: float) -> None:
+        """Bound the memory peers with ever new names (or addresses) can make us use."""
+        for sender, last in list(self._last_logged.items()):
+            if now - last >= self._window_s:
+                del self._last_logged[sender]
+                self._suppressed.pop(sender, None)
 
 
 class _Endpoint(ABC, Generic[Body]):
@@ -169,10 +187,13 @@ class _Endpoint(ABC, Generic[Body]):
         *,
         heartbeat_s: float,
         inbox_size: int = INBOX_SIZE,
+        auth: MeshAuth | None = None,
     ) -> None:
         self.address = address
         self.identity = identity
         self.heartbeat_s = heartbeat_s
+        # CURVE when the process has mesh keys; plaintext otherwise (shared/mesh_auth.py).
+        self.auth = auth
         self.socket = ctx.socket(self._SOCKET_TYPE)
         self.socket.setsockopt(zmq.LINGER, 0)
         self._decoder = msgspec.msgpack.Decoder(body_type | Hello | Welcome | Rejected)
@@ -237,12 +258,23 @@ class RouterEndpoint(_Endpoint[Body]):
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.peers = {}
+        # With CURVE: the monitor counting failed handshakes (shared/mesh_auth.py).
+        self._handshakes: zmq.asyncio.Socket | None = None
 
     def _attach(self) -> None:
+        if self.auth is not None:
+            self._handshakes = self.auth.serve(self.socket)
         try:
             self.socket.bind(bind_address(self.address))
         except zmq.ZMQError as e:
             raise OSError(f"cannot bind {self.address}: {e}") from e
+
+    async def _watch_liveness(self) -> None:
+        async with anyio.create_task_group() as tg:
+            auth, handshakes = self.auth, self._handshakes
+            if auth is not None and handshakes is not None:
+                tg.start_soon(auth.watch, self.socket, handshakes, self.rejections.endpoint)
+            await self._reap_silent_peers()
 
     def peers_of(self, service: str) -> list[Peer]:
         return [p for p in self.peers.values() if p.hello.service == service]
@@ -308,7 +340,7 @@ class RouterEndpoint(_Endpoint[Body]):
         welcome = Welcome(service=self.identity.service, incarnation=self.identity.incarnation)
         await self.send(identity, welcome)
 
-    async def _watch_liveness(self) -> None:
+    async def _reap_silent_peers(self) -> None:
         """Reap the replicas that stopped beating."""
         deadline = self.heartbeat_s * MISSED_BEATS_DEAD
         while True:
@@ -335,9 +367,11 @@ class DealerEndpoint(_Endpoint[Body]):
         heartbeat_s: float,
         hello: Callable[[], Hello] | None = None,
         inbox_size: int = INBOX_SIZE,
+        auth: MeshAuth | None = None,
     ) -> None:
         super().__init__(
-            ctx, address, identity, body_type, heartbeat_s=heartbeat_s, inbox_size=inbox_size
+            ctx, address, identity, body_type, heartbeat_s=heartbeat_s, inbox_size=inbox_size,
+            auth=auth,
         )
         self._hello = hello or identity.hello
         self.upstream: Welcome | None = None
@@ -356,6 +390,8 @@ class DealerEndpoint(_Endpoint[Body]):
         return self.upstream is not None
 
     def _attach(self) -> None:
+        if self.auth is not None:
+            self.auth.connect(self.socket)
         self.socket.connect(self.address)
 
     async def send(self, body: Any, ctx: Context | None = None) -> None:

@@ -26,6 +26,7 @@ from shared.config import MeshAddresses, ProcessConfig, load_config
 from shared.endpoints import connect_dealer
 from shared.logs import configure_logging, get_logger
 from shared.mesh import DealerEndpoint, Identity, UpstreamLost
+from shared.mesh_auth import MeshAuth
 from shared.protocol.common import Hello, Rejected
 from shared.telemetry import configure_telemetry, shutdown_telemetry
 
@@ -54,6 +55,9 @@ class ServiceRuntime:
     # Set (monotonic) while a unit of work that must finish runs off the event loop
     # (a worker's step), None when idle: every hello reports for how long.
     busy_since: float | None = None
+    # CURVE for every endpoint, when the process has a key dir; its ZAP handler
+    # runs before ``main`` starts.
+    auth: MeshAuth | None = None
 
     def hello(self) -> Hello:
         """This process's hello as of now: its readiness, capacity and busy time."""
@@ -96,7 +100,10 @@ async def _run(service: str, main: ServiceMain) -> None:
                 process=process,
                 addresses=addresses,
                 zmq=ctx,
+                auth=MeshAuth.from_dir(process.curve_dir, service) if process.curve_dir else None,
             )
+            if runtime.auth is not None:
+                await tg.start(runtime.auth.run_zap, ctx)
 
             async def stop_on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

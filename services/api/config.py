@@ -32,6 +32,9 @@ class ApiConfig(msgspec.Struct, frozen=True):
     body_timeout_s: float = 60.0
     keep_alive_timeout_s: float = 5.0
     max_header_bytes: int = 16 << 10  # request line + headers; larger: HTTP 400
+    # Bearer keys the HTTP API requires (comma-separated; `meshserve up --api-key`).
+    # Empty: open. /health, /health/*, /metrics and /openapi.json stay open always.
+    api_key: str = ""
     # Speech. What a request may ask for (input length, speed, sample rate) is in
     # shared/protocol/speech.py, shared with the tts replicas; these bound the api.
     speech_max_request_bytes: int = 1 << 20  # a 4096-character input is far below this

@@ -290,3 +290,16 @@ class SpeechMetrics:
                        *(f'{metric}{{replica="{_escape(replica)}"}} {getattr(status, name)}'
                          for replica, status in statuses))
         return out.text()
+
+
+def render_auth_metrics(http_refused: int, zmq_refused: int) -> str:
+    """The api's refusals: HTTP requests without a valid key, and mesh peers that
+    failed the CURVE handshake on the api's sockets (``shared/mesh_auth.py``)."""
+    out = Exposition()
+    out.metric("meshserve:api_auth_failures_total", "counter",
+               "HTTP requests refused with 401 (no or wrong API key).",
+               f"meshserve:api_auth_failures_total {http_refused}")
+    out.metric("meshserve:zmq_auth_failures_total", "counter",
+               "ZMQ peers refused at the CURVE handshake on the api's sockets.",
+               f"meshserve:zmq_auth_failures_total {zmq_refused}")
+    return out.text()

@@ -25,9 +25,11 @@ from anyio.abc import TaskStatus
 from starlette.types import ASGIApp
 
 from services.api.app import build_app
+from services.api.auth import ApiKeyCheck, ApiKeyGuard, parse_api_keys
 from services.api.config import ApiConfig
 from services.api.errors import ApiError
 from services.api.http_protocol import bounded_h11
+from services.api.metrics import render_auth_metrics
 from services.api.service import ApiActor
 from services.api.speech_gateway import SpeechGateway
 from services.api.speech_routes import speech_routes
@@ -144,16 +146,23 @@ async def main(runtime: ServiceRuntime) -> None:
     runtime.drains_on_signal = True
     actor = ApiActor(runtime, config)
     speech = SpeechGateway(runtime, config, drain=actor.drain)
+
+    def auth_metrics() -> str:
+        # `guard` wraps the app built below; /metrics is served only once it exists.
+        zmq_refused = runtime.auth.failures if runtime.auth is not None else 0
+        return render_auth_metrics(guard.refusals.count, zmq_refused)
+
     app = build_app(
         actor, config, served,
         extra_routes=speech_routes(speech, config),
-        metrics_sources=[speech.render_metrics],
+        metrics_sources=[speech.render_metrics, auth_metrics],
     )
+    guard = ApiKeyGuard(app, ApiKeyCheck(parse_api_keys(config.api_key)))
     log.info("serving", model=served)
     async with anyio.create_task_group() as tg:
         await tg.start(actor.run)
         await tg.start(speech.run)
-        await tg.start(serve_http, app, config, actor.stop)
+        await tg.start(serve_http, guard, config, actor.stop)
         await runtime.stop_requested.wait()
         await drain(actor, speech, config)
         tg.cancel_scope.cancel()

@@ -8,6 +8,7 @@
     meshserve scale SVC=N            tokenizer | worker | tts
     meshserve down                   stop the mesh of the run dir, wait until it is gone
     meshserve config [--json]        effective settings of every service
+    meshserve keys [--dir D] [--force]  create the mesh's CURVE keys (`up` makes them too)
     meshserve kv stats|dump ID       KV cache figures (services/supervisor/kv_cli.py)
     meshserve trace ID [--jaeger URL]  a request's span tree (services/supervisor/trace_cli.py)
     meshserve --version
@@ -37,12 +38,15 @@ from services.supervisor.mesh_plan import (
     SINGLETONS,
     Flags,
     MeshSettings,
+    api_key_setting,
+    curve_dir,
     default_run_dir,
     resolve_settings,
     socket_paths,
 )
 from services.supervisor.run_dir import kill_and_wait, pid_file, running_pid, wait_for_exit
 from shared.config import env_name, load_config
+from shared.curve import CurveKeyError, create_keys
 from shared.protocol.control import (
     ControlReply,
     MeshStatus,
@@ -119,6 +123,15 @@ def _add_mesh_flags(parser: argparse.ArgumentParser) -> None:
         help="any service setting, passed to the children as MESHSERVE_<KEY> "
         "(see `meshserve config`); repeatable",
     )
+    parser.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require `Authorization: Bearer KEY` on the HTTP API (repeatable: any of "
+        "them is accepted; also MESHSERVE_API_KEY, comma-separated). Default: open",
+    )
     _add_run_dir(parser)
 
 
@@ -158,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print every service's effective settings")
     _add_mesh_flags(config)
     config.add_argument("--json", action="store_true", help="machine-readable output")
+    keys = commands.add_parser("keys", help="create the mesh's CURVE keys")
+    keys.add_argument("--dir", help="key dir (default: $MESHSERVE_CURVE_DIR or <run dir>/keys)")
+    keys.add_argument("--force", action="store_true", help="replace existing keys")
+    _add_run_dir(keys)
     kv_cli.add_parser(commands, _add_run_dir)
     trace_cli.add_parser(commands)
     return parser
@@ -175,6 +192,7 @@ def _flags(args: argparse.Namespace) -> Flags:
         run_dir=args.run_dir,
         shutdown_timeout=args.shutdown_timeout,
         settings=list(args.settings),
+        api_keys=list(args.api_keys),
     )
 
 
@@ -206,7 +224,10 @@ def _timeout(args: argparse.Namespace) -> float:
 def _client(run_dir: Path) -> ControlClient:
     if running_pid(run_dir) is None:
         raise CliError(f"no mesh is running in {run_dir}")
-    return ControlClient(run_dir)
+    try:
+        return ControlClient(run_dir)
+    except CurveKeyError as e:
+        raise CliError(str(e)) from e
 
 
 def _ask(run_dir: Path, body: object, timeout_s: float) -> MeshStatus | ControlReply:
@@ -234,8 +255,37 @@ def cmd_up(args: argparse.Namespace, argv: list[str]) -> int:
     settings = _settings(args)
     if args.detach:
         up_args = [a for a in argv[argv.index("up") + 1 :] if a != "--detach"]
+        if args.api_keys:
+            # The background supervisor gets the keys through its environment, not
+            # its argv, which every local user can read in `ps`.
+            up_args = _without_api_keys(up_args)
+            os.environ[env_name("api_key")] = api_key_setting(args.api_keys)
         return run_detached(settings, up_args)
     return run_foreground(settings, ready_fd=args.ready_fd)
+
+
+def _without_api_keys(args: list[str]) -> list[str]:
+    kept: list[str] = []
+    skip_value = False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+        elif arg == "--api-key":
+            skip_value = True
+        elif not arg.startswith("--api-key="):
+            kept.append(arg)
+    return kept
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    key_dir = (Path(args.dir).expanduser().absolute() if args.dir
+               else curve_dir(_run_dir(args), os.environ))
+    try:
+        create_keys(key_dir, overwrite=args.force)
+    except (CurveKeyError, OSError) as e:
+        raise CliError(str(e)) from e
+    print(f"mesh keys written to {key_dir} (server.key_secret, client.key_secret; mode 0600)")
+    return 0
 
 
 def format_status(status: MeshStatus) -> str:
@@ -321,7 +371,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         return 0
     try:
         _expect_reply(ControlClient(run_dir).request(ShutdownRequest(), STATUS_TIMEOUT_S))
-    except (ControlTimeout, CliError) as e:
+    except (ControlTimeout, CliError, CurveKeyError) as e:
         # A wedged control loop must not make the mesh unstoppable: fall back to
         # the signal, which the supervisor handles the same way.
         print(f"meshserve: {e}; sending SIGTERM to {pid}", file=sys.stderr)
@@ -351,6 +401,13 @@ def _remove_leftovers(run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _without_secrets(config: msgspec.Struct) -> msgspec.Struct:
+    """``config`` with the API keys masked: `config` output gets pasted into issues."""
+    if getattr(config, "api_key", ""):
+        return msgspec.structs.replace(config, api_key="<set, not shown>")
+    return config
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     # Imported here: the embedded model's module pulls in torch.
     from shared.embedded_model import SERVED_NAME, embedded_model_dir
@@ -359,7 +416,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if not settings.model:
         # Show where the embedded model lives without generating it.
         settings = settings.with_model(embedded_model_dir(), SERVED_NAME)
-    configs = settings.effective_configs()
+    configs = {name: _without_secrets(c) for name, c in settings.effective_configs().items()}
     if args.json:
         print(msgspec.json.encode({name: c for name, c in configs.items()}).decode())
         return 0
@@ -389,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_down(args)
             case "config":
                 return cmd_config(args)
+            case "keys":
+                return cmd_keys(args)
             case "kv":
                 run_dir = _run_dir(args)
                 if running_pid(run_dir) is None:

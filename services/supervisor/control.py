@@ -10,6 +10,10 @@ Framing is the mesh's: ``[envelope, body]`` after the routing frame, bodies from
 included (``ControlReply(ok=False)``). Requests run concurrently (a restart waits
 for the new process to be healthy; a status must not queue behind it), bounded
 by ``max_concurrent``: beyond it the answer is "busy".
+
+With mesh keys (always under ``meshserve up``) it is a CURVE server like every
+other binding socket, and the CLI connects with the mesh's client key from the
+key dir: a local process without the key cannot stop or rescale the mesh.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import zmq.asyncio
 from anyio.abc import TaskStatus
 from opentelemetry import trace
 
-from services.supervisor.mesh_plan import CONTROL_SOCKET
+from services.supervisor.mesh_plan import CONTROL_SOCKET, curve_dir
+from shared.curve import MeshKeys, load_keys
 from shared.frames import FrameWriter, decode_frames
 from shared.logs import get_logger
 from shared.mesh import Identity, RejectionLog
+from shared.mesh_auth import MeshAuth
 from shared.protocol.control import (
     ControlReply,
     MeshStatus,
@@ -51,6 +57,12 @@ def control_address(run_dir: Path) -> str:
     return f"ipc://{run_dir / CONTROL_SOCKET}"
 
 
+def mesh_keys(run_dir: Path) -> MeshKeys:
+    """The keys a CLI command reaches the mesh of ``run_dir`` with (``meshserve up``
+    made them); CurveKeyError, naming the dir, when they cannot be read."""
+    return load_keys(curve_dir(run_dir, os.environ))
+
+
 class ControlServer:
     """Decodes control requests, runs ``handler`` per request, sends its answer."""
 
@@ -62,8 +74,10 @@ class ControlServer:
         handler: Handler,
         *,
         max_concurrent: int = 16,
+        auth: MeshAuth | None = None,
     ) -> None:
         self.address = address
+        self.auth = auth
         self.identity = identity
         self._handler = handler
         self._limit = anyio.CapacityLimiter(max_concurrent)
@@ -77,12 +91,16 @@ class ControlServer:
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        handshakes = self.auth.serve(self.socket) if self.auth is not None else None
         try:
             self.socket.bind(self.address)
         except zmq.ZMQError as e:
             raise OSError(f"cannot bind {self.address}: {e}") from e
         try:
             async with anyio.create_task_group() as tg:
+                if self.auth is not None and handshakes is not None:
+                    tg.start_soon(self.auth.watch, self.socket, handshakes,
+                                  self.rejections.endpoint)
                 task_status.started()
                 while True:
                     frames = await self.socket.recv_multipart()
@@ -126,8 +144,10 @@ class ControlTimeout(TimeoutError):
 class ControlClient:
     """The CLI's side: one blocking request/answer over a DEALER."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, keys: MeshKeys | None = None) -> None:
+        """``keys``: the mesh's, read from the run dir's key dir when not given."""
         self.address = control_address(run_dir)
+        self._keys = keys or mesh_keys(run_dir)
         self._writer = FrameWriter(f"cli/{os.getpid()}")
         self._decoder = msgspec.msgpack.Decoder(ControlAnswer)
 
@@ -135,6 +155,7 @@ class ControlClient:
         ctx = zmq.Context()
         socket = ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        self._keys.connect(socket)
         try:
             socket.connect(self.address)
             socket.send_multipart(self._writer.frames(body))

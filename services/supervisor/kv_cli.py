@@ -21,8 +21,11 @@ import anyio
 import msgspec
 import zmq.asyncio
 
+from services.supervisor.control import mesh_keys
 from services.supervisor.mesh_plan import mesh_addresses
+from shared.curve import CurveKeyError
 from shared.mesh import DealerEndpoint, Identity, Received, UpstreamJoined
+from shared.mesh_auth import MeshAuth
 from shared.protocol.common import Rejected
 from shared.protocol.generation import SchedulerStatus
 from shared.protocol.kv import KvDump, KvDumpRequest, KvSetHostSwap, KvStats, KvStatsRequest
@@ -50,10 +53,12 @@ def add_parser(commands: argparse._SubParsersAction, add_run_dir) -> None:  # ty
     add_run_dir(setting)
 
 
-async def _ask(address: str, question: object, answer_type: type) -> object:
+async def _ask(address: str, question: object, answer_type: type,
+               auth: MeshAuth | None = None) -> object:
     ctx = zmq.asyncio.Context()
     endpoint: DealerEndpoint = DealerEndpoint(
-        ctx, address, Identity("cli", os.getpid()), answer_type | Rejected, heartbeat_s=0.5)
+        ctx, address, Identity("cli", os.getpid()), answer_type | Rejected, heartbeat_s=0.5,
+        auth=auth)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(endpoint.run)
@@ -74,12 +79,22 @@ async def _ask(address: str, question: object, answer_type: type) -> object:
     raise KvCliError(f"{address} closed")
 
 
+def _auth(run_dir: Path) -> MeshAuth:
+    """The CLI joins the mesh as a CURVE client with the mesh's keys."""
+    try:
+        return MeshAuth(mesh_keys(run_dir), "cli")
+    except CurveKeyError as e:
+        raise KvCliError(str(e)) from e
+
+
 def _stats(run_dir: Path, as_json: bool) -> None:
     addresses = mesh_addresses(run_dir)
+    auth = _auth(run_dir)
 
     async def both() -> tuple[KvStats, SchedulerStatus]:
-        kv = await _ask(addresses.kvcache_addr, KvStatsRequest(), KvStats)
-        scheduler = await _ask(addresses.scheduler_addr, KvStatsRequest(), SchedulerStatus)
+        kv = await _ask(addresses.kvcache_addr, KvStatsRequest(), KvStats, auth)
+        scheduler = await _ask(addresses.scheduler_addr, KvStatsRequest(), SchedulerStatus,
+                               auth)
         assert isinstance(kv, KvStats) and isinstance(scheduler, SchedulerStatus)
         return kv, scheduler
 
@@ -122,7 +137,7 @@ def _stats(run_dir: Path, as_json: bool) -> None:
 
 def _dump(run_dir: Path, request_id: str, as_json: bool) -> None:
     answer = anyio.run(_ask, mesh_addresses(run_dir).kvcache_addr,
-                       KvDumpRequest(request_id), KvDump)
+                       KvDumpRequest(request_id), KvDump, _auth(run_dir))
     assert isinstance(answer, KvDump)
     if as_json:
         print(msgspec.json.encode(answer).decode())
@@ -141,7 +156,7 @@ def _set(run_dir: Path, setting: str, value: float) -> None:
     if not value >= 0:
         raise KvCliError(f"host-swap-gb must be >= 0, got {value}")
     answer = anyio.run(_ask, mesh_addresses(run_dir).kvcache_addr,
-                       KvSetHostSwap(host_swap_gb=value), KvStats)
+                       KvSetHostSwap(host_swap_gb=value), KvStats, _auth(run_dir))
     assert isinstance(answer, KvStats)
     for p in answer.pools:
         print(f"{p.pool_id}: host swap {value:g} GB = {p.host_num_blocks} blocks "

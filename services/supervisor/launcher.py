@@ -36,6 +36,7 @@ from services.supervisor.run_dir import (
     running_pid,
 )
 from services.supervisor.service import Supervisor
+from shared.curve import CurveKeyError, ensure_keys
 from shared.logs import configure_logging, get_logger
 from shared.telemetry import configure_telemetry, shutdown_telemetry
 
@@ -117,6 +118,11 @@ def run_foreground(
             log.info("cleaned a stale run dir", removed=[str(p) for p in stale])
         if problem := port_problem(settings.api.host, settings.api.port):
             return _refuse(problem, notify)
+        try:
+            # Before anything starts, so a key dir we cannot write is one clear line.
+            ensure_keys(Path(settings.process.curve_dir))
+        except (CurveKeyError, OSError) as e:
+            return _refuse(f"mesh keys: {e}", notify)
         settings = pin_model(settings)
         supervisor = Supervisor(settings, command=command, on_ready=notify)
         try:

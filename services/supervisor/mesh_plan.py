@@ -45,6 +45,7 @@ SOCKET_NAMES = {
     "speech_addr": "speech.sock",
 }
 CONTROL_SOCKET = "control.sock"
+KEY_DIR = "keys"  # the mesh's CURVE keys, unless MESHSERVE_CURVE_DIR names another dir
 PID_FILE = "supervisor.pid"
 DETACHED_LOG = "mesh.log"
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
@@ -76,6 +77,13 @@ def default_run_dir() -> Path:
 
 def mesh_addresses(run_dir: Path) -> MeshAddresses:
     return MeshAddresses(**{key: f"ipc://{run_dir / name}" for key, name in SOCKET_NAMES.items()})
+
+
+def curve_dir(run_dir: Path, environ: Mapping[str, str]) -> Path:
+    """Where the mesh of ``run_dir`` keeps its CURVE keys: ``MESHSERVE_CURVE_DIR``
+    or ``<run dir>/keys``. The supervisor and the CLI both ask this."""
+    configured = environ.get(env_name("curve_dir"), "")
+    return Path(configured).expanduser().absolute() if configured else run_dir / KEY_DIR
 
 
 def socket_paths(run_dir: Path) -> list[Path]:
@@ -139,6 +147,7 @@ class Flags:
     run_dir: str | None = None
     shutdown_timeout: float | None = None
     settings: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)  # --api-key, repeatable
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +218,15 @@ class MeshSettings:
         return {name: load_config(cls, environ=env) for name, cls in CONFIG_STRUCTS.items()}
 
 
+def api_key_setting(keys: list[str]) -> str:
+    """``--api-key`` values as the api's ``MESHSERVE_API_KEY`` (comma-separated)."""
+    for key in keys:
+        if not key.strip() or "," in key or key != key.strip():
+            raise ValueError("--api-key: a key must be non-empty, without commas or "
+                             "surrounding spaces")
+    return ",".join(keys)
+
+
 def resolve_settings(flags: Flags, environ: Mapping[str, str]) -> MeshSettings:
     """Merge env, ``--set`` and flags; raise ValueError naming what is wrong."""
     overrides = parse_settings(flags.settings)
@@ -226,6 +244,8 @@ def resolve_settings(flags: Flags, environ: Mapping[str, str]) -> MeshSettings:
     for key, value in named.items():
         if value is not None:
             overrides[env_name(key)] = str(value)
+    if flags.api_keys:
+        overrides[env_name("api_key")] = api_key_setting(flags.api_keys)
     merged = {**environ, **overrides}
     supervisor = load_config(SupervisorConfig, environ=merged)
     run_dir = Path(supervisor.run_dir).expanduser().absolute() if supervisor.run_dir else (
@@ -239,6 +259,9 @@ def resolve_settings(flags: Flags, environ: Mapping[str, str]) -> MeshSettings:
         raise ValueError(f"--tts must be at least 0, got {supervisor.tts_replicas}")
     # The run dir is the supervisor's own business; children get addresses instead.
     overrides.pop(env_name("run_dir"), None)
+    # `up` always speaks CURVE: every child (and the supervisor) gets the key dir.
+    overrides[env_name("curve_dir")] = str(curve_dir(run_dir, merged))
+    merged = {**environ, **overrides}
     settings = MeshSettings(
         run_dir=run_dir,
         supervisor=supervisor,

@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import anyio
 import zmq.asyncio
@@ -38,9 +39,11 @@ from services.supervisor.process import service_command
 from services.supervisor.restart_policy import RestartPolicy
 from services.supervisor.slot import ChildSlot, SlotHooks
 from shared.child_process import spawn_child
+from shared.curve import ensure_keys
 from shared.endpoints import bind_router
 from shared.logs import get_logger
 from shared.mesh import Identity, PeerJoined, PeerLost, RouterEndpoint
+from shared.mesh_auth import MeshAuth
 from shared.protocol.common import Rejected
 from shared.protocol.control import (
     ControlReply,
@@ -99,19 +102,26 @@ class Supervisor:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         ctx = zmq.asyncio.Context()
+        curve_dir = self.settings.process.curve_dir
+        # Created here if absent (`meshserve up` is what makes a mesh's keys).
+        auth = MeshAuth(ensure_keys(Path(curve_dir)), "supervisor") if curve_dir else None
         # The supervisor is the health socket's singleton, set up like any other.
-        runtime = ServiceRuntime(self.identity, self.settings.process, self.settings.addresses, ctx)
+        runtime = ServiceRuntime(self.identity, self.settings.process, self.settings.addresses,
+                                 ctx, auth=auth)
         health: RouterEndpoint[Rejected] = bind_router(
             runtime, self.settings.addresses.supervisor_addr, Rejected
         )
         self._health = health
         control = ControlServer(
-            ctx, control_address(self.settings.run_dir), self.identity, self._on_control
+            ctx, control_address(self.settings.run_dir), self.identity, self._on_control,
+            auth=auth,
         )
         try:
             async with anyio.create_task_group() as infra:
                 if self._handle_signals:
                     await infra.start(self._watch_signals)
+                if auth is not None:
+                    await infra.start(auth.run_zap, ctx)
                 await infra.start(health.run)
                 await infra.start(control.run)
                 infra.start_soon(self._watch_hellos, health)

@@ -28,6 +28,7 @@ from anyio.abc import ObjectSendStream, TaskStatus
 from services.tts.engines.base import BackendEvent, SlotAudio, SlotLost, SlotReady
 from shared.child_process import RestartWindow, spawn_child
 from shared.logs import get_logger
+from shared.mesh_auth import MeshAuth
 from shared.protocol.speech import (
     EngineAudio,
     EngineCancel,
@@ -68,8 +69,12 @@ class EngineProcessPool:
         replica: int,
         start_timeout_s: float = 30.0,
         log_level: str = "info",
+        auth: MeshAuth | None = None,
     ) -> None:
         self.slots = slots
+        # With mesh keys the engine sockets are CURVE like every other: the engine
+        # process reads the same MESHSERVE_CURVE_DIR from the environment it inherits.
+        self._auth = auth
         self._ctx = ctx
         self._engine = engine
         self._workdir = workdir
@@ -140,6 +145,7 @@ class EngineProcessPool:
         path = self._workdir / f"engine-{slot}-{generation}.sock"
         socket = self._ctx.socket(zmq.PAIR)
         socket.setsockopt(zmq.LINGER, 0)
+        handshakes = self._auth.serve(socket) if self._auth is not None else None
         socket.bind(f"ipc://{path}")
         engine = _EngineProcess(slot, generation, socket)
         self._engines[slot] = engine
@@ -150,6 +156,8 @@ class EngineProcessPool:
                 cwd=REPO_ROOT,
             )
             async with anyio.create_task_group() as tg:
+                if self._auth is not None and handshakes is not None:
+                    tg.start_soon(self._auth.watch, socket, handshakes, f"tts engine {slot}")
                 tg.start_soon(self._relay, engine, events)
                 code = await engine.process.wait()
                 tg.cancel_scope.cancel()

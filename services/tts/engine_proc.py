@@ -21,6 +21,7 @@ import contextlib
 import os
 import sys
 from collections import deque
+from pathlib import Path
 
 import msgspec
 import zmq
@@ -28,6 +29,7 @@ import zmq
 from services.tts.engines.base import Engine, EngineError, load_engine
 from services.tts.resample import LinearResampler
 from shared.config import load_config
+from shared.curve import load_keys
 from shared.logs import configure_logging, get_logger
 from shared.protocol.speech import (
     EngineAudio,
@@ -48,6 +50,7 @@ class EngineProcessConfig(msgspec.Struct, frozen=True):
     engine_slot: int = 0
     replica: int = 0
     log_level: str = "info"
+    curve_dir: str = ""  # the mesh's keys: the replica's engine socket is a CURVE server
 
 
 class EngineServer:
@@ -141,6 +144,8 @@ def main() -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     socket = ctx.socket(zmq.PAIR)
     socket.setsockopt(zmq.LINGER, 0)
+    if config.curve_dir:
+        load_keys(Path(config.curve_dir)).connect(socket)
     socket.connect(config.engine_addr)
     log.info("engine loaded", engine=engine.name, slot=config.engine_slot, pid=os.getpid())
     try:

@@ -339,6 +339,7 @@ async def main(runtime: ServiceRuntime) -> None:
             replica=runtime.identity.replica,
             start_timeout_s=config.engine_start_timeout_s,
             log_level=runtime.process.log_level,
+            auth=runtime.auth,
         )
         await TtsActor(runtime, config, pool).run()
     finally:

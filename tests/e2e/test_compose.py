@@ -39,6 +39,7 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
+from shared.curve import create_keys
 from tests.e2e.mesh import free_port
 from tests.otlp import OtlpCollector, ReceivedSpan
 
@@ -46,6 +47,7 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = ("podman", "podman-compose", "runc", "debootstrap")
 BASE_IMAGE = "python:3.11-slim"  # the Dockerfile's FROM
 IMAGE = "meshserve:latest"  # compose.yaml's image
+IMAGE_UID = 1000  # the Dockerfile's MESHSERVE_UID default
 MODEL = "meshserve-tiny-llama"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 INSTALL_TIMEOUT_S = 600
@@ -197,6 +199,16 @@ def podman_env() -> Iterator[dict[str, str]]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _mesh_keys(work: Path) -> Path:
+    """The CURVE keys compose mounts as secrets, owned by the image's user (uid 1000)
+    as a user running `meshserve keys` with that uid would have them."""
+    key_dir = work / "keys"
+    create_keys(key_dir)
+    for path in [key_dir, *key_dir.iterdir()]:
+        os.chown(path, IMAGE_UID, IMAGE_UID)
+    return key_dir
+
+
 def _override(receiver_port: int) -> str:
     """What cannot run here, replaced; every mesh service exports to the test."""
     telemetry = {
@@ -313,7 +325,8 @@ async def test_compose_mesh_scales_restarts_and_traces(
     await server.start()
     compose = Compose(podman_env, tmp_path, [_override(receiver_port)])
     api_port = free_port()
-    compose.env = {**compose.env, "MESHSERVE_API_PORT": str(api_port)}
+    compose.env = {**compose.env, "MESHSERVE_API_PORT": str(api_port),
+                   "MESHSERVE_KEYS_DIR": str(_mesh_keys(tmp_path))}
     started = time.monotonic()
     try:
         await anyio.to_thread.run_sync(compose, "up", "-d", "--no-build")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,7 +131,7 @@ def test_restart_intensity_exceeded_gives_up(tmp_path: Path) -> None:
     assert f"{gave_up['failed_service']} restarted more than 5 times" in gave_up["reason"]
     assert '"event": "mesh stopped"' in log
     assert not any(path.suffix in (".sock", ".pid") for path in run_dir.iterdir())
-    run_dir.rmdir()
+    shutil.rmtree(run_dir)  # the mesh's keys stay after it stopped
 
 
 def test_detach_that_cannot_become_healthy_fails_with_the_reason_and_the_log() -> None:
@@ -144,12 +145,11 @@ def test_detach_that_cannot_become_healthy_fails_with_the_reason_and_the_log() -
         assert "restarted more than 1 times" in up.stderr
         assert "last lines of" in up.stderr and '"event": "mesh stopped"' in up.stderr
         assert running_pid(run_dir) is None
-        assert sorted(p.name for p in run_dir.iterdir()) == ["mesh.log"]
+        # The mesh's CURVE keys stay for the next `up`.
+        assert sorted(p.name for p in run_dir.iterdir()) == ["keys", "mesh.log"]
     finally:
         kill_detached(run_dir)
-        for path in run_dir.iterdir():
-            path.unlink()
-        run_dir.rmdir()
+        shutil.rmtree(run_dir)
 
 
 def test_down_stops_a_detached_mesh_without_leftovers() -> None:
@@ -175,10 +175,8 @@ def test_down_stops_a_detached_mesh_without_leftovers() -> None:
         for pid in [supervisor, *pids]:
             assert wait_for_exit(pid, 1), f"pid {pid} still alive after down"
         leftovers = sorted(p.name for p in run_dir.iterdir())
-        assert leftovers == ["mesh.log"], leftovers
+        assert leftovers == ["keys", "mesh.log"], leftovers
         assert meshserve(run_dir, "status").returncode == 1
     finally:
         kill_detached(run_dir)
-        for path in run_dir.iterdir():
-            path.unlink()
-        run_dir.rmdir()
+        shutil.rmtree(run_dir)

@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from services.supervisor.control import ControlClient
+from services.supervisor.control import ControlClient, mesh_keys
 from services.supervisor.mesh_plan import Flags, MeshSettings, resolve_settings
 from services.supervisor.process import service_command
 from services.supervisor.run_dir import wait_for_exit
@@ -271,6 +271,8 @@ async def test_control_socket_answers_garbage_and_keeps_serving(ipc_dir: Path) -
             ctx = zmq.Context()
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            # Garbage from a peer with the mesh's keys: one without gets nothing through.
+            mesh_keys(ipc_dir).connect(sock)
             try:
                 sock.connect(f"ipc://{ipc_dir}/control.sock")
                 sock.send_multipart([b"\x00not an envelope", b"\x01"])
