@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 
 import anyio
 from starlette.applications import Starlette
@@ -154,7 +155,7 @@ class OpenAIRoutes:
         log.info("request submitted", request_id=plan.response_id, n=len(plan.requests),
                  stream=plan.stream)
         if plan.stream:
-            return StreamingBody(self._stream(flight, span), self._closer(flight, span))
+            return await self._start_stream(request, flight, span)
         try:
             return await self._respond(request, flight, span)
         finally:
@@ -162,8 +163,13 @@ class OpenAIRoutes:
                 await self.actor.release(flight)
             span.end()
 
-    def _closer(self, flight: Flight, span: RequestSpan) -> Callable[[bool], Awaitable[None]]:
+    def _closer(
+        self, flight: Flight, span: RequestSpan,
+        updates: AsyncGenerator[list[ChoiceUpdate], None],
+    ) -> Callable[[bool], Awaitable[None]]:
         async def close(disconnected: bool) -> None:
+            # Already closed by the body, unless the client left before it started.
+            await updates.aclose()
             if disconnected and not flight.finished:
                 log.info("client disconnected", request_id=flight.plan.response_id)
                 span.client_gone()
@@ -175,7 +181,7 @@ class OpenAIRoutes:
 
     async def _updates(
         self, flight: Flight, span: RequestSpan
-    ) -> AsyncIterator[list[ChoiceUpdate]]:
+    ) -> AsyncGenerator[list[ChoiceUpdate], None]:
         """What the flight produces until it is finished; raises its ApiError."""
         timeout = self.config.request_timeout_s
         while not flight.finished:
@@ -194,19 +200,68 @@ class OpenAIRoutes:
                 span.first_token()
             yield updates
 
-    async def _stream(self, flight: Flight, span: RequestSpan) -> AsyncIterator[bytes]:
-        renderer = StreamRenderer(flight.plan)
+    async def _start_stream(self, request: Request, flight: Flight,
+                            span: RequestSpan) -> Response:
+        """The headers wait for the first delta, the end or the failure: a refusal
+        by the mesh (queue full, prompt too long, no scheduler) is a 4xx/5xx with
+        ``Retry-After``, not a 200 with an error event. The first delta goes out
+        with the headers, so time to first token is unchanged."""
+        updates = self._updates(flight, span)
+        first: list[ChoiceUpdate] = []
+        failure: ApiError | None = None
         try:
-            for event in renderer.opening():
-                yield event
-            async for updates in self._updates(flight, span):
-                for event in renderer.updates(updates):
+            # A client that leaves before the first delta is noticed here: nobody
+            # reads the body yet, so StreamingBody's own watch has not started.
+            async with cancelled_on_disconnect(request.receive) as watch:
+                try:
+                    first = await anext(updates)
+                except ApiError as error:
+                    failure = error
+                except StopAsyncIteration:
+                    pass  # finished without news: the closing events say it all
+        except BaseException:
+            await self._end_unstarted(flight, span, updates)
+            raise
+        if watch.disconnected:
+            log.info("client disconnected", request_id=flight.plan.response_id)
+            span.client_gone()
+            self.metrics.client_disconnected()
+            await self._end_unstarted(flight, span, updates)
+            return client_gone_response()
+        if failure is not None:
+            self._failed(flight, span, failure)
+            await self._end_unstarted(flight, span, updates)
+            return error_response(failure)
+        return StreamingBody(self._stream(flight, span, updates, first),
+                             self._closer(flight, span, updates))
+
+    async def _end_unstarted(self, flight: Flight, span: RequestSpan,
+                             updates: AsyncGenerator[list[ChoiceUpdate], None]) -> None:
+        """A stream that ends before its headers went out: aborted in the mesh."""
+        with anyio.CancelScope(shield=True):
+            await updates.aclose()
+            await self.actor.release(flight)
+        span.end()
+
+    async def _stream(
+        self, flight: Flight, span: RequestSpan,
+        updates: AsyncGenerator[list[ChoiceUpdate], None], first: list[ChoiceUpdate],
+    ) -> AsyncIterator[bytes]:
+        renderer = StreamRenderer(flight.plan)
+        async with aclosing(updates):
+            try:
+                for event in renderer.opening():
                     yield event
-        except ApiError as error:
-            self._failed(flight, span, error)
-            for event in renderer.failure(error):
-                yield event
-            return
+                for event in renderer.updates(first):
+                    yield event
+                async for more in updates:
+                    for event in renderer.updates(more):
+                        yield event
+            except ApiError as error:
+                self._failed(flight, span, error)
+                for event in renderer.failure(error):
+                    yield event
+                return
         self._succeeded(flight, span)
         for event in renderer.closing(usage_of(flight.prompt_tokens, flight.completion_tokens)):
             yield event

@@ -3,8 +3,9 @@
     SIGTERM ──▶ Drain.start ──▶ new requests: 503 shutting_down + Retry-After
                              ──▶ /health/ready: 503 (a balancer stops sending)
             ──▶ wait until no request is in flight, at most shutdown_timeout_s
-            ──▶ deadline passed: what is left fails (503; a stream gets an error
-                event and [DONE]) and is aborted in the mesh, at most shutdown_grace_s
+            ──▶ deadline passed: what is left fails (503; a stream that started
+                gets an error event and [DONE]) and is aborted in the mesh, at most
+                shutdown_grace_s
             ──▶ the process ends (uvicorn closes its connections)
 
 ``Drain`` is the shared state (text and speech both refuse through it) and the

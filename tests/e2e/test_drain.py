@@ -5,12 +5,14 @@ foreground, the embedded model, real HTTP clients):
   text, a request made meanwhile gets 503 with Retry-After, /health/ready turns 503
   while /health/live stays 200, and the mesh exits 0 leaving no process and no
   socket file.
-- Twice the queue capacity at once: the excess gets 429 with Retry-After, every
+- Twice the queue capacity at once, half of it streamed: the excess gets 429 with
+  Retry-After (a refused stream too, not a 200 with an error event), every
   request ends, and every service's RSS stays under a stated bound.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -48,6 +50,21 @@ def completion(mesh: Mesh, prompt: str, max_tokens: int) -> httpx.Response:
     return httpx.post(mesh.base_url + "/v1/completions", timeout=REQUEST_TIMEOUT_S, json={
         "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
         "ignore_eos": True})
+
+
+def streamed_completion(mesh: Mesh, prompt: str, max_tokens: int) -> httpx.Response:
+    """A streamed completion, read to its end; its usage is in the last event."""
+    with httpx.stream("POST", mesh.base_url + "/v1/completions", timeout=REQUEST_TIMEOUT_S,
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                            "temperature": 0, "ignore_eos": True, "stream": True,
+                            "stream_options": {"include_usage": True}}) as response:
+        response.read()
+    return response
+
+
+def sse_payloads(body: str) -> list[Any]:
+    return [json.loads(line.removeprefix("data: ")) for line in body.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
 
 
 def stream_text(mesh: Mesh, prompt: str, started: threading.Barrier) -> tuple[str, str | None]:
@@ -154,7 +171,8 @@ def rss_kb(pid: int) -> int:
 
 
 def test_twice_the_queue_capacity_gets_429_and_memory_stays_bounded(tmp_path: Path) -> None:
-    # Capacity: 2 running + 4 waiting. 12 long requests at once.
+    # Capacity: 2 running + 4 waiting. 12 long requests at once, every other one
+    # streamed: a refused stream is a 429 as well, not a 200 with an error event.
     capacity = 6
     mesh = start_mesh(tmp_path, extra_args=(
         "--tts", "0", "--set", "max_waiting=4", "--set", "max_num_seqs=2"))
@@ -165,7 +183,8 @@ def test_twice_the_queue_capacity_gets_429_and_memory_stays_bounded(tmp_path: Pa
 
         def request(i: int) -> httpx.Response:
             go.wait(timeout=60)
-            return completion(mesh, PROMPTS[i % len(PROMPTS)], OVERLOAD_TOKENS)
+            send = streamed_completion if i % 2 else completion
+            return send(mesh, PROMPTS[i % len(PROMPTS)], OVERLOAD_TOKENS)
 
         done = threading.Event()
 
@@ -192,12 +211,20 @@ def test_twice_the_queue_capacity_gets_429_and_memory_stays_bounded(tmp_path: Pa
             assert reply.headers["retry-after"] == "1"
             error = reply.json()["error"]
             assert error["type"] == "rate_limit_error" and error["code"] == "server_busy"
-        for reply in replies:
-            if reply.status_code == 200:
+        for i, reply in enumerate(replies):
+            if reply.status_code != 200:
+                continue
+            if i % 2:
+                assert reply.headers["content-type"].startswith("text/event-stream")
+                events = sse_payloads(reply.text)
+                assert not [e for e in events if "error" in e], reply.text[-500:]
+                assert events[-1]["usage"]["completion_tokens"] == OVERLOAD_TOKENS
+            else:
                 assert reply.json()["usage"]["completion_tokens"] == OVERLOAD_TOKENS
+        streamed_busy = sum(1 for i, r in enumerate(replies) if i % 2 and r.status_code == 429)
         for c in children:
             peak[c["service"]] = max(peak[c["service"]], rss_kb(c["pid"]))
-        print("peak RSS kB:", peak, "statuses:", statuses)
+        print("peak RSS kB:", peak, "statuses:", statuses, "streamed 429s:", streamed_busy)
         over = {service: kb for service, kb in peak.items()
                 if kb > RSS_BOUND_KB.get(service, RSS_BOUND_OTHERS_KB)}
         assert not over, f"RSS over its bound: {over} (all: {peak})"

@@ -132,3 +132,32 @@ def test_api_drains_within_its_stop_grace_period(services: dict[str, dict[str, A
     assert _seconds(api["stop_grace_period"]) >= (
         defaults.shutdown_timeout_s + defaults.shutdown_grace_s + 1)
     assert "/health/ready" in api["healthcheck"]["test"]
+
+
+def _needs(services: dict[str, dict[str, Any]], name: str) -> set[str]:
+    """Every service ``name`` depends on, directly or through others."""
+    found: set[str] = set()
+    todo = list(_depends_on(services[name]))
+    while todo:
+        target = todo.pop()
+        if target not in found:
+            found.add(target)
+            todo.extend(_depends_on(services[target]))
+    return found
+
+
+def test_the_api_stops_first_and_drains_with_the_mesh_still_there(
+        services: dict[str, dict[str, Any]]) -> None:
+    # Compose stops a service before what it depends on. The api depends on every
+    # other mesh service, so `down` stops it first and its drain still has
+    # tokenizers, workers and the scheduler to finish the requests in flight.
+    others = (MESH | {"worker-gpu"}) - {"api"}
+    assert _needs(services, "api") >= others, _needs(services, "api")
+    for name in services:
+        assert "api" not in _needs(services, name), f"{name} would stop after the api"
+    # The replicas' readiness needs the api: the api waits only for them to start.
+    for name in SCALABLE | {"worker-gpu"}:
+        assert _depends_on(services["api"])[name]["condition"] == "service_started", name
+    # Either worker exists, by profile.
+    for name in ("worker", "worker-gpu"):
+        assert _depends_on(services["api"])[name]["required"] is False, name
