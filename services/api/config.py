@@ -41,3 +41,6 @@ class ApiConfig(msgspec.Struct, frozen=True):
     speech_max_inflight: int = 1024  # speech requests in flight; beyond it HTTP 429
     speech_max_buffered_bytes: int = 64 << 20  # audio one slow client may leave unread
     speech_max_attempts: int = 3  # replicas one request may be sent to (busy, lost)
+    # Threads that run the mp3/opus/aac/flac encoders (~20 ms of CPU per second of
+    # audio), so the event loop never waits on a codec; wav and pcm need none.
+    speech_encoder_threads: int = 4

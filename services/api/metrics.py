@@ -1,20 +1,30 @@
-"""Prometheus metrics of the api, in the text exposition format: the text path under
+"""Prometheus metrics of the api, rendered by ``prometheus_client``: the text path under
 vLLM's names where vLLM has one (so existing dashboards work) and ``meshserve:api_*``
 where it does not (every vLLM metric carries ``model_name``, as vLLM's do); the
 speech path under ``meshserve:speech_*`` (vLLM has no speech metrics to match).
 
-No I/O and no client library: counters and histograms are plain numbers that the
-handlers update; ``render`` is called by ``GET /metrics``.
+What the handlers count lives in the library's ``Counter`` and ``Histogram`` objects
+(vLLM's buckets); what other services report (the scheduler's ``SchedulerStatus``, the
+tts replicas' ``SpeechStatus``, the actor's gauges) is read at scrape time by custom
+collectors, so /metrics never shows a value older than the last status. Each
+``ApiMetrics`` / ``SpeechMetrics`` has its own ``CollectorRegistry`` (no process-wide
+global: tests and several apps in one process stay apart). As in vLLM, ``*_created``
+series are off.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import disable_created_metrics
 
 from shared.protocol.generation import SchedulerStatus
 from shared.protocol.speech import SpeechStatus
+
+disable_created_metrics()
 
 # vLLM's buckets for request latencies (seconds) and token counts.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
@@ -24,75 +34,121 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
 
+def _family(kind: str, name: str, help_text: str, value: float | None = None,
+            labels: dict[str, str] | None = None) -> Metric:
+    """One gauge or counter family with at most one sample (``value`` None: none)."""
+    maker = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+    names = list(labels or {})
+    family = maker(name, help_text, labels=names)
+    if value is not None:
+        family.add_metric([(labels or {})[n] for n in names], value)
+    return family
+
+
 @dataclass(slots=True)
-class Histogram:
-    """A cumulative-bucket histogram, as Prometheus exposes one."""
+class MeshView:
+    """What the api knows of the mesh at a scrape (set by ``ApiMetrics.render``)."""
 
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    count: int = 0
-
-    def observe(self, value: float) -> None:
-        if not self.counts:
-            self.counts = [0] * len(self.bounds)
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.count += 1
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        counts = self.counts or [0] * len(self.bounds)
-        sep = "," if labels else ""
-        plain = f"{{{labels}}}" if labels else ""
-        return [
-            *(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {n}'
-              for bound, n in zip(self.bounds, counts, strict=True)),
-            f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}',
-            f"{name}_sum{plain} {self.total}",
-            f"{name}_count{plain} {self.count}",
-        ]
+    scheduler: SchedulerStatus | None = None
+    tokenizers: int = 0
+    inflight: int = 0
+    rejected_messages: int = 0
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+# SchedulerStatus fields shown under each name: (kind, name, field, help).
+_SCHEDULER_METRICS = (
+    ("gauge", "vllm:num_requests_running", "running", "Requests in model execution batches."),
+    ("gauge", "vllm:num_requests_waiting", "waiting", "Requests waiting to be processed."),
+    ("gauge", "vllm:kv_cache_usage_perc", "kv_usage", "KV-cache usage. 1 means 100 percent."),
+    ("counter", "vllm:prefix_cache_queries", "prefix_cache_queries",
+     "Prefix cache queries, in terms of number of queried tokens."),
+    ("counter", "vllm:prefix_cache_hits", "prefix_cache_hits",
+     "Prefix cache hits, in terms of number of cached tokens."),
+    ("counter", "vllm:num_preemptions", "num_preemptions", "Cumulative number of preemptions."),
+    ("gauge", "meshserve:kv_cached_blocks", "kv_cached_blocks",
+     "Free KV blocks still caching a prefix (evictable)."),
+    ("counter", "meshserve:kv_evictions", "kv_evictions",
+     "Cached KV blocks evicted (overwritten) to make room."),
+    ("counter", "meshserve:kv_swap_outs", "num_swap_outs",
+     "Requests preempted by swapping their KV blocks to host memory."),
+    ("counter", "meshserve:kv_swap_ins", "num_swap_ins",
+     "Swapped-out requests whose KV blocks came back to the device."),
+    ("counter", "meshserve:kv_swapped_out_blocks", "swapped_out_blocks",
+     "KV blocks copied device -> host."),
+    ("counter", "meshserve:kv_swapped_in_blocks", "swapped_in_blocks",
+     "KV blocks copied host -> device."),
+    ("gauge", "meshserve:kv_host_blocks", "host_kv_blocks", "Host swap pool size in blocks."),
+    ("gauge", "meshserve:kv_host_used_blocks", "host_kv_used_blocks",
+     "Host swap blocks held by swapped-out requests."),
+)
 
 
-class Exposition:
-    """Exposition text under construction: each metric is its HELP and TYPE lines
-    followed by its samples."""
+class MeshCollector:
+    """The scheduler's last status and the actor's gauges, as metric families.
+    Without a scheduler status its metrics are absent (not zero: nothing is known)."""
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.view = MeshView()
 
-    def metric(self, name: str, kind: str, help_text: str, *samples: str) -> None:
-        self.lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
-
-    def histogram(self, name: str, histogram: Histogram, help_text: str,
-                  labels: str = "") -> None:
-        self.metric(name, "histogram", help_text, *histogram.lines(name, labels))
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+    def collect(self) -> Iterator[Metric]:
+        view, labels = self.view, {"model_name": self.model_name}
+        if view.scheduler is not None:
+            for kind, name, field, help_text in _SCHEDULER_METRICS:
+                yield _family(kind, name, help_text, getattr(view.scheduler, field), labels)
+        workers = view.scheduler.workers if view.scheduler else 0
+        yield _family("gauge", "meshserve:api_requests_inflight",
+                      "Mesh requests (choices) the api is waiting on.", view.inflight)
+        yield _family("gauge", "meshserve:api_tokenizer_replicas", "Ready tokenizer replicas.",
+                      view.tokenizers)
+        yield _family("gauge", "meshserve:api_workers", "Workers the scheduler reports.", workers)
+        yield _family("counter", "meshserve:api_rejected_messages",
+                      "Mesh messages the api rejected (undecodable or nonsensical).",
+                      view.rejected_messages)
 
 
 class ApiMetrics:
-    """What the api counts about text requests."""
+    """What the api counts about text requests, and its /metrics text."""
 
     def __init__(self, model_name: str) -> None:
-        self.labels = f'model_name="{_escape(model_name)}"'
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.finished: Counter[str] = Counter()  # by finish reason
-        self.failed: Counter[tuple[int, str]] = Counter()  # by (status, code)
-        self.client_disconnects = 0
-        self.time_to_first_token = Histogram(LATENCY_BUCKETS)
-        self.e2e_latency = Histogram(LATENCY_BUCKETS)
-        self.time_per_output_token = Histogram(TPOT_BUCKETS)
-        self.inter_token_latency = Histogram(TPOT_BUCKETS)
-        self.request_prompt_tokens = Histogram(TOKEN_BUCKETS)
-        self.request_generation_tokens = Histogram(TOKEN_BUCKETS)
+        self.registry = CollectorRegistry()
+        self.mesh = MeshCollector(model_name)
+        self.registry.register(self.mesh)
+        model = ["model_name"]
+        r = self.registry
+
+        def histogram(name: str, help_text: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, help_text, model, buckets=buckets,
+                             registry=r).labels(model_name)
+
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.",
+                                     model, registry=r).labels(model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens",
+                                         "Generation tokens processed.", model,
+                                         registry=r).labels(model_name)
+        self._success = Counter("vllm:request_success", "Successfully processed requests.",
+                                [*model, "finished_reason"], registry=r)
+        self.time_to_first_token = histogram("vllm:time_to_first_token_seconds",
+                                             "Time to first token in seconds.", LATENCY_BUCKETS)
+        self.e2e_latency = histogram("vllm:e2e_request_latency_seconds",
+                                     "End to end request latency in seconds.", LATENCY_BUCKETS)
+        self.time_per_output_token = histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Time per output token in seconds, per request.", TPOT_BUCKETS)
+        self.inter_token_latency = histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between successive tokens of a request in seconds.", TPOT_BUCKETS)
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens",
+                                               "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Generation tokens per request.", TOKEN_BUCKETS)
+        self._errors = Counter("meshserve:api_request_errors",
+                               "Requests that ended in an HTTP error, by status and code.",
+                               ["status", "code"], registry=r)
+        self._disconnects = Counter("meshserve:api_client_disconnects",
+                                    "Requests aborted because the client went away.",
+                                    registry=r)
+        self.model_name = model_name
 
     def request_succeeded(
         self,
@@ -105,9 +161,10 @@ class ApiMetrics:
     ) -> None:
         for gap in inter_token_latencies:
             self.inter_token_latency.observe(gap)
-        self.prompt_tokens += prompt_tokens
-        self.generation_tokens += completion_tokens
-        self.finished.update(finish_reasons)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        for reason in finish_reasons:
+            self._success.labels(self.model_name, reason).inc()
         self.request_prompt_tokens.observe(prompt_tokens)
         self.request_generation_tokens.observe(completion_tokens)
         self.e2e_latency.observe(latency_s)
@@ -118,10 +175,10 @@ class ApiMetrics:
                     (latency_s - ttft_s) / (completion_tokens - 1))
 
     def request_failed(self, status: int, code: str | None) -> None:
-        self.failed[(status, code or "")] += 1
+        self._errors.labels(str(status), code or "").inc()
 
     def client_disconnected(self) -> None:
-        self.client_disconnects += 1
+        self._disconnects.inc()
 
     def render(
         self,
@@ -130,90 +187,9 @@ class ApiMetrics:
         inflight: int,
         rejected_messages: int,
     ) -> str:
-        labels = self.labels
-        out = Exposition()
-        metric = out.metric
-        if scheduler is not None:
-            metric("vllm:num_requests_running", "gauge", "Requests in model execution batches.",
-                   f"vllm:num_requests_running{{{labels}}} {scheduler.running}")
-            metric("vllm:num_requests_waiting", "gauge", "Requests waiting to be processed.",
-                   f"vllm:num_requests_waiting{{{labels}}} {scheduler.waiting}")
-            metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent.",
-                   f"vllm:kv_cache_usage_perc{{{labels}}} {scheduler.kv_usage}")
-            metric("vllm:prefix_cache_queries_total", "counter",
-                   "Prefix cache queries, in terms of number of queried tokens.",
-                   f"vllm:prefix_cache_queries_total{{{labels}}} "
-                   f"{scheduler.prefix_cache_queries}")
-            metric("vllm:prefix_cache_hits_total", "counter",
-                   "Prefix cache hits, in terms of number of cached tokens.",
-                   f"vllm:prefix_cache_hits_total{{{labels}}} {scheduler.prefix_cache_hits}")
-            metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions.",
-                   f"vllm:num_preemptions_total{{{labels}}} {scheduler.num_preemptions}")
-            metric("meshserve:kv_cached_blocks", "gauge",
-                   "Free KV blocks still caching a prefix (evictable).",
-                   f"meshserve:kv_cached_blocks{{{labels}}} {scheduler.kv_cached_blocks}")
-            metric("meshserve:kv_evictions_total", "counter",
-                   "Cached KV blocks evicted (overwritten) to make room.",
-                   f"meshserve:kv_evictions_total{{{labels}}} {scheduler.kv_evictions}")
-            metric("meshserve:kv_swap_outs_total", "counter",
-                   "Requests preempted by swapping their KV blocks to host memory.",
-                   f"meshserve:kv_swap_outs_total{{{labels}}} {scheduler.num_swap_outs}")
-            metric("meshserve:kv_swap_ins_total", "counter",
-                   "Swapped-out requests whose KV blocks came back to the device.",
-                   f"meshserve:kv_swap_ins_total{{{labels}}} {scheduler.num_swap_ins}")
-            metric("meshserve:kv_swapped_out_blocks_total", "counter",
-                   "KV blocks copied device -> host.",
-                   f"meshserve:kv_swapped_out_blocks_total{{{labels}}} "
-                   f"{scheduler.swapped_out_blocks}")
-            metric("meshserve:kv_swapped_in_blocks_total", "counter",
-                   "KV blocks copied host -> device.",
-                   f"meshserve:kv_swapped_in_blocks_total{{{labels}}} "
-                   f"{scheduler.swapped_in_blocks}")
-            metric("meshserve:kv_host_blocks", "gauge", "Host swap pool size in blocks.",
-                   f"meshserve:kv_host_blocks{{{labels}}} {scheduler.host_kv_blocks}")
-            metric("meshserve:kv_host_used_blocks", "gauge",
-                   "Host swap blocks held by swapped-out requests.",
-                   f"meshserve:kv_host_used_blocks{{{labels}}} {scheduler.host_kv_used_blocks}")
-        metric("vllm:prompt_tokens_total", "counter", "Prefill tokens processed.",
-               f"vllm:prompt_tokens_total{{{labels}}} {self.prompt_tokens}")
-        metric("vllm:generation_tokens_total", "counter", "Generation tokens processed.",
-               f"vllm:generation_tokens_total{{{labels}}} {self.generation_tokens}")
-        metric("vllm:request_success_total", "counter", "Successfully processed requests.",
-               *(f'vllm:request_success_total{{{labels},finished_reason="{_escape(reason)}"}} '
-                 f"{n}" for reason, n in sorted(self.finished.items())))
-        for name, histogram, help_text in (
-            ("vllm:time_to_first_token_seconds", self.time_to_first_token,
-             "Time to first token in seconds."),
-            ("vllm:e2e_request_latency_seconds", self.e2e_latency,
-             "End to end request latency in seconds."),
-            ("vllm:request_time_per_output_token_seconds", self.time_per_output_token,
-             "Time per output token in seconds, per request."),
-            ("vllm:inter_token_latency_seconds", self.inter_token_latency,
-             "Time between successive tokens of a request in seconds."),
-            ("vllm:request_prompt_tokens", self.request_prompt_tokens,
-             "Prompt tokens per request."),
-            ("vllm:request_generation_tokens", self.request_generation_tokens,
-             "Generation tokens per request."),
-        ):
-            out.histogram(name, histogram, help_text, labels)
-        metric("meshserve:api_request_errors_total", "counter",
-               "Requests that ended in an HTTP error, by status and code.",
-               *(f'meshserve:api_request_errors_total{{status="{status}",code="{_escape(code)}"}}'
-                 f" {n}" for (status, code), n in sorted(self.failed.items())))
-        metric("meshserve:api_client_disconnects_total", "counter",
-               "Requests aborted because the client went away.",
-               f"meshserve:api_client_disconnects_total {self.client_disconnects}")
-        metric("meshserve:api_requests_inflight", "gauge",
-               "Mesh requests (choices) the api is waiting on.",
-               f"meshserve:api_requests_inflight {inflight}")
-        metric("meshserve:api_tokenizer_replicas", "gauge", "Ready tokenizer replicas.",
-               f"meshserve:api_tokenizer_replicas {tokenizers}")
-        metric("meshserve:api_workers", "gauge", "Workers the scheduler reports.",
-               f"meshserve:api_workers {scheduler.workers if scheduler else 0}")
-        metric("meshserve:api_rejected_messages_total", "counter",
-               "Mesh messages the api rejected (undecodable or nonsensical).",
-               f"meshserve:api_rejected_messages_total {rejected_messages}")
-        return out.text()
+        """The exposition text, with the mesh as the actor sees it now."""
+        self.mesh.view = MeshView(scheduler, tokenizers, inflight, rejected_messages)
+        return generate_latest(self.registry).decode()
 
 
 SPEECH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -227,20 +203,71 @@ _REPLICA_COUNTERS = ("completed", "cancelled", "cancelled_running", "busy_reject
                      "engine_restarts")
 
 
+class ReplicaCollector:
+    """Each tts replica's last ``SpeechStatus`` (set by ``SpeechMetrics.render``) and the
+    gateway's own gauges."""
+
+    PREFIX = "meshserve:speech_"
+
+    def __init__(self, owner: SpeechMetrics) -> None:
+        self.owner = owner
+        self.replicas: dict[str, SpeechStatus] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.PREFIX
+        yield _family("gauge", f"{p}requests_running", "Speech requests in flight.",
+                      self.owner.running)
+        yield _family("gauge", f"{p}replicas_ready", "Ready tts replicas.",
+                      self.owner.ready_replicas)
+        statuses = sorted(self.replicas.items())
+        for name in _REPLICA_GAUGES + _REPLICA_COUNTERS:
+            counter = name in _REPLICA_COUNTERS
+            maker = CounterMetricFamily if counter else GaugeMetricFamily
+            family = maker(f"{p}tts_{name}",
+                           f"Each tts replica's {name.replace('_', ' ')}, as it last reported.",
+                           labels=["replica"])
+            for replica, status in statuses:
+                family.add_metric([replica], getattr(status, name))
+            yield family
+
+
 class SpeechMetrics:
     """What the api counts about speech requests (``meshserve:speech_*``)."""
 
     PREFIX = "meshserve:speech_"
 
     def __init__(self) -> None:
-        self.requests: Counter[str] = Counter()  # by outcome: ok | error | cancelled
-        self.audio_seconds = 0.0
-        self.input_chars = 0
-        self.running = 0
+        p = self.PREFIX
+        self.registry = r = CollectorRegistry()
+        self.running = 0  # set by the gateway, read at scrape time
         self.ready_replicas = 0
-        self.time_to_first_audio = Histogram(SPEECH_SECONDS_BUCKETS)
-        self.request_duration = Histogram(SPEECH_SECONDS_BUCKETS)
-        self.real_time_factor = Histogram(RTF_BUCKETS)  # wall time / audio time, ok requests
+        self._requests = Counter(f"{p}requests", "Speech requests ended, by outcome.",
+                                 ["outcome"], registry=r)
+        self._audio_seconds = Counter(f"{p}audio_seconds", "Seconds of audio delivered.",
+                                      registry=r)
+        self._input_chars = Counter(f"{p}input_characters",
+                                    "Input characters of ended requests.", registry=r)
+        self.time_to_first_audio = Histogram(
+            f"{p}time_to_first_audio_seconds", "Time to the first audio of a request in seconds.",
+            buckets=SPEECH_SECONDS_BUCKETS, registry=r)
+        self.request_duration = Histogram(
+            f"{p}request_duration_seconds", "Duration of successful speech requests in seconds.",
+            buckets=SPEECH_SECONDS_BUCKETS, registry=r)
+        self.real_time_factor = Histogram(  # wall time / audio time, ok requests
+            f"{p}real_time_factor", "Wall time over audio time of successful speech requests.",
+            buckets=RTF_BUCKETS, registry=r)
+        self.replicas = ReplicaCollector(self)
+        r.register(self.replicas)
+
+    @property
+    def requests(self) -> dict[str, float]:
+        """Ended requests by outcome (ok | error | cancelled)."""
+        return {
+            sample.labels["outcome"]: sample.value
+            for metric in self._requests.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        }
 
     def finished(
         self,
@@ -250,9 +277,9 @@ class SpeechMetrics:
         first_audio_s: float | None,
         elapsed_s: float,
     ) -> None:
-        self.requests[outcome] += 1
-        self.input_chars += input_chars
-        self.audio_seconds += audio_s
+        self._requests.labels(outcome).inc()
+        self._input_chars.inc(input_chars)
+        self._audio_seconds.inc(audio_s)
         if first_audio_s is not None:
             self.time_to_first_audio.observe(first_audio_s)
         if outcome == "ok":
@@ -262,44 +289,27 @@ class SpeechMetrics:
 
     def render(self, replicas: dict[str, SpeechStatus]) -> str:
         """Exposition text, with each tts replica's last status (by replica name)."""
-        p = self.PREFIX
-        out = Exposition()
-        out.metric(f"{p}requests_total", "counter", "Speech requests ended, by outcome.",
-                   *(f'{p}requests_total{{outcome="{outcome}"}} {count}'
-                     for outcome, count in sorted(self.requests.items())))
-        out.metric(f"{p}audio_seconds_total", "counter", "Seconds of audio delivered.",
-                   f"{p}audio_seconds_total {self.audio_seconds}")
-        out.metric(f"{p}input_characters_total", "counter", "Input characters of ended requests.",
-                   f"{p}input_characters_total {self.input_chars}")
-        out.metric(f"{p}requests_running", "gauge", "Speech requests in flight.",
-                   f"{p}requests_running {self.running}")
-        out.metric(f"{p}replicas_ready", "gauge", "Ready tts replicas.",
-                   f"{p}replicas_ready {self.ready_replicas}")
-        out.histogram(f"{p}time_to_first_audio_seconds", self.time_to_first_audio,
-                      "Time to the first audio of a request in seconds.")
-        out.histogram(f"{p}request_duration_seconds", self.request_duration,
-                      "Duration of successful speech requests in seconds.")
-        out.histogram(f"{p}real_time_factor", self.real_time_factor,
-                      "Wall time over audio time of successful speech requests.")
-        statuses = sorted(replicas.items())
-        for name in _REPLICA_GAUGES + _REPLICA_COUNTERS:
-            counter = name in _REPLICA_COUNTERS
-            metric = f"{p}tts_{name}" + ("_total" if counter else "")
-            out.metric(metric, "counter" if counter else "gauge",
-                       f"Each tts replica's {name.replace('_', ' ')}, as it last reported.",
-                       *(f'{metric}{{replica="{_escape(replica)}"}} {getattr(status, name)}'
-                         for replica, status in statuses))
-        return out.text()
+        self.replicas.replicas = dict(replicas)
+        return generate_latest(self.registry).decode()
+
+
+class _AuthRefusals:
+    """The api's refusals as a collector: HTTP requests without a valid key, and mesh
+    peers that failed the CURVE handshake on the api's sockets (shared/mesh_auth.py)."""
+
+    def __init__(self, http_refused: int, zmq_refused: int) -> None:
+        self.http_refused = http_refused
+        self.zmq_refused = zmq_refused
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("meshserve:api_auth_failures",
+                                  "HTTP requests refused with 401 (no or wrong API key).",
+                                  value=self.http_refused)
+        yield CounterMetricFamily("meshserve:zmq_auth_failures",
+                                  "ZMQ peers refused at the CURVE handshake on the api's sockets.",
+                                  value=self.zmq_refused)
 
 
 def render_auth_metrics(http_refused: int, zmq_refused: int) -> str:
-    """The api's refusals: HTTP requests without a valid key, and mesh peers that
-    failed the CURVE handshake on the api's sockets (``shared/mesh_auth.py``)."""
-    out = Exposition()
-    out.metric("meshserve:api_auth_failures_total", "counter",
-               "HTTP requests refused with 401 (no or wrong API key).",
-               f"meshserve:api_auth_failures_total {http_refused}")
-    out.metric("meshserve:zmq_auth_failures_total", "counter",
-               "ZMQ peers refused at the CURVE handshake on the api's sockets.",
-               f"meshserve:zmq_auth_failures_total {zmq_refused}")
-    return out.text()
+    """Exposition text of the api's refusals (``_AuthRefusals``)."""
+    return generate_latest(_AuthRefusals(http_refused, zmq_refused)).decode()  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from services.api.audio import DEFAULT_SAMPLE_RATE
+from services.api.audio import DEFAULT_FORMAT, DEFAULT_SAMPLE_RATE
 from services.api.errors import ErrorDetail
 
 # --- requests ---------------------------------------------------------------------
@@ -202,7 +202,7 @@ class SpeechBody(msgspec.Struct, frozen=True):
     model: str
     input: str
     voice: str | VoiceRef
-    response_format: str = "wav"
+    response_format: str = DEFAULT_FORMAT  # mp3, as OpenAI
     speed: float = 1.0
     stream_format: str = "audio"
     instructions: str = ""
@@ -217,7 +217,7 @@ class SpeechBody(msgspec.Struct, frozen=True):
 
 class SpeechAudioDelta(msgspec.Struct, frozen=True):
     type: str
-    audio: str  # base64 of the audio bytes (a WAV header in front of the first)
+    audio: str  # base64 of the audio bytes (the format's header in front of the first)
 
 
 class SpeechUsage(msgspec.Struct, frozen=True):

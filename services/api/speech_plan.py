@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 
-from services.api.audio import RESPONSE_FORMATS, UNSUPPORTED_FORMATS
+from services.api.audio import FORMATS, RESPONSE_FORMATS
 from services.api.errors import ApiError, bad_request
 from services.api.openai_schema import SpeechBody
 from shared.protocol.speech import (
@@ -34,10 +34,9 @@ def check_speech_body(body: SpeechBody) -> SpeechBody:
         raise _invalid("input is empty", "input")
     if len(body.input) > MAX_INPUT_CHARS:
         raise _invalid(f"input is longer than {MAX_INPUT_CHARS} characters", "input")
-    if body.response_format not in RESPONSE_FORMATS:
-        unsupported = body.response_format in UNSUPPORTED_FORMATS
-        why = " (meshserve ships no encoder for it)" if unsupported else ""
-        raise _invalid(f"response_format {body.response_format!r} is not supported{why}; "
+    audio_format = FORMATS.get(body.response_format)
+    if audio_format is None:
+        raise _invalid(f"response_format {body.response_format!r} is not supported; "
                        f"use one of {', '.join(RESPONSE_FORMATS)}", "response_format")
     if body.stream_format not in STREAM_FORMATS:
         raise _invalid(f"stream_format must be 'audio' or 'sse', got {body.stream_format!r}",
@@ -45,6 +44,9 @@ def check_speech_body(body: SpeechBody) -> SpeechBody:
     if (problem := speed_problem(body.speed)) is not None:
         raise _invalid(problem, "speed")
     if (problem := sample_rate_problem(body.sample_rate)) is not None:
+        raise _invalid(problem, "sample_rate")
+    # mp3, opus and aac encode a fixed set of rates; the mesh makes the one asked for.
+    if (problem := audio_format.sample_rate_problem(body.sample_rate)) is not None:
         raise _invalid(problem, "sample_rate")
     return body
 

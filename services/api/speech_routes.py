@@ -6,12 +6,15 @@ the app's handler before the first byte), a ``SpeechSpan`` (a ``ServerSpan``),
 ``StreamingBody`` for streamed answers and ``cancelled_on_disconnect`` for buffered
 ones.
 
-HTTP behaviour, as OpenAI's: the body streams as it is synthesized (chunked), WAV
-with 0xFFFFFFFF RIFF/data sizes since the length is not known yet; ``pcm`` is raw
+HTTP behaviour, as OpenAI's: every ``response_format`` (mp3 when absent, opus, aac,
+flac, wav, pcm; ``audio.py`` says how each is streamed), the body streams as it is
+synthesized (chunked) and encoded (``speech_encoding.py``: codecs in worker threads);
+WAV with 0xFFFFFFFF RIFF/data sizes since the length is not known yet; ``pcm`` is raw
 s16le mono at ``sample_rate`` (24 kHz by default, as OpenAI's). ``stream_format``
 ``sse`` sends ``speech.audio.delta`` events (base64 of the same bytes) and a final
 ``speech.audio.done``. Extensions: ``"stream": false`` buffers the whole response
-(exact WAV sizes, Content-Length), ``sample_rate`` picks 8000..48000 Hz. Errors before
+(exact WAV sizes, MP3 LAME tag, FLAC STREAMINFO; Content-Length), ``sample_rate``
+picks 8000..48000 Hz (mp3, opus and aac: the rates their codec takes). Errors before
 the first byte are OpenAI error bodies (400 bad input, 404 unknown model, 429 busy,
 503 no replica, 504 timeout); a failure mid-stream aborts the connection (audio) or
 ends with an ``error`` event (sse), so a client never mistakes a cut-off file for a
@@ -28,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from services.api.audio import MEDIA_TYPES, stream_prefix, whole_file
+from services.api.audio import FORMATS
 from services.api.body import read_json
 from services.api.config import ApiConfig
 from services.api.disconnect import cancelled_on_disconnect
@@ -50,6 +53,7 @@ from services.api.responses import (
     json_response,
 )
 from services.api.spans import SpeechSpan, context_from_headers
+from services.api.speech_encoding import SpeechEncoding
 from services.api.speech_flight import SpeechFlight
 from services.api.speech_gateway import SpeechGateway
 from services.api.speech_plan import check_speech_body, plan_speech
@@ -64,6 +68,7 @@ class SpeechRoutes:
     def __init__(self, gateway: SpeechGateway, config: ApiConfig) -> None:
         self.gateway = gateway
         self.config = config
+        self.encoding = SpeechEncoding(config.speech_encoder_threads)
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -118,7 +123,7 @@ class SpeechRoutes:
     async def _audio(
         self, flight: SpeechFlight, first: bytes | None, span: SpeechSpan
     ) -> AsyncIterator[bytes]:
-        """The flight's audio from ``first`` on; its failure is recorded, then raised."""
+        """The flight's PCM from ``first`` on; its failure is recorded, then raised."""
         if first:
             yield first
         try:
@@ -127,6 +132,25 @@ class SpeechRoutes:
         except ApiError as error:
             span.fail(error)
             raise
+
+    async def _encoded(
+        self, body: SpeechBody, flight: SpeechFlight, first: bytes | None, span: SpeechSpan
+    ) -> AsyncIterator[bytes]:
+        """The flight's audio in the body's format, as the encoder makes it; a failure
+        (the mesh's or the encoder's) is recorded, then raised."""
+        encoder = self.encoding.stream(body.response_format, flight.sample_rate)
+        try:
+            async for pcm in self._audio(flight, first, span):
+                if data := await encoder.encode(pcm):
+                    yield data
+            if data := await encoder.finish():
+                yield data
+        except ApiError as error:
+            if error.code == "encoder_error":  # the mesh's failures are recorded already
+                span.fail(error)
+            raise
+        finally:
+            encoder.close()
 
     def _closer(self, flight: SpeechFlight, span: SpeechSpan) -> Callable[[bool], Awaitable[None]]:
         async def close(disconnected: bool) -> None:
@@ -149,28 +173,21 @@ class SpeechRoutes:
     def _stream_audio(
         self, body: SpeechBody, flight: SpeechFlight, first: bytes | None, span: SpeechSpan
     ) -> Response:
-        async def chunks() -> AsyncIterator[bytes]:
-            if prefix := stream_prefix(body.response_format, flight.sample_rate):
-                yield prefix
-            # An ApiError here reaches StreamingBody, which aborts the connection: the
-            # client sees a broken transfer, not a complete-looking short file.
-            async for pcm in self._audio(flight, first, span):
-                yield pcm
-
-        return StreamingBody(chunks(), self._closer(flight, span),
-                             media_type=MEDIA_TYPES[body.response_format],
+        # An ApiError out of the chunks reaches StreamingBody, which aborts the
+        # connection: the client sees a broken transfer, not a complete-looking short file.
+        return StreamingBody(self._encoded(body, flight, first, span),
+                             self._closer(flight, span),
+                             media_type=FORMATS[body.response_format].media_type,
                              headers=self._headers(flight))
 
     def _stream_sse(
         self, body: SpeechBody, flight: SpeechFlight, first: bytes | None, span: SpeechSpan
     ) -> Response:
         async def events() -> AsyncIterator[bytes]:
-            prefix = stream_prefix(body.response_format, flight.sample_rate)
             try:
-                async for pcm in self._audio(flight, first, span):
-                    audio = base64.b64encode(prefix + pcm).decode()
+                async for data in self._encoded(body, flight, first, span):
+                    audio = base64.b64encode(data).decode()
                     yield sse_event(SpeechAudioDelta("speech.audio.delta", audio))
-                    prefix = b""
             except ApiError as error:
                 yield sse_event(SpeechStreamError("error", error.body().error))
                 return
@@ -199,13 +216,21 @@ class SpeechRoutes:
                 await self.gateway.close(flight)
         if watch.disconnected:
             span.client_gone()
-        self._end_span(span, flight)
-        if watch.disconnected:
+            self._end_span(span, flight)
             return client_gone_response()
+        if failure is None:
+            try:
+                content = await self.encoding.whole_file(body.response_format,
+                                                         flight.sample_rate, b"".join(pieces))
+            except ApiError as error:
+                span.fail(error)
+                failure = error
         if failure is not None:
+            span.audio(flight)
+            span.end()
             raise failure
-        return Response(whole_file(body.response_format, flight.sample_rate, b"".join(pieces)),
-                        media_type=MEDIA_TYPES[body.response_format],
+        self._end_span(span, flight)
+        return Response(content, media_type=FORMATS[body.response_format].media_type,
                         headers=self._headers(flight))
 
     @staticmethod

@@ -27,7 +27,7 @@ import msgspec
 import zmq
 
 from services.tts.engines.base import Engine, EngineError, load_engine
-from services.tts.resample import LinearResampler
+from services.tts.resample import Resampler
 from shared.config import load_config
 from shared.curve import load_keys
 from shared.logs import configure_logging, get_logger
@@ -101,7 +101,7 @@ class EngineServer:
     def run_job(self, job: EngineSynthesize) -> None:
         native = self.engine.sample_rate
         resampler = (
-            LinearResampler(native, job.sample_rate)
+            Resampler(native, job.sample_rate)
             if job.sample_rate and job.sample_rate != native
             else None
         )

@@ -38,7 +38,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 def metric(mesh: Mesh, name: str) -> int:
     lines = httpx.get(mesh.base_url + "/metrics", timeout=10).text.splitlines()
-    return int(next(line for line in lines if line.startswith(name + " ")).split()[1])
+    return int(float(next(line for line in lines if line.startswith(name + " ")).split()[1]))
 
 
 def test_openai_client_needs_one_of_the_keys(mesh: Mesh) -> None:

@@ -691,14 +691,16 @@ async def test_garbage_on_the_zmq_socket_is_rejected_and_http_keeps_working(
         assert results[0].json()["choices"][0]["text"] == "fine"
 
         metrics = (await client.get(f"{mesh.url}/metrics")).text
-        assert f'vllm:request_success_total{{model_name="{SERVED}",finished_reason="stop"}} 1' \
-            in metrics.splitlines()
-        assert f'vllm:num_requests_running{{model_name="{SERVED}"}} 0' in metrics.splitlines()
-        rejected = next(line for line in metrics.splitlines()
-                        if line.startswith("meshserve:api_rejected_messages_total "))
-        assert int(rejected.split()[1]) >= 2  # the garbage and the unknown request
+        # prometheus_client sorts labels and writes values as floats ("1.0").
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                  for line in metrics.splitlines() if not line.startswith("#")}
+        assert values[f'vllm:request_success_total{{finished_reason="stop",'
+                      f'model_name="{SERVED}"}}'] == 1
+        assert values[f'vllm:num_requests_running{{model_name="{SERVED}"}}'] == 0
+        # the garbage and the unknown request
+        assert values["meshserve:api_rejected_messages_total"] >= 2
         # The speech gateway shares the process, the app and /metrics.
-        assert "meshserve:speech_replicas_ready 0" in metrics.splitlines()
+        assert values["meshserve:speech_replicas_ready"] == 0
         voices = await client.get(f"{mesh.url}/v1/audio/voices")
         assert voices.status_code in (200, 503) and voices.headers["content-type"].startswith(
             "application/json")

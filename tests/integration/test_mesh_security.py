@@ -81,7 +81,7 @@ async def play_tokenizer(dealer: DealerEndpoint[GenerateRequest | Abort], joined
 async def zmq_auth_failures(http: httpx.AsyncClient) -> int:
     metrics = (await http.get("/metrics")).text.splitlines()
     line = next(m for m in metrics if m.startswith("meshserve:zmq_auth_failures_total "))
-    return int(line.split()[1])
+    return int(float(line.split()[1]))
 
 
 async def poll(predicate: Callable[[], object]) -> None:
@@ -165,9 +165,11 @@ async def test_keyless_peers_get_nothing_through_and_http_needs_the_api_key(
                 assert good.status_code == 200, good.text
                 assert good.json()["choices"][0]["text"] == "fine"
                 assert len(requests) == 1  # the 401 never reached the mesh
-                metrics = (await http.get("/metrics")).text.splitlines()
-                assert "meshserve:api_auth_failures_total 1" in metrics
-                assert "meshserve:api_rejected_messages_total 0" in metrics
+                metrics = dict(line.rsplit(" ", 1) for line in
+                               (await http.get("/metrics")).text.splitlines()
+                               if line and not line.startswith("#"))
+                assert float(metrics["meshserve:api_auth_failures_total"]) == 1
+                assert float(metrics["meshserve:api_rejected_messages_total"]) == 0
                 tg.cancel_scope.cancel()
         log = read_log(ipc_dir, "api")
         # Logged (once per sender per 10 s): the ZAP refusal with the peer's address,

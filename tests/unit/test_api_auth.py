@@ -88,6 +88,6 @@ async def test_no_keys_is_an_open_api() -> None:
 
 def test_auth_failures_on_metrics() -> None:
     text = render_auth_metrics(3, 7)
-    assert "meshserve:api_auth_failures_total 3" in text.splitlines()
-    assert "meshserve:zmq_auth_failures_total 7" in text.splitlines()
+    assert "meshserve:api_auth_failures_total 3.0" in text.splitlines()
+    assert "meshserve:zmq_auth_failures_total 7.0" in text.splitlines()
     assert "# TYPE meshserve:zmq_auth_failures_total counter" in text

@@ -1,24 +1,42 @@
-"""/metrics: vLLM's metric names and Prometheus text exposition."""
+"""/metrics: vLLM's metric names and Prometheus text exposition (rendered by
+prometheus_client, read back by its own parser)."""
 
 from __future__ import annotations
 
 import re
 
-from services.api.metrics import ApiMetrics, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.api.metrics import ApiMetrics, SpeechMetrics
 from shared.protocol.generation import SchedulerStatus
+from shared.protocol.speech import SpeechStatus
 
 SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9.e+-]+$')
+LABEL = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
 
 
-def samples(text: str) -> dict[str, float]:
-    out = {}
+def key(sample: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    """A sample's name and label set: label order is not part of the format."""
+    name, _, labels = sample.partition("{")
+    return name, frozenset(LABEL.findall(labels))
+
+
+class Samples(dict[tuple[str, frozenset[tuple[str, str]]], float]):
+    def __getitem__(self, sample: str) -> float:  # type: ignore[override]
+        return super().__getitem__(key(sample))
+
+
+def samples(text: str) -> Samples:
+    out = Samples()
     for line in text.splitlines():
         if line.startswith("#"):
             assert line.startswith(("# HELP ", "# TYPE ")), line
             continue
         assert SAMPLE.match(line), line
         name, value = line.rsplit(" ", 1)
-        out[name] = float(value)
+        out[key(name)] = float(value)
+    # And what Prometheus' own parser makes of it: every line parses.
+    assert list(text_string_to_metric_families(text))
     return out
 
 
@@ -58,12 +76,38 @@ def test_without_a_scheduler_status_its_gauges_are_absent() -> None:
 
 
 def test_histogram_buckets_are_cumulative() -> None:
-    histogram = Histogram((1.0, 2.0))
-    for value in (0.5, 1.5, 3.0):
-        histogram.observe(value)
-    assert histogram.lines("h", "") == [
-        'h_bucket{le="1.0"} 1', 'h_bucket{le="2.0"} 2', 'h_bucket{le="+Inf"} 3',
-        "h_sum 5.0", "h_count 3"]
+    metrics = ApiMetrics("m")
+    for tokens in (1, 3, 7000):
+        metrics.request_succeeded(["stop"], tokens, 1, None, 1.0)
+    got = samples(metrics.render(None, tokenizers=0, inflight=0, rejected_messages=0))
+    bucket = 'vllm:request_prompt_tokens_bucket{model_name="m",le="%s"}'
+    assert [got[bucket % le] for le in ("1.0", "2.0", "5.0", "5000.0", "10000.0", "+Inf")] \
+        == [1, 1, 2, 2, 3, 3]
+    assert got['vllm:request_prompt_tokens_sum{model_name="m"}'] == 7004
+    assert got['vllm:request_prompt_tokens_count{model_name="m"}'] == 3
+    assert not any(name.endswith("_created") for name, _ in got)  # off, as in vLLM
+
+
+def test_speech_metrics_and_replica_statuses() -> None:
+    metrics = SpeechMetrics()
+    metrics.running, metrics.ready_replicas = 2, 1
+    metrics.finished("ok", input_chars=12, audio_s=2.0, first_audio_s=0.1, elapsed_s=1.0)
+    metrics.finished("cancelled", input_chars=3, audio_s=0.5, first_audio_s=None, elapsed_s=0.2)
+    status = SpeechStatus(engines=2, engines_ready=2, engines_busy=1, requests=1,
+                          queued_chunks=3, running_chunks=1, completed=5, cancelled=1,
+                          cancelled_running=0, busy_rejections=0, engine_restarts=2)
+    got = samples(metrics.render({"tts/0": status}))
+    assert metrics.requests == {"ok": 1, "cancelled": 1}
+    assert got['meshserve:speech_requests_total{outcome="ok"}'] == 1
+    assert got["meshserve:speech_audio_seconds_total"] == 2.5
+    assert got["meshserve:speech_input_characters_total"] == 15
+    assert got["meshserve:speech_requests_running"] == 2
+    assert got["meshserve:speech_replicas_ready"] == 1
+    assert got["meshserve:speech_time_to_first_audio_seconds_count"] == 1
+    assert got["meshserve:speech_request_duration_seconds_count"] == 1
+    assert got['meshserve:speech_real_time_factor_bucket{le="0.5"}'] == 1
+    assert got['meshserve:speech_tts_queued_chunks{replica="tts/0"}'] == 3
+    assert got['meshserve:speech_tts_engine_restarts_total{replica="tts/0"}'] == 2
 
 
 def test_inter_token_latency_is_observed_per_token() -> None:
@@ -79,7 +123,7 @@ def test_inter_token_latency_is_observed_per_token() -> None:
 
     metrics = ApiMetrics("m")
     metrics.request_succeeded(["stop"], 3, 4, 0.1, 1.0, choice.inter_token_latencies)
-    text = metrics.render(None, tokenizers=1, inflight=0, rejected_messages=0)
-    assert 'vllm:inter_token_latency_seconds_count{model_name="m"} 3' in text
-    assert 'vllm:inter_token_latency_seconds_bucket{model_name="m",le="0.3"} 2' in text
-    assert 'vllm:inter_token_latency_seconds_bucket{model_name="m",le="0.5"} 3' in text
+    got = samples(metrics.render(None, tokenizers=1, inflight=0, rejected_messages=0))
+    assert got['vllm:inter_token_latency_seconds_count{model_name="m"}'] == 3
+    assert got['vllm:inter_token_latency_seconds_bucket{model_name="m",le="0.3"}'] == 2
+    assert got['vllm:inter_token_latency_seconds_bucket{model_name="m",le="0.5"}'] == 3

@@ -246,12 +246,17 @@ def parse_speech_body(raw: bytes) -> SpeechBody:
 
 def test_request_bodies_are_validated_like_openai() -> None:
     body = parse_speech_body(b'{"model": "tts-1", "input": "Hi.", "voice": {"id": "nova"}}')
-    assert body.voice.id == "nova" and body.response_format == "wav"  # type: ignore[union-attr]
+    assert body.voice.id == "nova" and body.response_format == "mp3"  # type: ignore[union-attr]
     assert body.sample_rate == 24000 and body.stream and body.stream_format == "audio"
     bad = {
         b'{"model": "tts-1", "input": "  ", "voice": "alloy"}': "input",
-        b'{"model": "tts-1", "input": "x", "voice": "alloy", "response_format": "mp3"}':
+        b'{"model": "tts-1", "input": "x", "voice": "alloy", "response_format": "wma"}':
             "response_format",
+        # opus encodes 8, 12, 16, 24 and 48 kHz only
+        b'{"model": "tts-1", "input": "x", "voice": "alloy", "response_format": "opus", '
+        b'"sample_rate": 44100}': "sample_rate",
+        b'{"model": "tts-1", "input": "x", "voice": "alloy", "sample_rate": 4000}':
+            "sample_rate",
         b'{"model": "tts-1", "input": "x", "voice": "alloy", "speed": 0.1}': "speed",
         b'{"model": "tts-1", "input": "x", "voice": "alloy", "stream_format": "ws"}':
             "stream_format",
@@ -265,6 +270,10 @@ def test_request_bodies_are_validated_like_openai() -> None:
         assert caught.value.status == 400 and caught.value.param == param, raw
         error = msgspec.json.decode(caught.value.encode())["error"]
         assert error["type"] == "invalid_request_error" and error["message"]
+    for response_format in ("mp3", "opus", "aac", "flac", "wav", "pcm"):
+        raw = (b'{"model": "tts-1", "input": "x", "voice": "alloy", "response_format": "%s"}'
+               % response_format.encode())
+        assert parse_speech_body(raw).response_format == response_format
 
 
 def test_wav_headers_for_streams_and_whole_files() -> None:
