@@ -134,3 +134,8 @@ def raw_whole_file(audio_format: AudioFormat, sample_rate: int, pcm: bytes) -> b
     if audio_format.name == "wav":
         return wav_header(sample_rate, len(pcm) // 2) + pcm
     return pcm
+
+
+class EncodingError(RuntimeError):
+    """The codec library refused the audio (a bug or a broken build, not bad input:
+    formats and rates are checked before a request reaches the mesh)."""

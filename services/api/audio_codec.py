@@ -21,12 +21,7 @@ from typing import BinaryIO
 import av
 import numpy as np
 
-from services.api.audio import AudioFormat
-
-
-class EncodingError(RuntimeError):
-    """The codec library refused the audio (a bug or a broken build, not bad input:
-    formats and rates are checked before a request reaches the mesh)."""
+from services.api.audio import AudioFormat, EncodingError
 
 
 class _Sink:

@@ -20,11 +20,11 @@ import anyio
 
 from services.api.audio import (
     FORMATS,
+    EncodingError,
     StreamEncoder,
     raw_stream,
     raw_whole_file,
 )
-from services.api.audio_codec import CodecStream, EncodingError, codec_whole_file
 from services.api.errors import ApiError
 from shared.logs import get_logger
 
@@ -77,6 +77,8 @@ class SpeechEncoding:
         audio_format = FORMATS[response_format]
         if not audio_format.uses_codec:
             return EncodedStream(raw_stream(audio_format, sample_rate), None)
+        from services.api.audio_codec import CodecStream  # PyAV loads ffmpeg: only when used
+
         try:
             return EncodedStream(CodecStream(audio_format, sample_rate), self._limiter)
         except EncodingError as e:
@@ -87,6 +89,8 @@ class SpeechEncoding:
         audio_format = FORMATS[response_format]
         if not audio_format.uses_codec:
             return raw_whole_file(audio_format, sample_rate, pcm)
+        from services.api.audio_codec import codec_whole_file  # as in ``stream``
+
         try:
             return await anyio.to_thread.run_sync(
                 codec_whole_file, audio_format, sample_rate, pcm, limiter=self._limiter)
