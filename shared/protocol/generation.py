@@ -182,6 +182,7 @@ class TextDelta(msgspec.Struct, frozen=True, array_like=True, gc=False):
     logprobs: list[Logprobs] = []
     prompt_logprobs: list[Logprobs] = []
     prompt_text: str | None = None  # echo: the prompt's text, in the first delta
+    prompt_first_token: str = ""  # echo: the first prompt token's text (no logprob)
 
 
 class TextBatch(msgspec.Struct, frozen=True, tag=True, gc=False):
