@@ -17,14 +17,23 @@ Defaults follow vLLM's OpenAI server:
 - ``cache_salt`` (vLLM's extension) keys the prefix cache: requests under
   different salts never share cached blocks.
 
-Everything meshserve does not implement (logprobs, echo, penalties, tools, ...) is
-a 400 naming the parameter, rather than a response that silently ignores it.
+- Sampling: ``presence_penalty``/``frequency_penalty`` (-2..2), vLLM's
+  ``repetition_penalty`` (> 0) and ``min_p`` (0..1), ``logit_bias`` (-100..100 per
+  token id; ids the tokenizer checks), vLLM's ``bad_words``.
+- Logprobs: completions ``logprobs`` 0..20; chat ``logprobs`` + ``top_logprobs``
+  0..20; vLLM's ``prompt_logprobs`` 0..20. Completions' ``echo`` prepends the
+  prompt (with ``logprobs``, its tokens' logprobs too: ``prompt_logprobs`` =
+  ``logprobs``); only ``echo`` allows ``max_tokens`` 0. Prompt logprobs with
+  ``n`` > 1 are served unstreamed only (the prompt is computed by one choice).
+
+Everything meshserve does not implement (tools, beam search, ...) is a 400 naming
+the parameter, rather than a response that silently ignores it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -49,6 +58,7 @@ Operation = Literal["text_completion", "chat"]
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 _INT32_MAX = 2**31 - 1
+MAX_LOGPROBS = 20  # OpenAI's limit (and vLLM's default --max-logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,17 @@ class GenerationPlan:
     stream: bool
     include_usage: bool
     requests: list[GenerateRequest]  # one per choice, in choice order
+    logprobs: bool = False  # the response carries output logprobs
+    echo: bool = False  # completions: the prompt's text (and logprobs) come first
+    show_prompt_logprobs: bool = False  # vLLM's ``prompt_logprobs`` field
+
+    def echo_prefix(self, echo: tuple[str, str] | None) -> str:
+        """The echoed prompt text: the client's own string, else the tokenizer's
+        decoding of the prompt ids (``echo`` as the mesh sent it)."""
+        if not self.echo or echo is None:
+            return ""
+        prompt = self.requests[0].prompt
+        return prompt if prompt is not None else echo[0]
 
     @property
     def sampling(self) -> SamplingParams:
@@ -118,26 +139,29 @@ class PlanContext:
 def plan_completion(body: CompletionRequest, context: PlanContext) -> GenerationPlan:
     config = context.config
     check_model(body.model, context.served_model)
-    if body.echo:
-        raise bad_request("`echo` is not supported", "echo")
-    if body.logprobs is not None:
-        raise bad_request("`logprobs` is not supported", "logprobs")
     if body.suffix is not None:
         raise bad_request("`suffix` is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("`best_of` other than `n` is not supported", "best_of")
     max_tokens = body.max_tokens if body.max_tokens is not None else config.max_tokens_default
-    sampling = _sampling(body, max_tokens, "max_tokens", config)
+    sampling = _sampling(body, max_tokens, "max_tokens", config, echo=body.echo)
+    logprobs = _logprobs_count(body.logprobs, "logprobs")
+    if body.echo and logprobs >= 0:
+        sampling = msgspec.structs.replace(
+            sampling, prompt_logprobs=max(sampling.prompt_logprobs, logprobs))
+    sampling = msgspec.structs.replace(sampling, logprobs=logprobs)
     prompt, prompt_ids = _prompt(body.prompt)
     return _plan("text_completion", body, context, sampling,
-                 prompt=prompt, prompt_token_ids=prompt_ids)
+                 prompt=prompt, prompt_token_ids=prompt_ids, echo=body.echo)
 
 
 def plan_chat(body: ChatCompletionRequest, context: PlanContext) -> GenerationPlan:
     config = context.config
     check_model(body.model, context.served_model)
-    if body.logprobs or body.top_logprobs:
-        raise bad_request("`logprobs` is not supported", "logprobs")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("`top_logprobs` needs `logprobs` true", "top_logprobs")
+    if body.echo:
+        raise bad_request("`echo` is not supported for chat", "echo")
     if body.tools:
         raise bad_request("`tools` are not supported", "tools")
     if body.tool_choice not in (None, "none"):
@@ -154,6 +178,9 @@ def plan_chat(body: ChatCompletionRequest, context: PlanContext) -> GenerationPl
     else:
         max_tokens, param = config.chat_max_tokens_default, "max_tokens"
     sampling = _sampling(body, max_tokens, param, config)
+    if body.logprobs:
+        sampling = msgspec.structs.replace(
+            sampling, logprobs=_logprobs_count(body.top_logprobs or 0, "top_logprobs"))
     messages = _messages(body.messages)
     return _plan("chat", body, context, sampling, messages=messages,
                  add_generation_prompt=body.add_generation_prompt)
@@ -169,6 +196,7 @@ def _plan(
     prompt_token_ids: bytes | None = None,
     messages: list[ChatMessage] | None = None,
     add_generation_prompt: bool = True,
+    echo: bool = False,
 ) -> GenerationPlan:
     """The plan both endpoints make from a validated body; the prompt arguments say
     what the tokenizer encodes (a prompt, its ids, or chat messages)."""
@@ -177,7 +205,7 @@ def _plan(
         return GenerateRequest(
             request_id=request_id,
             sampling=params,
-            detokenize=_detokenize(body),
+            detokenize=msgspec.structs.replace(_detokenize(body), echo=echo),
             prompt=prompt,
             prompt_token_ids=prompt_token_ids,
             messages=messages,
@@ -186,7 +214,12 @@ def _plan(
             cache_salt=_cache_salt(body),
         )
 
+    if (sampling.prompt_logprobs >= 0 and body.n > 1 and body.stream):
+        raise bad_request("prompt logprobs with `n` > 1 are served unstreamed only", "n")
     return GenerationPlan(
+        logprobs=sampling.logprobs >= 0,
+        echo=echo,
+        show_prompt_logprobs=body.prompt_logprobs is not None,
         operation=operation,
         response_id=context.response_id,
         model=context.served_model,
@@ -201,13 +234,14 @@ def _plan(
 
 
 def _sampling(
-    body: SamplingFields, max_tokens: int, max_tokens_param: str, config: ApiConfig
+    body: SamplingFields, max_tokens: int, max_tokens_param: str, config: ApiConfig,
+    echo: bool = False,
 ) -> SamplingParams:
     if not 1 <= body.n <= config.max_n:
         raise bad_request(f"`n` must be between 1 and {config.max_n}, got {body.n}", "n")
-    if max_tokens < 1:
-        raise bad_request(f"`{max_tokens_param}` must be at least 1, got {max_tokens}",
-                          max_tokens_param)
+    if max_tokens < (0 if echo else 1):
+        raise bad_request(f"`{max_tokens_param}` must be at least 1 (0 only with `echo`), "
+                          f"got {max_tokens}", max_tokens_param)
     temperature = 1.0 if body.temperature is None else body.temperature
     if temperature < 0:
         raise bad_request(f"`temperature` must be >= 0, got {temperature}", "temperature")
@@ -223,12 +257,7 @@ def _sampling(
             f"got {body.min_tokens}",
             "min_tokens",
         )
-    if body.presence_penalty:
-        raise bad_request("`presence_penalty` is not supported", "presence_penalty")
-    if body.frequency_penalty:
-        raise bad_request("`frequency_penalty` is not supported", "frequency_penalty")
-    if body.logit_bias:
-        raise bad_request("`logit_bias` is not supported", "logit_bias")
+    _reject_unsupported(body)
     if body.stream_options is not None and not body.stream:
         raise bad_request("`stream_options` is only allowed when `stream` is true",
                           "stream_options")
@@ -244,7 +273,74 @@ def _sampling(
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
         stop_token_ids=stop_token_ids,
+        prompt_logprobs=(-1 if body.prompt_logprobs is None
+                         else _logprobs_count(body.prompt_logprobs, "prompt_logprobs")),
+        **_penalties(body),
     )
+
+
+# vLLM request fields meshserve does not implement, with the value that means
+# "not used": any other value is a 400 naming the field.
+UNSUPPORTED: dict[str, object] = {
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "allowed_token_ids": None,
+    "truncate_prompt_tokens": None,
+    "return_tokens_as_token_ids": False,
+    "spaces_between_special_tokens": True,
+    "logits_processors": None,
+}
+
+
+def _reject_unsupported(body: SamplingFields) -> None:
+    for name, unused in UNSUPPORTED.items():
+        if getattr(body, name) != unused:
+            raise bad_request(f"`{name}` is not supported", name)
+
+
+def _logprobs_count(value: int | None, param: str) -> int:
+    """-1 for None (not asked), else the number of top logprobs, checked."""
+    if value is None:
+        return -1
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise bad_request(f"`{param}` must be between 0 and {MAX_LOGPROBS}, got {value}", param)
+    return value
+
+
+def _penalties(body: SamplingFields) -> dict[str, Any]:
+    """The penalty, min_p, logit_bias and bad_words fields of SamplingParams."""
+    out: dict[str, Any] = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value is not None:
+            if not -2.0 <= value <= 2.0:
+                raise bad_request(f"`{name}` must be between -2 and 2, got {value}", name)
+            out[name] = value
+    if body.repetition_penalty is not None:
+        if not body.repetition_penalty > 0:
+            raise bad_request("`repetition_penalty` must be > 0, got "
+                              f"{body.repetition_penalty}", "repetition_penalty")
+        out["repetition_penalty"] = body.repetition_penalty
+    if body.min_p is not None:
+        if not 0.0 <= body.min_p <= 1.0:
+            raise bad_request(f"`min_p` must be between 0 and 1, got {body.min_p}", "min_p")
+        out["min_p"] = body.min_p
+    if body.logit_bias:
+        bias: dict[int, float] = {}
+        for key, value in body.logit_bias.items():
+            if not key.isdigit() or int(key) > _INT32_MAX:
+                raise bad_request(f"`logit_bias` keys must be token ids, got {key!r}",
+                                  "logit_bias")
+            if not -100.0 <= value <= 100.0:
+                raise bad_request(f"`logit_bias` values must be between -100 and 100, "
+                                  f"got {value}", "logit_bias")
+            bias[int(key)] = value
+        out["logit_bias"] = bias
+    if body.bad_words:
+        if any(not w.strip() for w in body.bad_words):
+            raise bad_request("`bad_words` must not hold empty words", "bad_words")
+        out["bad_words"] = list(body.bad_words)
+    return out
 
 
 def _detokenize(body: SamplingFields) -> DetokenizeSpec:

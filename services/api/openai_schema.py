@@ -20,6 +20,7 @@ from msgspec import UNSET, UnsetType
 
 from services.api.audio import DEFAULT_FORMAT, DEFAULT_SAMPLE_RATE
 from services.api.errors import ErrorDetail
+from services.api.logprob_schema import ChatLogprobs, CompletionLogprobs, PromptLogprobs
 
 # --- requests ---------------------------------------------------------------------
 
@@ -70,6 +71,19 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     skip_special_tokens: bool = True
     priority: int = 0
     cache_salt: str | None = None  # prefix-cache isolation key (vLLM)
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    # vLLM's fields meshserve does not implement: declared so that a request using
+    # one gets a 400 naming it (generation_plan.UNSUPPORTED) instead of being ignored.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
+    return_tokens_as_token_ids: bool = False
+    spaces_between_special_tokens: bool = True
+    logits_processors: list[Any] | None = None
 
 
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
@@ -95,6 +109,7 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     response_format: ResponseFormat | None = None
     # vLLM's extension: False continues the last message instead of answering it.
     add_generation_prompt: bool = True
+    echo: bool = False  # vLLM's: echo the last message (not implemented: 400)
 
 
 # --- responses --------------------------------------------------------------------
@@ -109,8 +124,9 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
 class CompletionChoice(msgspec.Struct, frozen=True, kw_only=True):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # vLLM's, when asked for
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
@@ -132,7 +148,7 @@ class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True):
 class ChatChoice(msgspec.Struct, frozen=True, kw_only=True):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -143,6 +159,7 @@ class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # vLLM's, when asked for
 
 
 class ChatDelta(msgspec.Struct, frozen=True, kw_only=True):
@@ -153,7 +170,7 @@ class ChatDelta(msgspec.Struct, frozen=True, kw_only=True):
 class ChatChunkChoice(msgspec.Struct, frozen=True, kw_only=True):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -17,6 +17,14 @@ from msgspec import UNSET
 
 from services.api.errors import ApiError
 from services.api.generation_plan import GenerationPlan
+from services.api.logprob_render import (
+    TokenRow,
+    chat_logprobs,
+    completion_logprobs,
+    prompt_logprobs,
+    token_rows,
+)
+from services.api.logprob_schema import CompletionLogprobs
 from services.api.openai_schema import (
     AssistantMessage,
     ChatChoice,
@@ -69,6 +77,7 @@ class StreamRenderer:
         self.plan = plan
         # Present-but-null on every chunk when usage was asked for, absent otherwise.
         self._chunk_usage = None if plan.include_usage else UNSET
+        self._text_offsets = [0] * len(plan.requests)  # completions' logprob text_offset
 
     def opening(self) -> list[bytes]:
         """Chat opens with the assistant role for every choice; completions with nothing."""
@@ -85,18 +94,32 @@ class StreamRenderer:
         for update in updates:
             if not update.text and update.finish_reason is None:
                 continue
+            rows = token_rows(update.logprobs)
             if self.plan.operation == "chat":
                 delta = ChatDelta(content=update.text) if update.text else ChatDelta()
                 events.append(self._chat_chunk([ChatChunkChoice(
-                    index=update.index, delta=delta, finish_reason=update.finish_reason
+                    index=update.index, delta=delta, finish_reason=update.finish_reason,
+                    logprobs=chat_logprobs(rows) if self.plan.logprobs else None,
                 )]))
             else:
+                prompt_rows = token_rows(update.prompt_logprobs)
+                echo = self.plan.echo_prefix(update.echo)
+                offset = self._text_offsets[update.index]
+                logprobs = _completion_logprobs(self.plan, rows, prompt_rows, update.echo,
+                                                offset)
+                if logprobs is not None:
+                    self._text_offsets[update.index] = offset + sum(map(len, logprobs.tokens))
                 events.append(sse_event(Completion(
                     id=self.plan.response_id,
                     created=self.plan.created,
                     model=self.plan.model,
-                    choices=[CompletionChoice(index=update.index, text=update.text,
-                                              finish_reason=update.finish_reason)],
+                    choices=[CompletionChoice(
+                        index=update.index, text=echo + update.text,
+                        finish_reason=update.finish_reason, logprobs=logprobs,
+                        prompt_logprobs=(prompt_logprobs(prompt_rows)
+                                         if self.plan.show_prompt_logprobs and prompt_rows
+                                         else UNSET),
+                    )],
                     usage=self._chunk_usage,
                 )))
         return events
@@ -136,34 +159,63 @@ class ResponseCollector:
         self.plan = plan
         self._texts: list[list[str]] = [[] for _ in plan.requests]
         self._finish: list[str | None] = [None for _ in plan.requests]
+        self._rows: list[list[TokenRow]] = [[] for _ in plan.requests]
+        self._prompt_rows: list[list[TokenRow]] = [[] for _ in plan.requests]
+        self._echo: list[tuple[str, str] | None] = [None for _ in plan.requests]
 
     def add(self, updates: Sequence[ChoiceUpdate]) -> None:
         for update in updates:
-            self._texts[update.index].append(update.text)
+            i = update.index
+            self._texts[i].append(update.text)
+            self._rows[i] += token_rows(update.logprobs)
+            self._prompt_rows[i] += token_rows(update.prompt_logprobs)
+            self._echo[i] = self._echo[i] or update.echo
             if update.finish_reason is not None:
-                self._finish[update.index] = update.finish_reason
+                self._finish[i] = update.finish_reason
 
     def render(self, usage: Usage) -> Completion | ChatCompletion:
         texts = ["".join(parts) for parts in self._texts]
-        if self.plan.operation == "chat":
+        plan = self.plan
+        if plan.operation == "chat":
             return ChatCompletion(
-                id=self.plan.response_id,
-                created=self.plan.created,
-                model=self.plan.model,
+                id=plan.response_id,
+                created=plan.created,
+                model=plan.model,
                 choices=[
                     ChatChoice(index=i, message=AssistantMessage(content=text),
-                               finish_reason=self._finish[i])
+                               finish_reason=self._finish[i],
+                               logprobs=chat_logprobs(self._rows[i]) if plan.logprobs else None)
                     for i, text in enumerate(texts)
                 ],
                 usage=usage,
+                prompt_logprobs=(prompt_logprobs(self._shared_prompt_rows(0))
+                                 if plan.show_prompt_logprobs else UNSET),
             )
-        return Completion(
-            id=self.plan.response_id,
-            created=self.plan.created,
-            model=self.plan.model,
-            choices=[
-                CompletionChoice(index=i, text=text, finish_reason=self._finish[i])
-                for i, text in enumerate(texts)
-            ],
-            usage=usage,
-        )
+        choices = []
+        for i, text in enumerate(texts):
+            # With n > 1 the prompt is computed once, by one of the choices.
+            prompt_rows = self._shared_prompt_rows(i)
+            echo = self._echo[i] or next((e for e in self._echo if e), None)
+            choices.append(CompletionChoice(
+                index=i, text=plan.echo_prefix(echo) + text, finish_reason=self._finish[i],
+                logprobs=_completion_logprobs(plan, self._rows[i], prompt_rows, echo, 0),
+                prompt_logprobs=(prompt_logprobs(prompt_rows) if plan.show_prompt_logprobs
+                                 else UNSET),
+            ))
+        return Completion(id=plan.response_id, created=plan.created, model=plan.model,
+                          choices=choices, usage=usage)
+
+    def _shared_prompt_rows(self, i: int) -> list[TokenRow]:
+        return self._prompt_rows[i] or next((r for r in self._prompt_rows if r), [])
+
+
+def _completion_logprobs(plan: GenerationPlan, rows: list[TokenRow],
+                         prompt_rows: list[TokenRow], echo: tuple[str, str] | None,
+                         text_start: int) -> CompletionLogprobs | None:
+    """The completions ``logprobs`` object of some tokens; with ``echo``, the
+    prompt's come first (the update or response that carries the echoed text)."""
+    if not plan.logprobs:
+        return None
+    if plan.echo and echo is not None:
+        return completion_logprobs(rows, prompt_rows, echo[1], text_start)
+    return completion_logprobs(rows, text_start=text_start)

@@ -30,6 +30,7 @@ from opentelemetry.context import Context
 from services.api.errors import ApiError
 from services.api.generation_plan import GenerationPlan
 from shared.protocol.generation import GenerateRequest, TextDelta
+from shared.protocol.logprobs import Logprobs
 from shared.recent_ids import RecentIds
 
 RECENTLY_CLOSED = 8192  # ids remembered so that late deltas are dropped quietly
@@ -53,6 +54,11 @@ class Choice:
     # Gaps between successive tokens, one per token after the first: the samples
     # of vLLM's inter-token latency histogram.
     inter_token_latencies: list[float] = field(default_factory=list)
+    # Logprobs accepted, not yet taken; echo's prompt (text, first token's text).
+    pending_logprobs: list[Logprobs] = field(default_factory=list)
+    pending_prompt_logprobs: list[Logprobs] = field(default_factory=list)
+    echo: tuple[str, str] | None = None
+    echo_seen: bool = False  # a replayed request echoes its prompt again: ignored
 
     def tokens_arrived(self, count: int, now: float) -> None:
         if count <= 0:
@@ -83,6 +89,9 @@ class ChoiceUpdate:
     index: int
     text: str
     finish_reason: str | None  # set exactly once, in the update that ends the choice
+    logprobs: list[Logprobs] = field(default_factory=list)
+    prompt_logprobs: list[Logprobs] = field(default_factory=list)
+    echo: tuple[str, str] | None = None  # (prompt text, its first token's text), once
 
 
 class DeltaOutcome(enum.Enum):
@@ -158,7 +167,11 @@ class Flight:
             text = "".join(choice.pending)
             choice.pending.clear()
             choice.finish_taken = choice.finished
-            updates.append(ChoiceUpdate(choice.index, text, choice.finish_reason if ends else None))
+            updates.append(ChoiceUpdate(choice.index, text, choice.finish_reason if ends else None,
+                                        choice.pending_logprobs, choice.pending_prompt_logprobs,
+                                        choice.echo))
+            choice.pending_logprobs, choice.pending_prompt_logprobs = [], []
+            choice.echo = None
             self._first_text_taken = self._first_text_taken or bool(text)
         return updates
 
@@ -240,6 +253,11 @@ class FlightRegistry:
             new_text = delta.text
         else:
             new_text = delta.text[choice.delivered_chars - delta.offset :]
+        # (A replay after a tokenizer failover carries no logprobs.)
+        choice.pending_logprobs.extend(delta.logprobs)
+        choice.pending_prompt_logprobs.extend(delta.prompt_logprobs)
+        if delta.prompt_text is not None and not choice.echo_seen:
+            choice.echo, choice.echo_seen = (delta.prompt_text, delta.prompt_first_token), True
         if new_text:
             choice.pending.append(new_text)
         elif delta.finish_reason is None and end <= choice.delivered_chars:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from services.scheduler.request import Request
 from shared.protocol.generation import RequestFailed
+from shared.protocol.logprobs import Logprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +18,8 @@ class RequestOutput:
     token_ids: list[int]
     num_prior: int
     finish_reason: str | None
+    logprobs: list[Logprobs] = field(default_factory=list)
+    prompt_logprobs: list[Logprobs] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
 from shared.protocol.generation import DetokenizeSpec, SamplingParams
+from shared.protocol.logprobs import Logprobs
 
 
 class RequestStatus(enum.IntEnum):
@@ -89,6 +90,8 @@ class Request:
     fork_pending: bool = False  # waits in a leader's pending_forks
     table_sent: bool = True  # the worker has the block table (a new fork: not yet)
     host_blocks: list[int] = field(default_factory=list)  # swapped out: its table on host
+    # Prompt logprobs of the chunks computed so far; they go with the first output.
+    prompt_logprobs: list[Logprobs] = field(default_factory=list)
 
     @property
     def num_outputs(self) -> int:
@@ -137,3 +140,6 @@ class Request:
         self.table_sent = True
         self.host_blocks = []
         self.num_preemptions += 1
+        if self.num_outputs == 0:
+            self.prompt_logprobs = []  # the worker computes the whole prompt again
+

@@ -44,6 +44,7 @@ from opentelemetry.context import Context
 from services.scheduler import block_tables, forks, host_swap, submission
 from services.scheduler.block_lease import BlockLease
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.logprobs import hold_prompt_logprobs
 from services.scheduler.outcomes import RequestFailure, RequestOutput, SubmitResult, Takeover
 from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 from services.scheduler.stats import SchedulerStats
@@ -55,6 +56,7 @@ from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import RequestFailed, Submit
 from shared.protocol.kv import KvHostResize, KvLease, KvPoolOpen
+from shared.protocol.logprobs import Logprobs
 from shared.protocol.step import StepPlan, StepResult
 from shared.recent_ids import RecentIds
 
@@ -445,16 +447,24 @@ class Scheduler:
         if len(token_ids) != len(result.request_ids):
             self._fail_step(slot, batch, "step result with mismatched arrays")
             return
-        for request_id, token in zip(result.request_ids, token_ids, strict=True):
+        hold_prompt_logprobs(self.requests, result)
+        logprobs = dict(result.logprobs)
+        for k, (request_id, token) in enumerate(zip(result.request_ids, token_ids, strict=True)):
             request = self.requests.get(request_id)
             if request is None or request.worker != name or request.status.finished:
                 continue  # finished (stop, abort) while this step was in flight
-            self._on_token(slot, request, token)
+            self._on_token(slot, request, token, logprobs.get(k))
         self._finish_preemptions(slot)
 
-    def _on_token(self, slot: WorkerSlot, request: Request, token: int) -> None:
+    def _on_token(self, slot: WorkerSlot, request: Request, token: int,
+                  logprobs: Logprobs | None) -> None:
         request.num_sampling -= 1
         prior = request.num_outputs
+        prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, []
+        if request.sampling.max_tokens == 0:  # echo only: the prompt computed, no output
+            self._finish(request, RequestStatus.FINISHED_LENGTH)
+            self.outputs.append(RequestOutput(request, [], prior, "length", [], prompt_logprobs))
+            return
         request.token_ids.append(token)
         if self.config.enable_prefix_caching:
             block_tables.commit_full_blocks(slot.lease, request)
@@ -463,6 +473,7 @@ class Scheduler:
             self._finish(request, status)
         self.outputs.append(RequestOutput(
             request, [token], prior, FINISH_REASONS.get(status) if status else None,
+            [logprobs] if logprobs is not None else [], prompt_logprobs,
         ))
 
     def _fail_step(self, slot: WorkerSlot, batch: list[Request], error: str) -> None:

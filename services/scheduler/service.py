@@ -351,6 +351,8 @@ def _token_output(output: RequestOutput) -> TokenOutput:
         num_prior=output.num_prior,
         prompt_tokens=output.request.prompt_len,
         finish_reason=output.finish_reason,
+        logprobs=output.logprobs,
+        prompt_logprobs=output.prompt_logprobs,
     )
 
 

@@ -46,7 +46,7 @@ def _malformed(msg: Submit) -> str | None:
         return "output_token_ids is only for a resumption (resumed=true)"
     if msg.resumed and msg.n != 1:
         return f"a resumption names one request (a choice resumes under its id), not n={msg.n}"
-    if msg.resumed and num_outputs >= msg.sampling.max_tokens:
+    if msg.resumed and num_outputs and num_outputs >= msg.sampling.max_tokens:
         return (f"the resumed request has {num_outputs} outputs already, "
                 f"max_tokens is {msg.sampling.max_tokens}")
     return None

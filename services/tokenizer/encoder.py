@@ -20,11 +20,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from tokenizers import Tokenizer
 
 from services.tokenizer.chat_template import ChatTemplate, ChatTemplateError, find_chat_template
 from shared.protocol.envelope import unpack_i32
-from shared.protocol.generation import ChatMessage, GenerateRequest
+from shared.protocol.generation import ChatMessage, GenerateRequest, SamplingParams
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -163,6 +164,27 @@ class PromptEncoder:
                 f"token id {bad} is out of vocabulary (valid ids are 0..{self.vocab_size - 1})"
             )
         return list(ids)
+
+    def resolve_sampling(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with ``bad_words`` encoded (vLLM's rule: each word as given and,
+        when that makes different tokens of the same count, after a space), after
+        checking that ``logit_bias`` names ids of the vocabulary."""
+        bad = next((t for t in params.logit_bias if not 0 <= t < self.output_vocab_size), None)
+        if bad is not None:
+            raise PromptError(f"logit_bias names token id {bad}, outside the vocabulary "
+                              f"(valid ids are 0..{self.output_vocab_size - 1})")
+        if not params.bad_words:
+            return params
+        words: list[list[int]] = []
+        for word in params.bad_words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False).ids
+            if not plain:
+                raise PromptError(f"bad word {word!r} encodes to no tokens")
+            words.append(plain)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False).ids
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                words.append(spaced)
+        return msgspec.structs.replace(params, bad_words_token_ids=words)
 
     def encode(self, request: GenerateRequest) -> list[int]:
         """The prompt ids of ``request``, or ``PromptError`` naming what is wrong."""

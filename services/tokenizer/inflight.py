@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from tokenizers import Tokenizer
 
 from services.tokenizer.detokenizer import RequestDetokenizer
+from services.tokenizer.logprob_text import with_token_text
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import (
     DetokenizeSpec,
@@ -43,6 +44,7 @@ from shared.protocol.generation import (
     TextDelta,
     TokenOutput,
 )
+from shared.protocol.logprobs import Logprobs
 from shared.recent_ids import RecentIds
 
 # Ended requests remembered so their late outputs are recognised as stragglers.
@@ -81,6 +83,8 @@ class InflightRequest:
     emitted_chars: int = 0
     output_ids: array[int] = field(default_factory=lambda: array("i"))
     resume: ResumeSpec | None = None
+    echo_text: str | None = None  # echo: the prompt's text, sent with the first delta
+    echo_first_token: str = ""  # echo: the first prompt token's text
 
     def resumption(self) -> Submit | None:
         """The Submit that resumes this request at a new scheduler incarnation."""
@@ -158,6 +162,11 @@ class InflightRequests:
             detokenizer=RequestDetokenizer(self._tokenizer, prompt_ids, spec),
             trace=trace,
             resume=resume,
+            # vLLM decodes an echoed prompt with its special tokens.
+            echo_text=(self._tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
+                       if spec.echo else None),
+            echo_first_token=(self._tokenizer.decode([prompt_ids[0]], skip_special_tokens=False)
+                              if spec.echo and prompt_ids else ""),
         )
         self._requests[request_id] = state
         self._recently_ended.discard(request_id)
@@ -208,7 +217,11 @@ class InflightRequests:
             except CorruptOutput as e:
                 self._fail(state, str(e), outcome)
                 continue
-            self._advance(state, new_ids, output.finish_reason, outcome)
+            # Logprob rows match token_ids one to one; skip those of ids seen already.
+            skip = len(output.logprobs) - len(new_ids) if output.logprobs else 0
+            self._advance(state, new_ids, output.finish_reason, outcome,
+                          logprobs=output.logprobs[max(skip, 0):],
+                          prompt_logprobs=output.prompt_logprobs)
         return outcome
 
     def reassign(self, message: Reassign, trace: object = None) -> Outcome:
@@ -242,9 +255,14 @@ class InflightRequests:
         outcome: Outcome,
         *,
         always_emit: bool = False,
+        logprobs: Sequence[Logprobs] = (),
+        prompt_logprobs: Sequence[Logprobs] = (),
     ) -> None:
         detokenizer = state.detokenizer
         text, consumed = detokenizer.push_many(new_ids)
+        # Tokens past a stop string are not output: neither are their logprobs.
+        rows = with_token_text(self._tokenizer, logprobs[:consumed])
+        prompt_rows = with_token_text(self._tokenizer, prompt_logprobs)
         state.completion_tokens += consumed
         state.output_ids.extend(new_ids[:consumed])
         finish: str | None = None
@@ -257,7 +275,7 @@ class InflightRequests:
             # Held-back text can no longer grow into a stop string or a character.
             text += detokenizer.finish()
             finish = "stop" if detokenizer.stopped else finish_reason
-        if text or finish is not None or always_emit:
+        if text or finish is not None or always_emit or rows or prompt_rows:
             outcome.deltas.append(
                 TextDelta(
                     request_id=state.request_id,
@@ -266,9 +284,14 @@ class InflightRequests:
                     prompt_tokens=state.prompt_tokens,
                     completion_tokens=state.completion_tokens,
                     finish_reason=finish,
+                    logprobs=rows,
+                    prompt_logprobs=prompt_rows,
+                    prompt_text=state.echo_text,
+                    prompt_first_token=state.echo_first_token if state.echo_text else "",
                 )
             )
             state.emitted_chars += len(text)
+            state.echo_text = None
         if finish is not None:
             self.drop(state.request_id)
             outcome.finished.append(

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -191,6 +192,8 @@ class TokenizerService:
                         )
                     else:
                         prompt_ids = self._encoder.encode(request)
+                    request = msgspec.structs.replace(
+                        request, sampling=self._encoder.resolve_sampling(request.sampling))
                 except PromptError as e:
                     refusal = RequestFailed("", 400, "invalid_request_error", str(e))
             if refusal is not None:

@@ -77,16 +77,30 @@ class CudaStep:
 
     def hidden_states(
         self, states: Sequence[RequestState], num_tokens: Sequence[int], feeds: Feeds,
+        extra_rows: Sequence[int] = (),
     ) -> tuple[list[int], torch.Tensor]:
-        """(the requests that sample, in plan order; their final hidden states)."""
+        """(the requests that sample, in plan order; their final hidden states, then
+        those of ``extra_rows``: flat rows in plan order, request i's tokens from
+        ``sum(num_tokens[:i])``). Extra rows (prompt logprobs) run the step eagerly:
+        the graphs keep only the sampled rows."""
+        if extra_rows:
+            return self._eager(states, num_tokens, feeds, extra_rows)
         if self._graph_fits(states, num_tokens):
             assert self.graphs is not None
             return self.graphs.run(states, feeds)
         if self.mixed is not None and self.mixed.bucket(len(states), sum(num_tokens)):
             return self.mixed.run(states, num_tokens, feeds)
+        return self._eager(states, num_tokens, feeds, extra_rows)
+
+    def _eager(self, states: Sequence[RequestState], num_tokens: Sequence[int], feeds: Feeds,
+               extra_rows: Sequence[int]) -> tuple[list[int], torch.Tensor]:
         c = self.model.config
         batch = build_kernel_batch(states, num_tokens, self.block_size, self._staging,
                                    c.num_heads, c.num_kv_heads, feeds)
+        rows = batch.sample_rows
+        if extra_rows:
+            rows = torch.cat([rows, torch.tensor(list(extra_rows), dtype=torch.long).to(
+                rows.device, non_blocking=True)])
         hidden = fused_forward(self.model, batch.input_ids, batch.positions, batch.meta,
-                               self.kv_cache, batch.sample_rows)
+                               self.kv_cache, rows)
         return batch.samplers, hidden

@@ -32,6 +32,7 @@ from services.worker.models.llama import LlamaModel
 from services.worker.models.weights import load_weights
 from services.worker.sampling import Sampler, validate_sampling
 from services.worker.step_batch import PENDING, RequestState, blocks_for, build_step_batch
+from services.worker.step_sampling import DeviceLogprobs, StepSampler, prompt_spans
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import pack_i32
 from shared.protocol.step import NewRequest, StepPlan, StepResult
@@ -67,6 +68,8 @@ class LaunchedStep:
     device_ids: torch.Tensor | None = None
     host_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     copied: torch.cuda.Event | None = None
+    logprobs: DeviceLogprobs | None = None  # on the host once ``copied`` fired
+    plan_ids: list[str] = field(default_factory=list)  # the step's requests, plan order
 
 
 class PlanError(ValueError):
@@ -129,6 +132,7 @@ class ModelRunner:
         self.kv_cache = self.model.new_kv_cache(num_kv_blocks + spare, block_size)
         self.host_cache = HostKVStore(self.kv_cache)
         self.sampler = Sampler(self.device, seed)
+        self.step_sampler = StepSampler(self.sampler, config.vocab_size, self.device)
         self.requests: dict[str, RequestState] = {}
         # Tokens sampled by a launched, uncollected step: request -> (ids, row).
         self._feeds: dict[str, tuple[torch.Tensor, int]] = {}
@@ -166,6 +170,7 @@ class ModelRunner:
         """Forget every request (the scheduler that planned them is gone)."""
         self.requests.clear()
         self._feeds.clear()
+        self.step_sampler.reset()
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step. Results list, in plan order, the requests whose computed
@@ -183,8 +188,10 @@ class ModelRunner:
             return LaunchedStep(plan.step_id, StepResult(plan.step_id, [], b"", error=str(e)))
         for request_id in plan.finished:
             self.requests.pop(request_id, None)
+            self.step_sampler.drop(request_id)
         for state in checked.new:
             self.requests[state.request_id] = state
+            self.step_sampler.register(state)
         if plan.host_num_blocks >= 0:
             self.host_cache.resize(plan.host_num_blocks)
         # Host tier: a swapped-out request stays registered with an empty table; a
@@ -222,7 +229,33 @@ class ModelRunner:
             state.token_ids[position] = token
             if self._feeds.get(state.request_id, (None, 0))[0] is launched.device_ids:
                 del self._feeds[state.request_id]
-        return StepResult(launched.step_id, launched.request_ids, pack_i32(tokens))
+        return self._result(launched.step_id, launched.request_ids, tokens,
+                            launched.logprobs, launched.plan_ids)
+
+    @staticmethod
+    def _result(step_id: int, request_ids: list[str], tokens: list[int],
+                logprobs: DeviceLogprobs | None, plan_ids: list[str]) -> StepResult:
+        if logprobs is None:
+            return StepResult(step_id, request_ids, pack_i32(tokens))
+        # Plan indices -> result positions: results list the samplers in plan order.
+        sampled, prompt = logprobs.unpack()
+        position = {r: k for k, r in enumerate(request_ids)}
+        return StepResult(
+            step_id, request_ids, pack_i32(tokens),
+            logprobs=sorted(((position[plan_ids[i]], lp) for i, lp in sampled.items()),
+                            key=lambda entry: entry[0]),
+            prompt_logprobs=[(plan_ids[i], lp) for i, lp in prompt],
+        )
+
+    def _settled_outputs(self, state: RequestState) -> list[int]:
+        """The request's output ids, its pending last one read from the device (a
+        wait for the step before: only requests with multi-token bad words pay it)."""
+        prompt_len = len(state.token_ids) - state.num_output_tokens
+        outputs = state.token_ids[prompt_len:]
+        if outputs and outputs[-1] == PENDING:
+            ids, row = self._feeds[state.request_id]
+            outputs[-1] = int(ids[row])
+        return outputs
 
     # -- checks -------------------------------------------------------------------
 
@@ -245,7 +278,7 @@ class ModelRunner:
                 f"request {new.request_id!r}: num_output_tokens {new.num_output_tokens} "
                 f"with {len(token_ids)} tokens (the prompt needs at least one)"
             )
-        reason = validate_sampling(new.sampling)
+        reason = validate_sampling(new.sampling, self.model.config.vocab_size)
         if reason is not None:
             raise PlanError(f"request {new.request_id!r}: {reason}")
         if not 0 <= new.num_computed_tokens < len(token_ids):
@@ -261,6 +294,9 @@ class ModelRunner:
             block_ids=[],
             sampling=new.sampling,
             num_output_tokens=new.num_output_tokens,
+            # After a recompute with outputs the prompt's logprobs were sent already.
+            prompt_logprobs_end=(len(token_ids) - 1 if new.sampling.prompt_logprobs >= 0
+                                 and new.num_output_tokens == 0 else 0),
         )
 
     def _check(self, plan: StepPlan) -> _CheckedPlan:
@@ -346,21 +382,27 @@ class ModelRunner:
     def _launch_compute(
         self, step_id: int, states: list[RequestState], num_tokens: list[int]
     ) -> LaunchedStep:
+        spans = prompt_spans(states, num_tokens)
         with torch.inference_mode():
             if self._cuda is not None:
-                samplers, hidden = self._cuda.hidden_states(states, num_tokens, self._feeds)
+                starts = [sum(num_tokens[:i]) for i in range(len(states))] if spans else []
+                extra = [starts[s.index] + s.first - states[s.index].num_computed + k
+                         for s in spans for k in range(s.count)]
+                samplers, hidden = self._cuda.hidden_states(states, num_tokens, self._feeds,
+                                                            extra)
             else:
                 batch = build_step_batch(states, num_tokens, self.block_size, self.device)
                 samplers = batch.samplers
+                rows = batch.sample_rows
+                if spans:
+                    extra = [batch.row_start[s.index] + s.first - states[s.index].num_computed
+                             + k for s in spans for k in range(s.count)]
+                    rows = torch.cat([rows, torch.tensor(extra, device=rows.device)])
                 hidden = self.model.forward(
-                    batch.input_ids, batch.positions, batch.meta, self.kv_cache,
-                    batch.sample_rows,
+                    batch.input_ids, batch.positions, batch.meta, self.kv_cache, rows,
                 )
-            ids = self.sampler.sample_ids(
-                self.model.logits(hidden),
-                [states[i].sampling for i in samplers],
-                [states[i].num_output_tokens for i in samplers],
-            )
+            ids, logprobs = self.step_sampler.sample(
+                self.model.logits(hidden), states, samplers, spans, self._settled_outputs)
             # Results in plan order (the reference batch is decodes first).
             order = sorted(range(len(samplers)), key=samplers.__getitem__)
             if order != list(range(len(order))):
@@ -369,14 +411,18 @@ class ModelRunner:
         for state, n in zip(states, num_tokens, strict=True):
             state.num_computed += n
         request_ids = [states[i].request_id for i in samplers]
+        plan_ids = [s.request_id for s in states]
         if self._cuda is None:
             # The reference path: the tokens are known now (nothing to overlap).
             tokens = ids.tolist()
             for i, token in zip(samplers, tokens, strict=True):
                 states[i].token_ids.append(token)
                 states[i].num_output_tokens += 1
-            return LaunchedStep(step_id, StepResult(step_id, request_ids, pack_i32(tokens)))
-        launched = LaunchedStep(step_id, request_ids=request_ids, device_ids=ids)
+            return LaunchedStep(step_id, self._result(
+                step_id, request_ids, tokens, logprobs and logprobs.to_host(pinned=False),
+                plan_ids))
+        launched = LaunchedStep(step_id, request_ids=request_ids, device_ids=ids,
+                                plan_ids=plan_ids)
         for i in samplers:
             state = states[i]
             state.token_ids.append(PENDING)
@@ -386,10 +432,12 @@ class ModelRunner:
             self._feeds[states[i].request_id] = (ids, row)
         if self.device.type != "cuda":
             launched.host_ids = ids  # (the kernels under Triton's interpreter, in tests)
+            launched.logprobs = logprobs and logprobs.to_host(pinned=False)
             return launched
         # One device-to-host copy of the step's ids, waited for only in collect.
         launched.host_ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
         launched.host_ids.copy_(ids, non_blocking=True)
+        launched.logprobs = logprobs and logprobs.to_host(pinned=True)
         launched.copied = torch.cuda.Event()
         launched.copied.record()
         return launched

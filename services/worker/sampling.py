@@ -1,14 +1,15 @@
 """Picking one token per row of float32 logits.
 
 Greedy (temperature 0) is the argmax. Otherwise logits are divided by the
-temperature, cut by top-k then top-p, and a token is drawn with the exponential
-race: ``argmax(probs / noise)`` with ``noise ~ Exp(1)`` picks token i with
-probability probs[i]. The race is what makes seeded sampling reproducible: the
+temperature, cut by min_p, then top-k, then top-p (vLLM's order), and a token is
+drawn with the exponential race: ``argmax(probs / noise)`` with ``noise ~ Exp(1)``
+picks token i with probability probs[i]. The race is what makes seeded sampling reproducible: the
 noise of a seeded request's output token k comes from a generator seeded by
 (seed, k) alone, so it does not depend on which other requests share the batch,
 nor on how many steps it took to get there (recompute preemption resumes at k).
 
-Stops (EOS, ``min_tokens``, ``ignore_eos``) are the scheduler's business.
+Stops (EOS, ``min_tokens``, ``ignore_eos``) are the scheduler's business; bad
+words, biases and penalties are applied before (``logits_processing.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from services.worker.logits_processing import apply_min_p
 from shared.protocol.generation import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -32,7 +34,10 @@ def noise_seed(seed: int, output_index: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
-def validate_sampling(params: SamplingParams) -> str | None:
+MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs, and vLLM's default
+
+
+def validate_sampling(params: SamplingParams, vocab_size: int | None = None) -> str | None:
     """Why ``params`` cannot be sampled with, or None."""
     if not params.temperature >= 0.0:  # also rejects NaN
         return f"temperature must be >= 0, got {params.temperature}"
@@ -40,6 +45,23 @@ def validate_sampling(params: SamplingParams) -> str | None:
         return f"top_p must be in (0, 1], got {params.top_p}"
     if params.top_k < 0:
         return f"top_k must be >= 0, got {params.top_k}"
+    if not 0.0 <= params.min_p <= 1.0:
+        return f"min_p must be in [0, 1], got {params.min_p}"
+    if not params.repetition_penalty > 0.0:
+        return f"repetition_penalty must be > 0, got {params.repetition_penalty}"
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= getattr(params, name) <= 2.0:
+            return f"{name} must be in [-2, 2], got {getattr(params, name)}"
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if not -1 <= value <= MAX_LOGPROBS:
+            return f"{name} must be in [0, {MAX_LOGPROBS}] (or -1: none), got {value}"
+    if vocab_size is not None:
+        tokens = [*params.logit_bias, *(t for w in params.bad_words_token_ids for t in w)]
+        if any(not 0 <= t < vocab_size for t in tokens):
+            return f"logit_bias or bad_words name token ids outside [0, {vocab_size})"
+        if any(not w for w in params.bad_words_token_ids):
+            return "bad_words_token_ids holds an empty word"
     return None
 
 
@@ -94,6 +116,9 @@ class Sampler:
         scaled = logits / temperatures[:, None]
         top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_ps = [p.top_p for p in params]
+        min_ps = [p.min_p for p in params]
+        if any(m > 0.0 for m in min_ps):
+            scaled = apply_min_p(scaled, min_ps)
         if any(k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps):
             scaled = _cut_top_k_top_p(scaled, top_ks, top_ps)
         probs = torch.softmax(scaled, dim=-1)

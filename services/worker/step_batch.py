@@ -31,6 +31,9 @@ class RequestState:
     block_ids: list[int]  # the block table, append-only while the request lives
     sampling: SamplingParams
     num_output_tokens: int  # how many of token_ids are outputs (the seeded noise index)
+    # Prompt logprobs: positions below this still owe theirs (the logits at p give
+    # token p + 1's); 0 when not asked, or already sent before a recompute.
+    prompt_logprobs_end: int = 0
 
 
 @dataclass(slots=True)
@@ -42,6 +45,7 @@ class StepBatch:
     # computed count reaches its token count), and those requests' indices.
     sample_rows: torch.Tensor  # [S] long
     samplers: list[int]
+    row_start: list[int]  # per request (plan order): its first token's flat row
 
 
 def blocks_for(num_positions: int, block_size: int) -> int:
@@ -65,7 +69,9 @@ def build_step_batch(
     table_rows: list[list[int]] = []
     sample_rows: list[int] = []
     samplers: list[int] = []
+    row_start = [0] * len(states)
     for i in order:
+        row_start[i] = len(input_ids)
         state, n = states[i], num_tokens[i]
         start = state.num_computed
         end = start + n
@@ -118,4 +124,5 @@ def build_step_batch(
         meta=meta,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long).to(device),
         samplers=samplers,
+        row_start=row_start,
     )

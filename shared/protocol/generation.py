@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import msgspec
 
+from shared.protocol.logprobs import Logprobs
+
 
 class SamplingParams(msgspec.Struct, frozen=True):
     """How to pick tokens. ``temperature == 0`` means greedy.
@@ -34,6 +36,26 @@ class SamplingParams(msgspec.Struct, frozen=True):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
+    # Logprobs (-1: none): of each sampled token with its ``logprobs`` most likely
+    # alternatives; of each prompt token (but the first) with ``prompt_logprobs``.
+    logprobs: int = -1
+    prompt_logprobs: int = -1
+    # vLLM's penalties: presence/frequency over the output, repetition over prompt
+    # and output (1.0: off); min_p relative to the most likely token (0: off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = {}
+    # Words never to generate: the api sends the strings, the tokenizer adds their
+    # token sequences (with and without a leading space) in ``bad_words_token_ids``.
+    bad_words: list[str] = []
+    bad_words_token_ids: list[list[int]] = []
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
@@ -47,6 +69,8 @@ class DetokenizeSpec(msgspec.Struct, frozen=True):
     stop: list[str] = []
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Completions' ``echo``: the first TextDelta carries the prompt's text.
+    echo: bool = False
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
@@ -113,6 +137,10 @@ class TokenOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
     num_prior: int  # output ids this request had before these
     prompt_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    # Requests asking for logprobs: those of token_ids (one Logprobs per step), and
+    # of the prompt (with the first output, once the whole prompt is computed).
+    logprobs: list[Logprobs] = []
+    prompt_logprobs: list[Logprobs] = []
 
 
 class TokenBatch(msgspec.Struct, frozen=True, tag=True, gc=False):
@@ -150,6 +178,11 @@ class TextDelta(msgspec.Struct, frozen=True, array_like=True, gc=False):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    # As in TokenOutput, with each id's text filled in (``Logprobs.tokens``).
+    logprobs: list[Logprobs] = []
+    prompt_logprobs: list[Logprobs] = []
+    prompt_text: str | None = None  # echo: the prompt's text, in the first delta
+    prompt_first_token: str = ""  # echo: the first prompt token's text (no logprob)
 
 
 class TextBatch(msgspec.Struct, frozen=True, tag=True, gc=False):

@@ -23,6 +23,7 @@ import msgspec
 
 from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import SamplingParams
+from shared.protocol.logprobs import Logprobs
 from shared.protocol.tables import (
     BlockCopies,
     BlockMoves,
@@ -115,3 +116,8 @@ class StepResult(msgspec.Struct, frozen=True, tag=True, gc=False):
     request_ids: list[str]
     token_ids: bytes  # packed int32
     error: str | None = None
+    # Parallel to request_ids for the requests that asked (the others: no entry):
+    # (index in request_ids, logprobs of its sampled token).
+    logprobs: list[tuple[int, Logprobs]] = []
+    # Prompt logprobs of this step's prefill chunks: (request id, rows).
+    prompt_logprobs: list[tuple[str, Logprobs]] = []

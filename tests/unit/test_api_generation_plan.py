@@ -171,14 +171,28 @@ def test_bad_messages_are_400(messages: Any, param: str) -> None:
     (completion, "top_p", 1.5),
     (completion, "top_k", -2),
     (completion, "min_tokens", 17),
-    (completion, "echo", True),
-    (completion, "logprobs", 1),
+    (completion, "logprobs", 21),
+    (completion, "logprobs", -1),
+    (completion, "prompt_logprobs", 21),
     (completion, "suffix", "x"),
     (completion, "best_of", 3),
-    (completion, "presence_penalty", 0.5),
-    (completion, "logit_bias", {"1": 2.0}),
+    (completion, "presence_penalty", 2.5),
+    (completion, "frequency_penalty", -3),
+    (completion, "repetition_penalty", 0),
+    (completion, "min_p", 1.5),
+    (completion, "logit_bias", {"x": 2.0}),
+    (completion, "logit_bias", {"1": 200.0}),
+    (completion, "bad_words", [" "]),
+    (completion, "max_tokens", 0),  # only with echo
+    (completion, "use_beam_search", True),
+    (completion, "length_penalty", 0.5),
+    (completion, "allowed_token_ids", [1, 2]),
+    (completion, "truncate_prompt_tokens", 4),
+    (completion, "return_tokens_as_token_ids", True),
+    (completion, "spaces_between_special_tokens", False),
     (completion, "stream_options", {"include_usage": True}),  # without stream
-    (chat, "logprobs", True),
+    (chat, "top_logprobs", 2),  # without logprobs
+    (chat, "echo", True),
     (chat, "tools", [{"type": "function"}]),
     (chat, "response_format", {"type": "json_object"}),
 ])
@@ -227,3 +241,29 @@ def test_span_attributes_follow_genai_conventions() -> None:
     assert attributes["gen_ai.request.max_tokens"] == 5
     assert attributes["gen_ai.request.temperature"] == 0.5
     assert attributes["gen_ai.request.top_p"] == 0.9
+
+
+def test_sampling_extensions_reach_the_sampling_params() -> None:
+    plan = completion(presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.3,
+                      min_p=0.1, logit_bias={"7": -100, "9": 2.5}, bad_words=["no"],
+                      logprobs=3, prompt_logprobs=2)
+    sampling = plan.sampling
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -0.25)
+    assert (sampling.repetition_penalty, sampling.min_p) == (1.3, 0.1)
+    assert sampling.logit_bias == {7: -100.0, 9: 2.5} and sampling.bad_words == ["no"]
+    assert (sampling.logprobs, sampling.prompt_logprobs) == (3, 2)
+    assert plan.logprobs and plan.show_prompt_logprobs and not plan.echo
+
+
+def test_echo_with_logprobs_asks_for_the_prompts_and_allows_max_tokens_0() -> None:
+    plan = completion(echo=True, logprobs=2, max_tokens=0)
+    assert plan.echo and plan.requests[0].detokenize.echo
+    assert (plan.sampling.logprobs, plan.sampling.prompt_logprobs) == (2, 2)
+    assert plan.sampling.max_tokens == 0 and not plan.show_prompt_logprobs
+    assert completion().sampling.logprobs == -1
+
+
+def test_chat_logprobs_and_top_logprobs() -> None:
+    assert chat(logprobs=True).sampling.logprobs == 0
+    assert chat(logprobs=True, top_logprobs=5).sampling.logprobs == 5
+    assert chat().sampling.logprobs == -1
