@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import shlex
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -121,13 +123,12 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
 
 
 async def drive_mesh(url: str, prompts: list[list[int]], max_tokens: int,
-                     stream: bool) -> tuple[list[RequestTiming], float]:
+                     stream: bool) -> list[RequestTiming]:
     # A pool as large as the load: httpx's default of 100 connections would quietly
     # cap a 256-request run at 100 in flight.
     async with make_client(max_connections=len(prompts), timeout_s=600) as client:
         model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
         timings: list[RequestTiming] = [None] * len(prompts)  # type: ignore[list-item]
-        start = time.perf_counter()
 
         async def run(i: int) -> None:
             timings[i] = await one_request(client, url, model, prompts[i], max_tokens, stream)
@@ -135,7 +136,47 @@ async def drive_mesh(url: str, prompts: list[list[int]], max_tokens: int,
         async with anyio.create_task_group() as tg:
             for i in range(len(prompts)):
                 tg.start_soon(run, i)
-        return timings, time.perf_counter() - start
+        return timings
+
+
+def _client_process(url: str, prompts: list[list[int]], max_tokens: int, stream: bool,
+                    ready: Any, go: Any, results: Any) -> None:
+    ready.wait()  # every client process is up: start together
+    go.wait()
+    timings = anyio.run(drive_mesh, url, prompts, max_tokens, stream)
+    results.put([(t.start, t.chunks, t.output_tokens, t.end) for t in timings])
+
+
+def drive_clients(url: str, prompts: list[list[int]], max_tokens: int, stream: bool,
+                  processes: int) -> tuple[list[RequestTiming], float]:
+    """All ``prompts`` at once from ``processes`` client processes (one Python HTTP
+    client parses a few thousand responses or SSE events a second: at 256 streams it,
+    not the server, would set the pace). Times are ``time.perf_counter`` (the
+    system's monotonic clock, the same in every process and in the step log)."""
+    if processes <= 1:
+        start = time.perf_counter()
+        timings = anyio.run(drive_mesh, url, prompts, max_tokens, stream)
+    else:
+        context = multiprocessing.get_context("fork")
+        ready, go = context.Barrier(processes + 1), context.Event()
+        results = context.Queue()
+        children = [
+            context.Process(target=_client_process, daemon=True, args=(
+                url, prompts[i::processes], max_tokens, stream, ready, go, results))
+            for i in range(processes)
+        ]
+        for child in children:
+            child.start()
+        ready.wait()
+        start = time.perf_counter()
+        go.set()
+        timings = [RequestTiming(start=a, chunks=c, output_tokens=n, end=e)
+                   for _ in children for a, c, n, e in results.get()]
+        for child in children:
+            child.join()
+    end = max(t.end for t in timings)
+    print(f"    client window (monotonic): {start:.3f} .. {end:.3f}")
+    return timings, end - start
 
 
 def summarize(name: str, timings: list[RequestTiming], wall: float) -> dict[str, float]:
@@ -191,6 +232,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda (both sides)")
     parser.add_argument("--mesh-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a mesh setting (meshserve up --set), e.g. steps_in_flight=3")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="HTTP client processes sharing the requests (one Python client "
+                             "can be slower than the server it measures)")
     parser.add_argument("--result-json", default="",
                         help="also write the figures, the GPU and this command line here")
     parser.add_argument("--torch-threads", type=int, default=0,
@@ -216,13 +260,15 @@ def main() -> None:
         # A discarded warm-up of the whole workload first, on both sides: first-call
         # costs (allocator growth, CUDA kernels for each new batch shape) are not load.
         # Its prompts differ from the measured ones, so no prefix cache hit carries over.
-        anyio.run(drive_mesh, url, warmup, args.max_tokens, False)
+        drive_clients(url, warmup, args.max_tokens, False, args.client_processes)
         # Throughput without streaming: a streaming client parsing 32 SSE streams
         # on this same machine would take CPU from the mesh that in-process never
         # pays. Latencies (TTFT, TPOT, ITL) come from a second, streamed run.
-        timings, wall = anyio.run(drive_mesh, url, prompts, args.max_tokens, False)
+        timings, wall = drive_clients(url, prompts, args.max_tokens, False,
+                                      args.client_processes)
         row = summarize("mesh", timings, wall)
-        timings, wall = anyio.run(drive_mesh, url, streamed, args.max_tokens, True)
+        timings, wall = drive_clients(url, streamed, args.max_tokens, True,
+                                      args.client_processes)
         streamed_rows.append(summarize("mesh (streamed)", timings, wall))
         return row
 
@@ -247,7 +293,8 @@ def main() -> None:
                                                                    *sys.argv[1:]]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "gpu": gpu_name(),
             "model": model_dir.name, "requests": args.requests, "prompt_len": args.prompt_len,
-            "max_tokens": args.max_tokens, "mesh": mesh,
+            "max_tokens": args.max_tokens, "client_processes": args.client_processes,
+            "mesh": mesh,
             "mesh_streamed": streamed_rows[0] if streamed_rows else None, "in_process": local,
             "ratio_mesh_over_in_process": ratio,
         })

@@ -60,7 +60,8 @@ def describe(index: int, run: Run, buckets: int) -> list[str]:
     tokens = [s.tokens for s in steps]
     latency = [1000 * (s.done - s.planned) for s in steps if s.done is not None]
     lines = [
-        f"run {index}: {len(steps)} steps over {end - start:.3f} s, "
+        f"run {index}: {len(steps)} steps over {end - start:.3f} s "
+        f"(monotonic {start:.3f} .. {end:.3f}), "
         f"{sum(tokens)} tokens ({sum(tokens) / len(steps):.0f}/step, "
         f"{sum(s.requests for s in steps) / len(steps):.0f} requests/step); "
         f"plan->result p50 {percentile(latency, 50):.1f} ms, p90 {percentile(latency, 90):.1f} ms"
