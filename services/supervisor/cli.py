@@ -1,8 +1,8 @@
 """The `meshserve` command line.
 
-    meshserve up [--model DIR] [--host H] [--port P] [--device D] [--tokenizers N]
-                 [--workers N] [--tts N] [--shutdown-timeout S] [--set KEY=VALUE ...]
-                 [--run-dir DIR] [--detach]
+    meshserve up [--model DIR|ORG/NAME] [--host H] [--port P] [--device D]
+                 [--tokenizers N] [--workers N] [--tts N] [--shutdown-timeout S]
+                 [--<any setting> V ...] [--set KEY=VALUE ...] [--run-dir DIR] [--detach]
     meshserve status [--json]        every child: service, replica, pid, state, health
     meshserve restart SVC[/REPLICA]  SIGTERM, wait, start again, wait until healthy
     meshserve scale SVC=N            tokenizer | worker | tts
@@ -31,8 +31,16 @@ import msgspec
 
 from services.supervisor import kv_cli, trace_cli
 from services.supervisor.config import SupervisorConfig
+from services.supervisor.config_flags import (
+    ConfigFlag,
+    add_config_flags,
+    config_flags,
+    flag_values,
+)
 from services.supervisor.control import ControlClient, ControlTimeout
 from services.supervisor.mesh_plan import (
+    CONFIG_STRUCTS,
+    MANAGED_SETTINGS,
     SCALABLE,
     SINGLETONS,
     Flags,
@@ -97,19 +105,17 @@ def _add_run_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _mesh_flags() -> list[ConfigFlag]:
+    return config_flags(CONFIG_STRUCTS, MANAGED_SETTINGS)
+
+
 def _add_mesh_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="Hugging Face model folder (default: the embedded model)")
-    parser.add_argument("--host", help="api listen address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="api listen port (default 8000)")
-    parser.add_argument("--device", type=_device, help="worker device: auto | cpu | cuda[:N]")
-    parser.add_argument("--tokenizers", type=_count, help="tokenizer replicas (default 1)")
-    parser.add_argument("--workers", type=_count, help="worker replicas (default 1)")
-    parser.add_argument("--tts", type=_count, help="tts replicas (default 1; 0: no speech)")
-    parser.add_argument(
-        "--shutdown-timeout", type=_seconds, metavar="SECONDS",
-        help="on SIGTERM / `down`, in-flight requests get this long to finish while new "
-        "ones get 503 (default 30)",
-    )
+    # Every setting of every service, generated from the config structs
+    # (config_flags.py): `--max-num-seqs 8` is MESHSERVE_MAX_NUM_SEQS=8.
+    add_config_flags(parser, _mesh_flags(), types={
+        "device": _device, "tokenizers": _count, "workers": _count, "tts_replicas": _count,
+        "shutdown_timeout_s": _seconds,
+    })
     parser.add_argument(
         "--set",
         dest="settings",
@@ -164,18 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flags(args: argparse.Namespace) -> Flags:
-    return Flags(
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        tokenizers=args.tokenizers,
-        workers=args.workers,
-        tts=args.tts,
-        run_dir=args.run_dir,
-        shutdown_timeout=args.shutdown_timeout,
-        settings=list(args.settings),
-    )
+    values = flag_values(args, _mesh_flags())
+    values.pop("model", None)  # resolved by resolve_settings (a folder or a hub id)
+    return Flags(model=args.model, run_dir=args.run_dir, settings=list(args.settings),
+                 config=values)
 
 
 def _settings(args: argparse.Namespace) -> MeshSettings:

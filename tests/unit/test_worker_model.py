@@ -127,7 +127,8 @@ def model_case(
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         return folder, hf
     folder = tmp_path_factory.mktemp(request.param)
-    build = {"qwen2": _qwen2, "qwen3": _qwen3, "llama3": _llama3, "mistral": _mistral}[request.param]
+    builders = {"qwen2": _qwen2, "qwen3": _qwen3, "llama3": _llama3, "mistral": _mistral}
+    build = builders[request.param]
     return folder, build(folder)
 
 
