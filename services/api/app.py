@@ -12,13 +12,13 @@ is what aborts an abandoned request in the mesh.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -42,6 +42,7 @@ from services.api.openai_schema import (
 )
 from services.api.openapi import openapi_route
 from services.api.render import ResponseCollector, StreamRenderer, usage_of
+from services.api.request_ids import RequestIds, request_id_of
 from services.api.requests import ChoiceUpdate, Flight
 from services.api.responses import (
     StreamingBody,
@@ -51,6 +52,7 @@ from services.api.responses import (
 )
 from services.api.service import ApiActor
 from services.api.spans import RequestSpan, context_from_headers
+from services.api.tokenize_routes import TokenizeRoutes
 from shared.logs import get_logger
 
 log = get_logger("meshserve.api.http")
@@ -71,6 +73,10 @@ class OpenAIRoutes:
         self.actor = actor
         self.config = config
         self.served_model = served_model
+        # --served-model-name A B: every alias is listed and accepted; the main name
+        # is the first.
+        aliases = [n.strip() for n in config.served_model_name.split(",") if n.strip()]
+        self.served_models = [served_model, *(n for n in aliases if n != served_model)]
         self.created = int(time.time())
         self.metrics = ApiMetrics(served_model)
         self.metrics_sources = list(metrics_sources or [])
@@ -101,14 +107,14 @@ class OpenAIRoutes:
         return error_response(exc)
 
     async def models(self, request: Request) -> Response:
-        return json_response(ModelList(data=[self._card()]))
+        return json_response(ModelList(data=[self._card(name) for name in self.served_models]))
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        if name != self.served_model:
+        if name not in self.served_models:
             raise ApiError(404, f"The model `{name}` does not exist.",
                            code="model_not_found", param="model")
-        return json_response(self._card())
+        return json_response(self._card(name))
 
     async def health(self, request: Request) -> Response:
         """/health/ready (and /health): 503 while draining or a service is missing."""
@@ -122,23 +128,29 @@ class OpenAIRoutes:
     async def completions(self, request: Request) -> Response:
         body = await read_json(request, CompletionRequest, self.config.max_request_bytes,
                                self.config.body_timeout_s)
-        return await self._generate(request, plan_completion(body, self._plan_context("cmpl")))
+        context = self._plan_context(request, "cmpl", body.model)
+        return await self._generate(request, plan_completion(body, context))
 
     async def chat_completions(self, request: Request) -> Response:
         body = await read_json(request, ChatCompletionRequest, self.config.max_request_bytes,
                                self.config.body_timeout_s)
-        return await self._generate(request, plan_chat(body, self._plan_context("chatcmpl")))
+        context = self._plan_context(request, "chatcmpl", body.model)
+        return await self._generate(request, plan_chat(body, context))
 
-    def _plan_context(self, id_prefix: str) -> PlanContext:
-        """A new response: its id carries OpenAI's prefix (``cmpl``, ``chatcmpl``)."""
+    def _plan_context(self, request: Request, id_prefix: str, model: str | None) -> PlanContext:
+        """A new response: its id is OpenAI's prefix (``cmpl``, ``chatcmpl``) and the
+        request id (``X-Request-Id``); it names the alias the client asked for."""
+        rid = request_id_of(request.scope)
+        served = model if model in self.served_models else self.served_model
         return PlanContext(
-            served_model=self.served_model, config=self.config,
-            response_id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()),
+            served_model=served, config=self.config,
+            response_id=f"{id_prefix}-{rid}", created=int(time.time()),
         )
 
-    def _card(self) -> ModelCard:
-        return ModelCard(id=self.served_model, created=self.created,
-                         root=self.config.model or self.served_model)
+    def _card(self, name: str) -> ModelCard:
+        return ModelCard(id=name, created=self.created,
+                         root=self.config.model or self.served_model,
+                         max_model_len=self.actor.max_model_len())
 
     async def _generate(self, request: Request, plan: GenerationPlan) -> Response:
         span = RequestSpan(plan, context_from_headers(request.headers), request.url.path)
@@ -322,8 +334,11 @@ def build_app(
     """The api's ASGI app. ``extra_routes`` lets other endpoints (speech) join it;
     each of ``metrics_sources`` appends exposition lines to /metrics."""
     openai_routes = OpenAIRoutes(actor, config, served_model, metrics_sources)
+    tokenize_routes = TokenizeRoutes(actor, config, openai_routes.served_models)
     return Starlette(
-        routes=openai_routes.routes() + list(extra_routes or []) + [openapi_route()],
+        routes=openai_routes.routes() + tokenize_routes.routes() + list(extra_routes or [])
+        + [openapi_route()],
+        middleware=[Middleware(RequestIds)],
         exception_handlers={
             ApiError: openai_routes.api_error,
             HTTPException: _http_error,

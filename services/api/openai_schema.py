@@ -189,6 +189,7 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
     created: int
     owned_by: str = "meshserve"
     root: str
+    max_model_len: int | None = None  # vLLM's field; None until a worker reported it
 
 
 class ModelList(msgspec.Struct, frozen=True, kw_only=True):

@@ -37,6 +37,12 @@ from services.api.openai_schema import (
     SpeechStreamError,
     VoiceList,
 )
+from services.api.tokenize_routes import (
+    DetokenizeBody,
+    DetokenizeResponse,
+    TokenizeBody,
+    TokenizeResponse,
+)
 
 OPENAPI_PATH = "/openapi.json"
 _REF_TEMPLATE = "#/components/schemas/{name}"
@@ -108,6 +114,16 @@ OPERATIONS: tuple[Operation, ...] = (
             Body(_SSE, events=(SpeechAudioDelta, SpeechAudioDone, SpeechStreamError)),
         ),
         errors=_GENERATION_ERRORS,
+    ),
+    Operation(
+        "/tokenize", "post", "tokenize", "A prompt or chat messages as the model's token ids",
+        request=Body(_JSON, TokenizeBody), ok=(Body(_JSON, TokenizeResponse),),
+        errors={400: "invalid request", 503: "no tokenizer replica"},
+    ),
+    Operation(
+        "/detokenize", "post", "detokenize", "Token ids as text",
+        request=Body(_JSON, DetokenizeBody), ok=(Body(_JSON, DetokenizeResponse),),
+        errors={400: "invalid request", 503: "no tokenizer replica"},
     ),
     Operation(
         "/v1/audio/voices", "get", "listVoices", "The voices of the connected tts replicas",

@@ -39,6 +39,7 @@ from services.api.requests import (
     group_by_holder,
     pick_replica,
 )
+from services.api.tokenize_calls import TokenizeCalls
 from shared.endpoints import bind_router, connect_dealer
 from shared.logs import get_logger
 from shared.mesh import (
@@ -58,6 +59,12 @@ from shared.protocol.generation import (
     SchedulerStatus,
     TextBatch,
 )
+from shared.protocol.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResult,
+    TokenizeRequest,
+    TokenizeResult,
+)
 from shared.service import ServiceRuntime
 
 log = get_logger("meshserve.api")
@@ -65,7 +72,7 @@ log = get_logger("meshserve.api")
 TOKENIZER = "tokenizer"
 
 # What each socket may carry towards the api; anything else is rejected by the endpoint.
-FromTokenizer = TextBatch | RequestFailed
+FromTokenizer = TextBatch | RequestFailed | TokenizeResult | DetokenizeResult
 FromScheduler = SchedulerStatus | RequestFailed
 
 
@@ -94,6 +101,7 @@ class ApiActor:
             hello=runtime.identity.hello,
         )
         self.registry = FlightRegistry(config.max_inflight)
+        self.tokenize_calls = TokenizeCalls()  # /tokenize and /detokenize in flight
         self.health = MeshHealth(runtime.process.heartbeat_s)
         self.drain = Drain()  # shared with the speech gateway: both refuse while draining
         self.stopping = False
@@ -127,6 +135,7 @@ class ApiActor:
     def fail_all(self, error: ApiError) -> None:
         for flight in self.registry.flights():
             flight.fail(error)
+        self.tokenize_calls.fail_all(error)
 
     # --- what HTTP handlers call --------------------------------------------------
 
@@ -142,6 +151,29 @@ class ApiActor:
         """Readiness: /health, /health/ready and ``runtime.ready``."""
         return self.health.report(len(self._tokenizer_candidates()), time.monotonic(),
                                   draining=self.drain.draining)
+
+    def max_model_len(self) -> int | None:
+        """The context length the scheduler last reported; None before a worker."""
+        status = self.health.scheduler
+        return status.max_model_len if status is not None and status.max_model_len else None
+
+    async def call_tokenizer(
+        self, call: TokenizeRequest | DetokenizeRequest
+    ) -> TokenizeResult | DetokenizeResult:
+        """``/tokenize`` / ``/detokenize`` at the least loaded tokenizer replica; its
+        answer or its ApiError (400 bad prompt, 503 no replica, 504 no answer)."""
+        if self.stopping:
+            raise ApiError(503, "the api is shutting down", code="shutting_down")
+        holder = pick_replica(self._tokenizer_candidates(), self.registry.outstanding())
+        if holder is None:
+            raise ApiError(503, "no tokenizer replica is connected; retry later",
+                           code="no_tokenizer")
+        pending = self.tokenize_calls.open(call.request_id, holder)
+        try:
+            await self.tokenizers.send(holder, call)
+            return await pending.result(self.config.request_timeout_s)
+        finally:
+            self.tokenize_calls.close(pending)
 
     async def submit(self, flight: Flight) -> None:
         """Register a flight and send each choice to a tokenizer replica.
@@ -223,8 +255,13 @@ class ApiActor:
             match event:
                 case Received(body=TextBatch() as batch):
                     await self._on_text(event, batch)
+                case Received(body=TokenizeResult() | DetokenizeResult() as answer):
+                    if not self.tokenize_calls.answer(answer):
+                        log.info("tokenize answer after its call ended",
+                                 request_id=answer.request_id)
                 case Received(body=RequestFailed() as failed):
-                    self._on_failed(failed, event.envelope.sender)
+                    if not self.tokenize_calls.failed(failed):
+                        self._on_failed(failed, event.envelope.sender)
                 case PeerJoined(peer=peer):
                     log.info("replica joined", peer=peer.name, ready=peer.hello.ready)
                 case PeerLost(peer=peer, reason=reason):
@@ -266,6 +303,7 @@ class ApiActor:
                  code=failed.code, sender=sender)
 
     async def _on_replica_lost(self, identity: bytes, name: str, reason: str) -> None:
+        self.tokenize_calls.replica_lost(identity)
         held = self.registry.held_by(identity)
         log.warning("replica lost", peer=name, reason=reason, requests=len(held))
         # One re-send per flight: the tokenizer re-submits, the scheduler moves the

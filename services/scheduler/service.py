@@ -310,6 +310,7 @@ class SchedulerActor:
             host_kv_blocks=sum(w.host.num_blocks for w in scheduler.workers.values()),
             host_kv_used_blocks=sum(w.host.used_blocks for w in scheduler.workers.values()),
             swap_fallbacks=stats.swap_fallbacks,
+            max_model_len=scheduler.max_model_len(),
         )
 
     async def _report_status(self) -> None:

@@ -1,8 +1,8 @@
 """The `meshserve` command line.
 
-    meshserve up [--model DIR] [--host H] [--port P] [--device D] [--tokenizers N]
-                 [--workers N] [--tts N] [--shutdown-timeout S] [--set KEY=VALUE ...]
-                 [--run-dir DIR] [--detach]
+    meshserve up [--model DIR|ORG/NAME] [--host H] [--port P] [--device D]
+                 [--tokenizers N] [--workers N] [--tts N] [--shutdown-timeout S]
+                 [--<any setting> V ...] [--set KEY=VALUE ...] [--run-dir DIR] [--detach]
     meshserve status [--json]        every child: service, replica, pid, state, health
     meshserve restart SVC[/REPLICA]  SIGTERM, wait, start again, wait until healthy
     meshserve scale SVC=N            tokenizer | worker | tts
@@ -32,8 +32,16 @@ import msgspec
 
 from services.supervisor import kv_cli, trace_cli
 from services.supervisor.config import SupervisorConfig
+from services.supervisor.config_flags import (
+    ConfigFlag,
+    add_config_flags,
+    config_flags,
+    flag_values,
+)
 from services.supervisor.control import ControlClient, ControlTimeout
 from services.supervisor.mesh_plan import (
+    CONFIG_STRUCTS,
+    MANAGED_SETTINGS,
     SCALABLE,
     SINGLETONS,
     Flags,
@@ -101,19 +109,17 @@ def _add_run_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _mesh_flags() -> list[ConfigFlag]:
+    return config_flags(CONFIG_STRUCTS, MANAGED_SETTINGS)
+
+
 def _add_mesh_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="Hugging Face model folder (default: the embedded model)")
-    parser.add_argument("--host", help="api listen address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="api listen port (default 8000)")
-    parser.add_argument("--device", type=_device, help="worker device: auto | cpu | cuda[:N]")
-    parser.add_argument("--tokenizers", type=_count, help="tokenizer replicas (default 1)")
-    parser.add_argument("--workers", type=_count, help="worker replicas (default 1)")
-    parser.add_argument("--tts", type=_count, help="tts replicas (default 1; 0: no speech)")
-    parser.add_argument(
-        "--shutdown-timeout", type=_seconds, metavar="SECONDS",
-        help="on SIGTERM / `down`, in-flight requests get this long to finish while new "
-        "ones get 503 (default 30)",
-    )
+    # Every setting of every service, generated from the config structs
+    # (config_flags.py): `--max-num-seqs 8` is MESHSERVE_MAX_NUM_SEQS=8.
+    add_config_flags(parser, _mesh_flags(), types={
+        "device": _device, "tokenizers": _count, "workers": _count, "tts_replicas": _count,
+        "shutdown_timeout_s": _seconds,
+    })
     parser.add_argument(
         "--set",
         dest="settings",
@@ -122,15 +128,6 @@ def _add_mesh_flags(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="any service setting, passed to the children as MESHSERVE_<KEY> "
         "(see `meshserve config`); repeatable",
-    )
-    parser.add_argument(
-        "--api-key",
-        dest="api_keys",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="require `Authorization: Bearer KEY` on the HTTP API (repeatable: any of "
-        "them is accepted; also MESHSERVE_API_KEY, comma-separated). Default: open",
     )
     _add_run_dir(parser)
 
@@ -181,19 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flags(args: argparse.Namespace) -> Flags:
-    return Flags(
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        tokenizers=args.tokenizers,
-        workers=args.workers,
-        tts=args.tts,
-        run_dir=args.run_dir,
-        shutdown_timeout=args.shutdown_timeout,
-        settings=list(args.settings),
-        api_keys=list(args.api_keys),
-    )
+    values = flag_values(args, _mesh_flags())
+    values.pop("model", None)  # resolved by resolve_settings (a folder or a hub id)
+    if args.api_key:
+        values["api_key"] = api_key_setting(args.api_key)  # refuses a key with a comma
+    return Flags(model=args.model, run_dir=args.run_dir, settings=list(args.settings),
+                 config=values)
 
 
 def _settings(args: argparse.Namespace) -> MeshSettings:
@@ -255,11 +245,11 @@ def cmd_up(args: argparse.Namespace, argv: list[str]) -> int:
     settings = _settings(args)
     if args.detach:
         up_args = [a for a in argv[argv.index("up") + 1 :] if a != "--detach"]
-        if args.api_keys:
+        if args.api_key:
             # The background supervisor gets the keys through its environment, not
             # its argv, which every local user can read in `ps`.
             up_args = _without_api_keys(up_args)
-            os.environ[env_name("api_key")] = api_key_setting(args.api_keys)
+            os.environ[env_name("api_key")] = api_key_setting(args.api_key)
         return run_detached(settings, up_args)
     return run_foreground(settings, ready_fd=args.ready_fd)
 

@@ -36,8 +36,11 @@ from services.supervisor.run_dir import (
     running_pid,
 )
 from services.supervisor.service import Supervisor
+from services.worker.config import WorkerConfig
+from shared.config import load_config
 from shared.curve import CurveKeyError, ensure_keys
 from shared.logs import configure_logging, get_logger
+from shared.model_source import is_hub_id, resolve_hub_model
 from shared.telemetry import configure_telemetry, shutdown_telemetry
 
 log = get_logger("meshserve.supervisor")
@@ -90,6 +93,12 @@ def pin_model(settings: MeshSettings) -> MeshSettings:
         from shared.embedded_model import SERVED_NAME, ensure_embedded_model
 
         return settings.with_model(ensure_embedded_model(), SERVED_NAME)
+    if is_hub_id(settings.model):
+        # Resolved once here (the hub cache; a download only if it is missing and
+        # the hub is not offline), so every child loads the same snapshot folder
+        # and the hub id stays the served name.
+        revision = load_config(WorkerConfig, environ=settings.child_env("worker", 0)).revision
+        return settings.with_model(resolve_hub_model(settings.model, revision), settings.model)
     if not (Path(settings.model) / "config.json").is_file():
         # Not fatal here: the services own model loading and say precisely what
         # is wrong; the restart intensity then stops the mesh.
@@ -123,7 +132,10 @@ def run_foreground(
             ensure_keys(Path(settings.process.curve_dir))
         except (CurveKeyError, OSError) as e:
             return _refuse(f"mesh keys: {e}", notify)
-        settings = pin_model(settings)
+        try:
+            settings = pin_model(settings)
+        except FileNotFoundError as e:  # a hub id that is not in the cache (offline)
+            return _refuse(str(e), notify)
         supervisor = Supervisor(settings, command=command, on_ready=notify)
         try:
             code = anyio.run(supervisor.run, backend="asyncio")

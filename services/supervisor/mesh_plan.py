@@ -23,6 +23,7 @@ from services.tokenizer.config import TokenizerConfig
 from services.tts.config import TtsConfig
 from services.worker.config import WorkerConfig
 from shared.config import PREFIX, MeshAddresses, ProcessConfig, env_name, load_config
+from shared.model_source import is_hub_id
 
 # Singletons bind and must be up before the replicas that connect to them are
 # useful (ZMQ reconnects, so this is about orderly logs, not correctness).
@@ -147,7 +148,9 @@ class Flags:
     run_dir: str | None = None
     shutdown_timeout: float | None = None
     settings: list[str] = field(default_factory=list)
-    api_keys: list[str] = field(default_factory=list)  # --api-key, repeatable
+    # Generated flags (config_flags.py): setting name -> value as its env var
+    # spells it. The named fields above win over these.
+    config: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,11 +230,19 @@ def api_key_setting(keys: list[str]) -> str:
     return ",".join(keys)
 
 
+def _model_flag(model: str | None) -> str | None:
+    """A folder becomes absolute (children run elsewhere); a hub id stays as it is."""
+    if not model:
+        return None
+    return model if is_hub_id(model) else str(Path(model).expanduser().absolute())
+
+
 def resolve_settings(flags: Flags, environ: Mapping[str, str]) -> MeshSettings:
     """Merge env, ``--set`` and flags; raise ValueError naming what is wrong."""
     overrides = parse_settings(flags.settings)
+    overrides.update({env_name(key): value for key, value in flags.config.items()})
     named: dict[str, object | None] = {
-        "model": str(Path(flags.model).expanduser().absolute()) if flags.model else None,
+        "model": _model_flag(flags.model),
         "host": flags.host,
         "port": flags.port,
         "device": flags.device,
@@ -244,8 +255,10 @@ def resolve_settings(flags: Flags, environ: Mapping[str, str]) -> MeshSettings:
     for key, value in named.items():
         if value is not None:
             overrides[env_name(key)] = str(value)
-    if flags.api_keys:
-        overrides[env_name("api_key")] = api_key_setting(flags.api_keys)
+    # A chat template file is read by children that may run elsewhere: make it absolute.
+    template = overrides.get(env_name("chat_template"), "")
+    if template and Path(template).expanduser().is_file():
+        overrides[env_name("chat_template")] = str(Path(template).expanduser().absolute())
     merged = {**environ, **overrides}
     supervisor = load_config(SupervisorConfig, environ=merged)
     run_dir = Path(supervisor.run_dir).expanduser().absolute() if supervisor.run_dir else (

@@ -74,6 +74,20 @@ def find_chat_template(model_dir: Path, tokenizer_config: Mapping[str, Any]) -> 
     return template if isinstance(template, str) else None
 
 
+def chat_template_option(value: str) -> str:
+    """``--chat-template`` (``MESHSERVE_CHAT_TEMPLATE``), as vLLM takes it: the path of
+    a template file, or the template itself inline."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise FileNotFoundError(
+        f"--chat-template {value!r}: no such file, and not an inline Jinja template "
+        "(one has {{ ... }} or {% ... %})"
+    )
+
+
 class ChatTemplate:
     """A compiled chat template with the model's special tokens bound in."""
 

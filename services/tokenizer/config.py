@@ -8,3 +8,7 @@ class TokenizerConfig(msgspec.Struct, frozen=True):
 
     model: str = ""  # Hugging Face folder; empty: the embedded default
     max_inflight: int = 4096  # requests this replica detokenizes at once
+    # Replaces the model's chat template: a file, or the template inline (vLLM's
+    # --chat-template). Empty: the model folder's.
+    chat_template: str = ""
+    revision: str = ""  # a hub model's branch, tag or commit (--model ORG/NAME); empty: main

@@ -23,7 +23,12 @@ from typing import Any
 import msgspec
 from tokenizers import Tokenizer
 
-from services.tokenizer.chat_template import ChatTemplate, ChatTemplateError, find_chat_template
+from services.tokenizer.chat_template import (
+    ChatTemplate,
+    ChatTemplateError,
+    chat_template_option,
+    find_chat_template,
+)
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import ChatMessage, GenerateRequest, SamplingParams
 
@@ -74,8 +79,9 @@ class PromptEncoder:
         )
 
     @classmethod
-    def from_folder(cls, model_dir: Path) -> PromptEncoder:
-        """Load a Hugging Face folder's tokenizer (``tokenizer.json`` is required)."""
+    def from_folder(cls, model_dir: Path, chat_template: str = "") -> PromptEncoder:
+        """Load a Hugging Face folder's tokenizer (``tokenizer.json`` is required).
+        ``chat_template`` (a file or an inline template) replaces the folder's."""
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(
@@ -95,7 +101,8 @@ class PromptEncoder:
         return cls(
             tokenizer,
             tokenizer_config,
-            find_chat_template(model_dir, tokenizer_config),
+            chat_template_option(chat_template) if chat_template
+            else find_chat_template(model_dir, tokenizer_config),
             model_vocab_size,
         )
 
@@ -126,6 +133,45 @@ class PromptEncoder:
         if self._eos_id is not None:
             ids.append(self._eos_id)
         return self._non_empty(ids)
+
+    def tokenize_text(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        """``/tokenize`` of a completions prompt: what ``encode_text`` gives (an empty
+        prompt included), or the bare ids without special tokens."""
+        if add_special_tokens:
+            return self.encode_text(prompt) if prompt else self._specials_only()
+        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def tokenize_chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        add_generation_prompt: bool,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
+        """``/tokenize`` of chat messages: the template's text, encoded as generation
+        does (no special tokens added), or with them when asked (as vLLM does)."""
+        text = self.render_chat(messages, add_generation_prompt)
+        if add_special_tokens:
+            return self.tokenize_text(text, add_special_tokens=True)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """``/detokenize``: the text of ``ids``, special tokens kept (transformers'
+        ``decode`` default). Ids outside the vocabulary are a ``PromptError``."""
+        bad = next((i for i in ids if not 0 <= i < self.output_vocab_size), None)
+        if bad is not None:
+            raise PromptError(
+                f"token id {bad} is out of vocabulary (valid ids are "
+                f"0..{self.output_vocab_size - 1})"
+            )
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def _specials_only(self) -> list[int]:
+        ids = self.tokenizer.encode("", add_special_tokens=True).ids
+        if self._bos_id is not None:
+            ids.insert(0, self._bos_id)
+        if self._eos_id is not None:
+            ids.append(self._eos_id)
+        return ids
 
     def render_chat(
         self, messages: Sequence[ChatMessage | Mapping[str, Any]], add_generation_prompt: bool

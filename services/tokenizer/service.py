@@ -45,7 +45,7 @@ from shared.mesh import (
 from shared.model_source import resolve_model_dir
 from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.common import Rejected
-from shared.protocol.envelope import pack_i32
+from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import (
     Abort,
     GenerateRequest,
@@ -55,6 +55,12 @@ from shared.protocol.generation import (
     TextBatch,
     TokenBatch,
 )
+from shared.protocol.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResult,
+    TokenizeRequest,
+    TokenizeResult,
+)
 from shared.service import ServiceRuntime
 from shared.telemetry import tracer
 
@@ -62,7 +68,7 @@ log = get_logger("meshserve.tokenizer")
 _tracer = tracer("meshserve.tokenizer")
 
 # What each upstream may send this replica; anything else is rejected by the endpoint.
-FromApi = GenerateRequest | Abort
+FromApi = GenerateRequest | Abort | TokenizeRequest | DetokenizeRequest
 # An Abort from the scheduler means "no longer yours" (e.g. ownership moved to the
 # replica that re-submitted the request after a failover): drop the state, no reply.
 FromScheduler = TokenBatch | Reassign | RequestFailed | Abort
@@ -156,8 +162,32 @@ class TokenizerService:
                 case Received(body=Abort() as abort):
                     # The api aborts the scheduler itself; here only the state goes.
                     self._drop(abort.request_ids, "abort")
+                case Received(body=TokenizeRequest() | DetokenizeRequest() as call):
+                    await self.api.send(self._answer_tokenize(call), event.context)
                 case _:
                     await self._on_link_event("api", event, self._on_api_restarted)
+
+    def _answer_tokenize(
+        self, call: TokenizeRequest | DetokenizeRequest
+    ) -> TokenizeResult | DetokenizeResult | RequestFailed:
+        """``/tokenize`` and ``/detokenize``: answered inline (they are as cheap as the
+        encode of a short prompt), never queued behind generation."""
+        try:
+            if isinstance(call, DetokenizeRequest):
+                if len(call.token_ids) % 4:
+                    raise PromptError("token ids must be packed int32")
+                return DetokenizeResult(call.request_id,
+                                        self._encoder.detokenize(unpack_i32(call.token_ids)))
+            if (call.prompt is None) == (call.messages is None):
+                raise PromptError("exactly one of prompt or messages must be given")
+            if call.messages is not None:
+                ids = self._encoder.tokenize_chat(call.messages, call.add_generation_prompt,
+                                                  call.add_special_tokens)
+            else:
+                ids = self._encoder.tokenize_text(call.prompt or "", call.add_special_tokens)
+            return TokenizeResult(call.request_id, pack_i32(ids))
+        except PromptError as e:
+            return RequestFailed(call.request_id, 400, "invalid_request_error", str(e))
 
     def _admission_failure(self) -> RequestFailed | None:
         if len(self.requests) >= self._config.max_inflight:
@@ -330,8 +360,9 @@ class TokenizerService:
 async def main(runtime: ServiceRuntime) -> None:
     config = load_config(TokenizerConfig)
     # The embedded model may have to be generated first (seconds): off the loop.
-    model_dir = await anyio.to_thread.run_sync(resolve_model_dir, config.model)
-    encoder = await anyio.to_thread.run_sync(PromptEncoder.from_folder, model_dir)
+    model_dir = await anyio.to_thread.run_sync(resolve_model_dir, config.model, config.revision)
+    encoder = await anyio.to_thread.run_sync(PromptEncoder.from_folder, model_dir,
+                                             config.chat_template)
     log.info(
         "tokenizer loaded", model=str(model_dir), vocab_size=encoder.vocab_size,
         chat_template=encoder.chat_template is not None, max_inflight=config.max_inflight,

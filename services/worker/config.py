@@ -6,7 +6,8 @@ import msgspec
 class WorkerConfig(msgspec.Struct, frozen=True):
     """GPU worker settings (env MESHSERVE_<FIELD>)."""
 
-    model: str = ""  # Hugging Face folder; empty: the embedded default
+    model: str = ""  # Hugging Face folder or hub id; empty: the embedded default
+    revision: str = ""  # a hub model's branch, tag or commit; empty: main
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (cpu: float32, cuda: bfloat16) | float32 | bfloat16 | float16
     block_size: int = 16

@@ -237,7 +237,7 @@ class _InFlight:
 
 
 def _load_runner(config: WorkerConfig) -> ModelRunner:
-    model_dir = resolve_model_dir(config.model)
+    model_dir = resolve_model_dir(config.model, config.revision)
     return ModelRunner(
         model_dir,
         device=config.device,

@@ -230,3 +230,6 @@ class SchedulerStatus(msgspec.Struct, frozen=True, tag=True):
     host_kv_blocks: int = 0
     host_kv_used_blocks: int = 0
     swap_fallbacks: int = 0  # swapped requests sent to recompute (host pool shrank)
+    # Longest prompt + output a request may have (min over workers and the
+    # scheduler's setting); 0: no worker yet. /v1/models and /tokenize report it.
+    max_model_len: int = 0

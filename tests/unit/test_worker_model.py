@@ -1,7 +1,8 @@
 """The worker's model code against transformers as the oracle.
 
-Four models: the embedded Llama, and tiny seeded folders this module writes with
+Five models: the embedded Llama, and tiny seeded folders this module writes with
 transformers itself: Qwen2 (q/k/v bias, tied embeddings, sharded safetensors),
+Qwen3 (per-head q/k RMSNorm before rotary, no bias, head_dim not hidden/heads),
 Llama 3 (``llama3`` rope scaling, attention and MLP biases) and Mistral (a sliding
 window shorter than the prompts, ``linear`` rope scaling).
 
@@ -25,6 +26,8 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from services.worker.models.config import UnsupportedModelError, parse_config
@@ -83,6 +86,12 @@ def _qwen2(folder: Path) -> PreTrainedModel:
     return model
 
 
+def _qwen3(folder: Path) -> PreTrainedModel:
+    # head_dim 32 with hidden 64 / 4 heads (16): Qwen3 sets head_dim on its own.
+    config = Qwen3Config(**_SMALL, head_dim=32, rms_norm_eps=1e-6)
+    return _tiny_model(folder, Qwen3ForCausalLM(config), seed=4)
+
+
 def _llama3(folder: Path) -> PreTrainedModel:
     config = LlamaConfig(
         **_SMALL,
@@ -109,7 +118,7 @@ def _mistral(folder: Path) -> PreTrainedModel:
     return _tiny_model(folder, MistralForCausalLM(config), seed=3)
 
 
-@pytest.fixture(scope="module", params=["embedded", "qwen2", "llama3", "mistral"])
+@pytest.fixture(scope="module", params=["embedded", "qwen2", "qwen3", "llama3", "mistral"])
 def model_case(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, PreTrainedModel]:
@@ -118,7 +127,8 @@ def model_case(
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         return folder, hf
     folder = tmp_path_factory.mktemp(request.param)
-    build = {"qwen2": _qwen2, "llama3": _llama3, "mistral": _mistral}[request.param]
+    builders = {"qwen2": _qwen2, "qwen3": _qwen3, "llama3": _llama3, "mistral": _mistral}
+    build = builders[request.param]
     return folder, build(folder)
 
 

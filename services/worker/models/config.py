@@ -1,5 +1,6 @@
 """What the worker reads from a Hugging Face ``config.json``: one typed struct for
-the Llama family (Llama 2/3, Qwen2, Mistral share one decoder shape).
+the Llama family (Llama 2/3, Qwen2, Qwen3 dense, Mistral share one decoder shape;
+Qwen3 adds a per-head RMSNorm of q and k before rotary and drops the q/k/v bias).
 
 Unsupported settings fail here, at load, with a message that names the field:
 a model that silently ignores e.g. an unknown ``rope_scaling`` type would serve
@@ -18,7 +19,12 @@ _ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "LlamaForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, True),
     "MistralForCausalLM": (False, True),
+    "Qwen3ForCausalLM": (False, True),
 }
+# Architectures that RMSNorm each query and key head (weights [head_dim]) before rotary.
+_QK_NORM_ARCHITECTURES = frozenset({"Qwen3ForCausalLM"})
+# Architectures whose window applies only with use_sliding_window, from max_window_layers on.
+_QWEN_WINDOWS = frozenset({"Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -60,6 +66,7 @@ class ModelConfig:
     # Per layer: attend to the last N positions only (None: the full context).
     sliding_windows: tuple[int | None, ...]
     eos_token_ids: tuple[int, ...]
+    qk_norm: bool = False  # Qwen3: q_norm / k_norm per head before rotary
 
 
 def _ids(value: Any) -> list[int]:
@@ -107,13 +114,13 @@ def _rope(raw: dict[str, Any], max_positions: int) -> RopeConfig:
 def _sliding_windows(raw: dict[str, Any], architecture: str, num_layers: int) -> list[int | None]:
     _, honours_window = _ARCHITECTURES[architecture]
     window = raw.get("sliding_window")
-    if architecture == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
+    if architecture in _QWEN_WINDOWS and not raw.get("use_sliding_window", False):
         window = None
     if not honours_window or window is None:
         return [None] * num_layers
     window = int(window)
     layer_types = raw.get("layer_types")
-    if architecture == "Qwen2ForCausalLM":
+    if architecture in _QWEN_WINDOWS:
         if layer_types is None:
             first = int(raw.get("max_window_layers", num_layers))
             layer_types = [
@@ -178,6 +185,7 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) 
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         sliding_windows=tuple(_sliding_windows(raw, architecture, num_layers)),
         eos_token_ids=tuple(eos),
+        qk_norm=architecture in _QK_NORM_ARCHITECTURES,
         **config_values,
     )
 

@@ -1,5 +1,5 @@
-"""The Llama-family decoder (Llama 2/3, Qwen2, Mistral) in plain torch over a paged
-KV cache.
+"""The Llama-family decoder (Llama 2/3, Qwen2, Qwen3 dense, Mistral) in plain torch
+over a paged KV cache.
 
 Weights are plain tensors, not ``nn.Module``s: a step is a straight run of
 functional ops over one flat token batch, with no module dispatch per call. q/k/v
@@ -37,6 +37,9 @@ class DecoderLayer:
     down: torch.Tensor
     down_bias: torch.Tensor | None
     sliding_window: int | None
+    # Qwen3: RMSNorm weights [head_dim] applied to each query / key head before rotary.
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -115,6 +118,8 @@ class LlamaModel:
                     down=taker.take(mlp + "down_proj.weight"),
                     down_bias=taker.maybe(mlp + "down_proj.bias", config.mlp_bias),
                     sliding_window=config.sliding_windows[i],
+                    q_norm=taker.maybe(attn + "q_norm.weight", config.qk_norm),
+                    k_norm=taker.maybe(attn + "k_norm.weight", config.qk_norm),
                 )
             )
         self.norm = taker.take("model.norm.weight")
@@ -168,8 +173,13 @@ class LlamaModel:
             x = rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
-            q = apply_rotary(q.view(tokens, c.num_heads, c.head_dim), cos, sin)
-            k = apply_rotary(k.view(tokens, c.num_kv_heads, c.head_dim), cos, sin)
+            q = q.view(tokens, c.num_heads, c.head_dim)
+            k = k.view(tokens, c.num_kv_heads, c.head_dim)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q = rms_norm(q, layer.q_norm, c.rms_norm_eps)
+                k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
             v = v.view(tokens, c.num_kv_heads, c.head_dim)
             attn = paged_attention(
                 q, k, v, kv_cache.k[index], kv_cache.v[index], meta,

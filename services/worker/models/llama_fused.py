@@ -6,6 +6,11 @@ residual add is fused into the next RMSNorm, and rotary is fused with the K/V
 cache write. ``LlamaModel.forward`` stays the reference these are tested against
 (and the CPU path): bf16 rounding differs only where ops are fused (rotary in
 float32 once instead of per op).
+
+Qwen3's per-head q/k RMSNorm runs here too, in place on the fused q/k/v output
+just before the rotary kernel (the reference ``rms_norm`` in torch: a few small
+ops per layer, captured by the CUDA graphs like the rest); it is not fused into
+``rotary_and_cache``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch.nn.functional as F
 from services.worker.kernel_batch import KernelAttentionMetadata
 from services.worker.kernels.fused import add_rms_norm, rms_norm, rotary_and_cache, silu_and_mul
 from services.worker.kv_cache import PagedKVCache
-from services.worker.models.llama import LlamaModel
+from services.worker.models.llama import DecoderLayer, LlamaModel
+from services.worker.models.llama import rms_norm as reference_rms_norm
 
 
 def fused_forward(
@@ -36,6 +42,8 @@ def fused_forward(
     x = rms_norm(residual, layers[0].input_norm, eps)
     for index, layer in enumerate(layers):
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        if layer.q_norm is not None:
+            _norm_qk_heads(qkv, layer, c.num_heads, c.num_kv_heads, c.head_dim, eps)
         k_cache, v_cache = kv_cache.k[index], kv_cache.v[index]
         rotary_and_cache(qkv, model.rotary.cos, model.rotary.sin, positions, meta.slot_mapping,
                          k_cache, v_cache, c.num_heads, c.num_kv_heads, c.head_dim)
@@ -48,3 +56,16 @@ def fused_forward(
         following = layers[index + 1].input_norm if index + 1 < len(layers) else model.norm
         x = add_rms_norm(down, residual, following, eps)
     return x if output_rows is None else x[output_rows]
+
+
+def _norm_qk_heads(
+    qkv: torch.Tensor, layer: DecoderLayer, heads: int, kv_heads: int, head_dim: int, eps: float
+) -> None:
+    """Qwen3: RMSNorm each query and key head of ``qkv`` [T, (h + 2kv) * d] in place."""
+    assert layer.q_norm is not None and layer.k_norm is not None
+    tokens = qkv.shape[0]
+    q_size, k_size = heads * head_dim, kv_heads * head_dim
+    q = qkv[:, :q_size].view(tokens, heads, head_dim)
+    k = qkv[:, q_size : q_size + k_size].view(tokens, kv_heads, head_dim)
+    q.copy_(reference_rms_norm(q, layer.q_norm, eps))
+    k.copy_(reference_rms_norm(k, layer.k_norm, eps))
