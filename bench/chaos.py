@@ -84,9 +84,13 @@ class ChaosMesh:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True,
             )
-        self._control = ControlClient(self.run_dir)
+        # Made on first use: `up` creates the mesh's keys as it starts, and the
+        # client reads them.
+        self._control: ControlClient | None = None
 
     def status(self) -> MeshStatus:
+        if self._control is None:
+            self._control = ControlClient(self.run_dir)
         answer = self._control.request(StatusRequest(), timeout_s=10)
         assert isinstance(answer, MeshStatus), answer
         return answer

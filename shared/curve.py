@@ -20,7 +20,9 @@ its pair), which is what compose mounts as secrets.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,10 +125,19 @@ def create_keys(key_dir: Path, *, overwrite: bool = False) -> MeshKeys:
         )
     key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(key_dir, 0o700)  # mkdir's mode does not apply to a dir that existed
-    for name in (SERVER, CLIENT):
-        # The dir is already private, so the moment before chmod exposes nothing.
-        for path in zmq.auth.create_certificates(key_dir, name):
-            os.chmod(path, 0o600)
+    # Written aside, then renamed in (atomic): a CLI or a test reading the keys while
+    # `up` creates them sees none or whole files, never a half-written one. The
+    # staging dir is private, so the moment before chmod exposes nothing.
+    staging = Path(tempfile.mkdtemp(prefix=".new-", dir=key_dir))
+    try:
+        for name in (SERVER, CLIENT):
+            for path in zmq.auth.create_certificates(staging, name):
+                os.chmod(path, 0o600)
+        # Public halves first: a reader looks for the secret files.
+        for path in sorted(staging.iterdir(), key=lambda p: p.name.endswith(SECRET_SUFFIX)):
+            os.replace(path, key_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return load_keys(key_dir)
 
 
