@@ -284,6 +284,12 @@ class RouterEndpoint(_Endpoint[Body]):
         identity = peer.identity if isinstance(peer, Peer) else peer
         try:
             await self.socket.send_multipart([identity, *self._writer.frames(body, ctx)])
+        except zmq.Again:
+            # The peer's queue is full (ROUTER_MANDATORY says so rather than dropping
+            # quietly): it does not read. The message is lost to it, not this process.
+            self.rejections.record(identity.decode(errors="replace"),
+                                   f"{type(body).__name__} dropped: the peer's queue is full")
+            return False
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise

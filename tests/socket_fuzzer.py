@@ -24,7 +24,9 @@ from typing import Any
 import msgspec
 import zmq
 
+from shared.curve import MeshKeys
 from shared.protocol.common import Hello, Welcome
+from shared.protocol.envelope import PROTOCOL_VERSION
 from tests.wire_fuzz import real_frames
 
 PROBE_TIMEOUT_S = 30.0  # a loaded 2-core CI machine; a hang is far longer than this
@@ -45,11 +47,16 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def _dealer(ctx: zmq.Context[Any], address: str, identity: bytes) -> zmq.Socket[Any]:
+def _dealer(ctx: zmq.Context[Any], address: str, identity: bytes,
+            keys: MeshKeys | None = None) -> zmq.Socket[Any]:
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.IDENTITY, identity)
     socket.setsockopt(zmq.SNDHWM, 100_000)
+    if keys is not None:
+        # A mesh started by `meshserve up` speaks CURVE: with its keys the fuzzed
+        # frames reach the service's decoder, which is what is under test.
+        keys.connect(socket)
     socket.connect(address)
     return socket
 
@@ -97,15 +104,17 @@ class RouterTarget:
     hello: Hello | None
     probe_frames: list[bytes] = field(default_factory=list)
     probe_answer: str = "Welcome"
+    keys: MeshKeys | None = None
     sent: int = 0
 
     def __post_init__(self) -> None:
         name = os.path.basename(self.address)
-        self.fuzz = _dealer(self.ctx, self.address, f"fuzz-{name}".encode())
-        self.probe = _dealer(self.ctx, self.address, f"probe-{name}".encode())
+        self.fuzz = _dealer(self.ctx, self.address, f"fuzz-{name}".encode(), self.keys)
+        self.probe = _dealer(self.ctx, self.address, f"probe-{name}".encode(), self.keys)
         if not self.probe_frames:
             self.probe_frames = real_frames(Hello(service="fuzzprobe", replica=99,
-                                                  incarnation="probe", protocol=2, pid=1),
+                                                  incarnation="probe", protocol=PROTOCOL_VERSION,
+                                                  pid=1),
                                             sender="fuzzprobe/99")
 
     def send(self, batch: list[list[bytes]], keep: Callable[[list[bytes]], bool]) -> None:

@@ -20,6 +20,7 @@ hold garbage.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -81,8 +82,14 @@ MAX_POOL_BLOCKS = 1 << 24
 
 
 def host_blocks_for(host_swap_gb: float, block_bytes: int) -> int:
-    if block_bytes <= 0 or host_swap_gb <= 0:
+    """Host blocks of ``block_bytes`` in ``host_swap_gb``; past MAX_POOL_BLOCKS the
+    answer is MAX_POOL_BLOCKS + 1 (too many, whatever the number: a resize refuses
+    it, and no pool is ever sized from an overflowing float)."""
+    if block_bytes <= 0 or not host_swap_gb > 0:
         return 0
+    blocks = host_swap_gb * 1e9 / block_bytes
+    if not math.isfinite(blocks) or blocks > MAX_POOL_BLOCKS:
+        return MAX_POOL_BLOCKS + 1
     return int(host_swap_gb * 1e9) // block_bytes
 
 
@@ -164,10 +171,15 @@ class KvManager:
     def set_host_swap(self, msg: KvSetHostSwap) -> tuple[KvStats, list[KvHostResize]]:
         """Resize every host pool; the scheduler must hear each new size (it drops
         swapped requests beyond a smaller one, which then report their release)."""
-        if not msg.host_swap_gb >= 0:
-            raise BlockPoolError(f"host_swap_gb must be >= 0, got {msg.host_swap_gb}")
+        if not (math.isfinite(msg.host_swap_gb) and msg.host_swap_gb >= 0):
+            raise BlockPoolError(f"host_swap_gb must be a number >= 0, got {msg.host_swap_gb}")
+        sizes = {p: host_blocks_for(msg.host_swap_gb, self.block_bytes.get(p, 0))
+                 for p in sorted(self.pools)}
+        if any(n > MAX_POOL_BLOCKS for n in sizes.values()):
+            raise BlockPoolError(f"host_swap_gb={msg.host_swap_gb} makes a host pool of more "
+                                 f"than {MAX_POOL_BLOCKS} blocks")
         self.host_swap_gb = msg.host_swap_gb
-        resizes = [KvHostResize(p, self.host_num_blocks(p)) for p in sorted(self.pools)]
+        resizes = [KvHostResize(p, n) for p, n in sizes.items()]
         for resize in resizes:
             # Forget host holdings beyond the new size now: the scheduler drops them.
             host = self.host_tables.get(resize.pool_id, {})

@@ -25,6 +25,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 
+from services.supervisor.control import mesh_keys
 from services.supervisor.mesh_plan import CONTROL_SOCKET, SCALABLE, SOCKET_NAMES, START_ORDER
 from shared.frames import UNDECODABLE
 from shared.protocol.control import (
@@ -127,15 +128,17 @@ def test_every_router_survives_fuzzing_and_the_mesh_still_serves(
     mesh: Mesh, zmq_ctx: zmq.Context[Any]
 ) -> None:
     before = _pids(mesh)
+    keys = mesh_keys(Path(mesh.run_dir))
     for socket_name, family, process in SOCKETS:
         address = f"ipc://{Path(mesh.run_dir) / socket_name}"
         if family == "control":
             target = RouterTarget(zmq_ctx, address, before[process], None,
                                   probe_frames=real_frames(StatusRequest(), "cli/1"),
-                                  probe_answer="MeshStatus")
+                                  probe_answer="MeshStatus", keys=keys)
             _fuzz(target, family, harmless_control)
         else:
-            target = RouterTarget(zmq_ctx, address, before[process], FAMILIES[family].hello)
+            target = RouterTarget(zmq_ctx, address, before[process], FAMILIES[family].hello,
+                                  keys=keys)
             _fuzz(target, family, lambda frames: True)
         assert target.sent >= FRAMES_PER_SOCKET * 0.9, (socket_name, target.sent)
 
@@ -171,6 +174,7 @@ def _real_requests_succeed(mesh: Mesh) -> None:
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert chat.status_code == 200, chat.text
         speech = client.post("/v1/audio/speech", json={
-            "model": "tts-1", "input": "still here", "voice": "alloy", "stream": False})
+            "model": "tts-1", "input": "still here", "voice": "alloy", "stream": False,
+            "response_format": "wav"})
         assert speech.status_code == 200, speech.text
         assert speech.content[:4] == b"RIFF"

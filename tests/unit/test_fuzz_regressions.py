@@ -14,7 +14,7 @@ from services.kvcache.manager import MAX_POOL_BLOCKS, KvManager
 from shared.frames import decode_frames
 from shared.protocol.common import Hello
 from shared.protocol.envelope import PROTOCOL_VERSION, Envelope
-from shared.protocol.kv import KvPoolOpen
+from shared.protocol.kv import KvPoolOpen, KvSetHostSwap
 
 _encode = msgspec.msgpack.encode
 _hello = msgspec.msgpack.Decoder(Hello)
@@ -53,3 +53,15 @@ def test_a_pool_of_impossible_size_is_refused(num_blocks: int) -> None:
         manager.open_pool(KvPoolOpen("worker/0", num_blocks, 16, 8))
     assert manager.pools == {}
     assert manager.open_pool(KvPoolOpen("worker/0", 4, 16, 2)).usage.num_blocks == 4
+
+
+@pytest.mark.parametrize("gb", [float("inf"), float("nan"), -1.0, 1e30])
+def test_a_host_swap_size_that_is_not_a_bounded_number_is_refused(gb: float) -> None:
+    # host_swap_gb=inf once raised OverflowError out of the resize and ended the KV
+    # manager (found by the socket fuzzer once it spoke CURVE).
+    manager = KvManager()
+    manager.open_pool(KvPoolOpen("worker/0", 4, 16, 2, block_bytes=1000))
+    with pytest.raises(BlockPoolError, match="host_swap_gb"):
+        manager.set_host_swap(KvSetHostSwap(host_swap_gb=gb))
+    _, resizes = manager.set_host_swap(KvSetHostSwap(host_swap_gb=1e-6))
+    assert [r.host_num_blocks for r in resizes] == [1]  # 1000 bytes: one block
