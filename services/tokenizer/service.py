@@ -223,7 +223,8 @@ class TokenizerService:
                     else:
                         prompt_ids = self._encoder.encode(request)
                     request = msgspec.structs.replace(
-                        request, sampling=self._encoder.resolve_sampling(request.sampling))
+                        request, sampling=self._encoder.resolve_sampling(request.sampling),
+                        detokenize=self._encoder.resolve_detokenize(request))
                 except PromptError as e:
                     refusal = RequestFailed("", 400, "invalid_request_error", str(e))
             if refusal is not None:
@@ -362,9 +363,10 @@ async def main(runtime: ServiceRuntime) -> None:
     # The embedded model may have to be generated first (seconds): off the loop.
     model_dir = await anyio.to_thread.run_sync(resolve_model_dir, config.model, config.revision)
     encoder = await anyio.to_thread.run_sync(PromptEncoder.from_folder, model_dir,
-                                             config.chat_template)
+                                             config.chat_template, config.tool_call_parser)
     log.info(
         "tokenizer loaded", model=str(model_dir), vocab_size=encoder.vocab_size,
         chat_template=encoder.chat_template is not None, max_inflight=config.max_inflight,
+        tool_call_parser=encoder.tool_call_parser,
     )
     await TokenizerService(runtime, config, encoder).run()
