@@ -52,6 +52,11 @@ class SamplingParams(msgspec.Struct, frozen=True):
     # token sequences (with and without a leading space) in ``bad_words_token_ids``.
     bad_words: list[str] = []
     bad_words_token_ids: list[list[int]] = []
+    # Structured outputs: llguidance's grammar JSON (shared/grammar.py) the output
+    # must match, "" for none; ``grammar_field`` names the request field it came
+    # from, for the 400 when it does not compile (``response_format``, ...).
+    grammar: str = ""
+    grammar_field: str = ""
 
     @property
     def penalized(self) -> bool:
