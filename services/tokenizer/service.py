@@ -82,7 +82,9 @@ def _prompt_chars(request: GenerateRequest) -> int:
     if request.prompt is not None:
         return len(request.prompt)
     if request.messages is not None:
-        return sum(len(m.content) for m in request.messages)
+        return (sum(len(m.content or "") + sum(len(c.arguments) for c in m.tool_calls)
+                    for m in request.messages)
+                + sum(len(msgspec.json.encode(t.parameters)) for t in request.tools or ()))
     return 0  # ids are only range-checked
 
 
