@@ -20,6 +20,8 @@ Defaults follow vLLM's OpenAI server:
 - Sampling: ``presence_penalty``/``frequency_penalty`` (-2..2), vLLM's
   ``repetition_penalty`` (> 0) and ``min_p`` (0..1), ``logit_bias`` (-100..100 per
   token id; ids the tokenizer checks), vLLM's ``bad_words``.
+- Structured outputs: ``response_format`` (``json_object``, ``json_schema``),
+  vLLM's ``structured_outputs`` and ``guided_*`` (``structured_request.py``).
 - Logprobs: completions ``logprobs`` 0..20; chat ``logprobs`` + ``top_logprobs``
   0..20; vLLM's ``prompt_logprobs`` 0..20. Completions' ``echo`` prepends the
   prompt (with ``logprobs``, its tokens' logprobs too: ``prompt_logprobs`` =
@@ -47,8 +49,10 @@ from services.api.openai_schema import (
     ChatCompletionRequest,
     ChatMessageIn,
     CompletionRequest,
+    ResponseFormat,
     SamplingFields,
 )
+from services.api.structured_request import structured_grammar
 from services.api.tool_plan import history_calls, plan_tools
 from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.envelope import pack_i32
@@ -150,7 +154,8 @@ def plan_completion(body: CompletionRequest, context: PlanContext) -> Generation
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("`best_of` other than `n` is not supported", "best_of")
     max_tokens = body.max_tokens if body.max_tokens is not None else config.max_tokens_default
-    sampling = _sampling(body, max_tokens, "max_tokens", config, echo=body.echo)
+    sampling = _sampling(body, max_tokens, "max_tokens", config, echo=body.echo,
+                         response_format=body.response_format)
     logprobs = _logprobs_count(body.logprobs, "logprobs")
     if body.echo and logprobs >= 0:
         sampling = msgspec.structs.replace(
@@ -169,18 +174,14 @@ def plan_chat(body: ChatCompletionRequest, context: PlanContext) -> GenerationPl
     if body.echo:
         raise bad_request("`echo` is not supported for chat", "echo")
     tools, tool_calling, tool_grammar = plan_tools(body)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise bad_request(
-            f"`response_format` {body.response_format.type!r} is not supported; only 'text'",
-            "response_format",
-        )
     if body.max_completion_tokens is not None:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     elif body.max_tokens is not None:
         max_tokens, param = body.max_tokens, "max_tokens"
     else:
         max_tokens, param = config.chat_max_tokens_default, "max_tokens"
-    sampling = _sampling(body, max_tokens, param, config)
+    sampling = _sampling(body, max_tokens, param, config,
+                         response_format=body.response_format)
     if body.logprobs:
         sampling = msgspec.structs.replace(
             sampling, logprobs=_logprobs_count(body.top_logprobs or 0, "top_logprobs"))
@@ -250,6 +251,7 @@ def _plan(
 def _sampling(
     body: SamplingFields, max_tokens: int, max_tokens_param: str, config: ApiConfig,
     echo: bool = False,
+    response_format: ResponseFormat | None = None,
 ) -> SamplingParams:
     if not 1 <= body.n <= config.max_n:
         raise bad_request(f"`n` must be between 1 and {config.max_n}, got {body.n}", "n")
@@ -278,6 +280,7 @@ def _sampling(
     stop_token_ids = list(body.stop_token_ids or [])
     if any(not 0 <= t <= _INT32_MAX for t in stop_token_ids):
         raise bad_request("`stop_token_ids` must be non-negative token ids", "stop_token_ids")
+    grammar, grammar_field = structured_grammar(body, response_format)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -290,6 +293,8 @@ def _sampling(
         prompt_logprobs=(-1 if body.prompt_logprobs is None
                          else _logprobs_count(body.prompt_logprobs, "prompt_logprobs")),
         **_penalties(body),
+        grammar=grammar,
+        grammar_field=grammar_field,
     )
 
 

@@ -80,8 +80,34 @@ class NamedToolChoice(msgspec.Struct, frozen=True, kw_only=True):
     function: NamedFunction
 
 
+class JsonSchemaFormat(msgspec.Struct, frozen=True, kw_only=True):
+    """``response_format.json_schema``: OpenAI's structured outputs."""
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = msgspec.field(default=None, name="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
-    type: str
+    type: str  # "text", "json_object" or "json_schema"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(msgspec.Struct, frozen=True, kw_only=True):
+    """vLLM's ``structured_outputs``: exactly one constraint of json, regex,
+    choice, grammar, json_object (structural_tag is not supported)."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
 
 
 class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
@@ -113,6 +139,15 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     min_p: float | None = None
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
+    # Structured outputs (services/api/structured_request.py): vLLM's and its
+    # older guided_* fields; ``response_format`` is on each endpoint's body.
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
     # vLLM's fields meshserve does not implement: declared so that a request using
     # one gets a 400 naming it (generation_plan.UNSUPPORTED) instead of being ignored.
     use_beam_search: bool = False
@@ -133,6 +168,7 @@ class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # vLLM takes it here too
 
 
 class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):

@@ -31,6 +31,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.encoder import PromptEncoder, PromptError
+from services.tokenizer.grammar_check import GrammarCheck, describe
 from services.tokenizer.inflight import Finished, InflightRequests, Outcome, ResumeSpec
 from shared.config import load_config
 from shared.endpoints import connect_dealer
@@ -51,6 +52,7 @@ from shared.protocol.generation import (
     GenerateRequest,
     Reassign,
     RequestFailed,
+    SamplingParams,
     Submit,
     TextBatch,
     TokenBatch,
@@ -103,6 +105,7 @@ class TokenizerService:
         self._config = config
         self._encoder = encoder
         self.requests = InflightRequests(encoder.tokenizer, encoder.output_vocab_size)
+        self._grammars = GrammarCheck(encoder.tokenizer, encoder.output_vocab_size)
         # Messages that decode but make no sense (unknown ids, corrupt arrays):
         # counted and logged at most once per window per sender, like the endpoints do.
         self.rejections = RejectionLog(f"{runtime.identity.name} actor")
@@ -202,6 +205,17 @@ class TokenizerService:
             return RequestFailed("", 503, "server_error", "scheduler unavailable")
         return None
 
+    async def _check_grammar(self, sampling: SamplingParams) -> None:
+        """Structured outputs: the grammar compiles for this model's tokenizer (in a
+        thread: a huge schema takes long), else PromptError naming its field."""
+        if not sampling.grammar:
+            return
+        error = self._grammars.cached(sampling.grammar)
+        if error is None:
+            error = await anyio.to_thread.run_sync(self._grammars.check, sampling.grammar)
+        if error:
+            raise PromptError(describe(error, sampling.grammar_field))
+
     async def _on_generate(self, request: GenerateRequest, received_ctx: Context) -> None:
         request_id = request.request_id
         # n > 1: one Submit; the scheduler forks it into choices <id>-<i>, each with
@@ -227,6 +241,7 @@ class TokenizerService:
                     request = msgspec.structs.replace(
                         request, sampling=self._encoder.resolve_sampling(request.sampling),
                         detokenize=self._encoder.resolve_detokenize(request))
+                    await self._check_grammar(request.sampling)
                 except PromptError as e:
                     refusal = RequestFailed("", 400, "invalid_request_error", str(e))
             if refusal is not None:

@@ -26,6 +26,7 @@ from services.worker.device import (
     resolve_device,
     resolve_dtype,
 )
+from services.worker.grammar import GrammarMatchers, StepMask
 from services.worker.kv_cache import HostKVStore, PagedKVCache
 from services.worker.models.config import load_config
 from services.worker.models.llama import LlamaModel
@@ -133,7 +134,11 @@ class ModelRunner:
         self.host_cache = HostKVStore(self.kv_cache)
         self.sampler = Sampler(self.device, seed)
         self.step_sampler = StepSampler(self.sampler, config.vocab_size, self.device)
+        self.grammars = GrammarMatchers(self.model_dir, config.vocab_size,
+                                        config.eos_token_ids, self.device)
         self.requests: dict[str, RequestState] = {}
+        # The launched step not collected yet (CUDA): where pending tokens come from.
+        self._uncollected: LaunchedStep | None = None
         # Tokens sampled by a launched, uncollected step: request -> (ids, row).
         self._feeds: dict[str, tuple[torch.Tensor, int]] = {}
         self._cuda: CudaStep | None = None
@@ -170,7 +175,9 @@ class ModelRunner:
         """Forget every request (the scheduler that planned them is gone)."""
         self.requests.clear()
         self._feeds.clear()
+        self._uncollected = None
         self.step_sampler.reset()
+        self.grammars.reset()
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step. Results list, in plan order, the requests whose computed
@@ -189,9 +196,11 @@ class ModelRunner:
         for request_id in plan.finished:
             self.requests.pop(request_id, None)
             self.step_sampler.drop(request_id)
+            self.grammars.drop(request_id)
         for state in checked.new:
             self.requests[state.request_id] = state
             self.step_sampler.register(state)
+            self.grammars.register(state)
         if plan.host_num_blocks >= 0:
             self.host_cache.resize(plan.host_num_blocks)
         # Host tier: a swapped-out request stays registered with an empty table; a
@@ -224,6 +233,8 @@ class ModelRunner:
             return launched.result
         if launched.copied is not None:
             launched.copied.synchronize()
+        if self._uncollected is launched:
+            self._uncollected = None
         tokens: list[int] = launched.host_ids.tolist()
         for (state, position), token in zip(launched.slots, tokens, strict=True):
             state.token_ids[position] = token
@@ -278,7 +289,8 @@ class ModelRunner:
                 f"request {new.request_id!r}: num_output_tokens {new.num_output_tokens} "
                 f"with {len(token_ids)} tokens (the prompt needs at least one)"
             )
-        reason = validate_sampling(new.sampling, self.model.config.vocab_size)
+        reason = (validate_sampling(new.sampling, self.model.config.vocab_size)
+                  or self.grammars.check(new.sampling.grammar))
         if reason is not None:
             raise PlanError(f"request {new.request_id!r}: {reason}")
         if not 0 <= new.num_computed_tokens < len(token_ids):
@@ -401,8 +413,11 @@ class ModelRunner:
                 hidden = self.model.forward(
                     batch.input_ids, batch.positions, batch.meta, self.kv_cache, rows,
                 )
+            # Built while the forward runs on the device (CUDA).
+            mask = self._grammar_mask(states, samplers)
             ids, logprobs = self.step_sampler.sample(
-                self.model.logits(hidden), states, samplers, spans, self._settled_outputs)
+                self.model.logits(hidden), states, samplers, spans, self._settled_outputs,
+                mask)
             # Results in plan order (the reference batch is decodes first).
             order = sorted(range(len(samplers)), key=samplers.__getitem__)
             if order != list(range(len(order))):
@@ -430,6 +445,7 @@ class ModelRunner:
             launched.slots.append((state, len(state.token_ids) - 1))
         for row, i in enumerate(samplers):
             self._feeds[states[i].request_id] = (ids, row)
+        self._uncollected = launched
         if self.device.type != "cuda":
             launched.host_ids = ids  # (the kernels under Triton's interpreter, in tests)
             launched.logprobs = logprobs and logprobs.to_host(pinned=False)
@@ -441,3 +457,25 @@ class ModelRunner:
         launched.copied = torch.cuda.Event()
         launched.copied.record()
         return launched
+
+    def _grammar_mask(self, states: list[RequestState], samplers: list[int]) -> StepMask | None:
+        """The grammar mask of this step's constrained sampled rows. A matcher needs
+        every output id on the host: a constrained request fed its last token on the
+        device waits here for the step before (its id copy only, not this step's
+        forward, which is queued behind it); other requests never wait."""
+        sampled = [states[i] for i in samplers]
+        rows = self.grammars.constrained_rows(sampled)
+        if not rows:
+            return None
+        pending = [sampled[j] for j in rows if sampled[j].token_ids[-1] == PENDING]
+        if pending:
+            step = self._uncollected
+            assert step is not None, "a pending token without an uncollected step"
+            if step.copied is not None:
+                step.copied.synchronize()
+            host = step.host_ids.tolist()
+            for state in pending:
+                ids, row = self._feeds[state.request_id]
+                assert ids is step.device_ids
+                state.token_ids[-1] = host[row]
+        return self.grammars.step_mask(sampled, rows)

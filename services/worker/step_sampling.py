@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.worker.grammar import StepMask
 from services.worker.logits_processing import LogitAdjustments, PenaltyTable, banned_tokens
 from services.worker.sampling import Sampler
 from services.worker.step_batch import RequestState
@@ -110,11 +111,16 @@ class StepSampler:
         samplers: Sequence[int],
         spans: Sequence[PromptSpan],
         outputs_of: Callable[[RequestState], list[int]],
+        mask: StepMask | None = None,
     ) -> tuple[torch.Tensor, DeviceLogprobs | None]:
         """(sampled ids [len(samplers)] on the device, logprobs or None).
         ``logits`` holds the sampled rows (``states[samplers[j]]`` in row j), then
         the prompt rows of ``spans`` in order. ``outputs_of`` gives a request's
-        output ids with none pending (bad words need the last ones)."""
+        output ids with none pending (bad words need the last ones). ``mask``: the
+        grammar mask of constrained rows, applied first (in place: like vLLM, their
+        logprobs see disallowed tokens as -inf)."""
+        if mask is not None:
+            mask.apply(logits)
         raw = logits[: len(samplers)]
         chosen_states = [states[i] for i in samplers]
         params = [s.sampling for s in chosen_states]

@@ -624,3 +624,30 @@ async def test_spans_join_the_request_trace(
     assert finish.attributes is not None
     assert finish.attributes["gen_ai.usage.output_tokens"] == len(ids)
     assert tuple(finish.attributes["gen_ai.response.finish_reasons"]) == ("stop",)
+
+
+async def test_a_grammar_that_does_not_compile_is_refused_naming_its_field(
+    ipc_dir: Path, model_dir: Path
+) -> None:
+    """Structured outputs: the replica compiles each grammar against the model's
+    tokenizer before submitting; a broken one is a 400 naming the client's field."""
+    from shared.grammar import json_schema_grammar, regex_grammar
+
+    async with tokenizer_mesh(ipc_dir, model_dir) as peers:
+        broken = SamplingParams(grammar=regex_grammar("a(b"), grammar_field="guided_regex")
+        await peers.generate(generate_request("bad", prompt="p", sampling=broken))
+        refused = (await peers.expect(peers.api, RequestFailed)).body
+        assert (refused.request_id, refused.status) == ("bad", 400)
+        assert "`guided_regex`" in refused.message and "unclosed group" in refused.message
+        unknown = SamplingParams(grammar=json_schema_grammar({"type": "nonsense"}),
+                                 grammar_field="response_format.json_schema")
+        await peers.generate(generate_request("odd", prompt="p", sampling=unknown))
+        refused = (await peers.expect(peers.api, RequestFailed)).body
+        assert refused.status == 400 and "response_format.json_schema" in refused.message
+        await peers.barrier()  # neither was submitted
+
+        good = SamplingParams(grammar=json_schema_grammar({"type": "object"}),
+                              grammar_field="response_format")
+        await peers.generate(generate_request("ok", prompt="p", sampling=good))
+        submitted = await peers.submitted()
+        assert submitted.request_id == "ok" and submitted.sampling.grammar == good.grammar

@@ -224,3 +224,48 @@ async def test_a_restarted_scheduler_voids_the_requests_of_the_old_one(
     async with scheduler(worker_dir) as fake:
         after = await fake.step(plan(1, {"keep": 1}))
         assert after.error is not None and "unknown request 'keep'" in after.error
+
+
+async def test_constrained_requests_over_the_socket(
+    worker_dir: Path, local_runner: ModelRunner
+) -> None:
+    """Structured outputs at the message level: a grammar that can only end samples
+    EOS first; a request aborted mid-grammar (``finished``) frees its matcher, so
+    the same id can come back with another grammar; outputs equal the in-process
+    runner's, step for step."""
+    from shared.grammar import choice_grammar, regex_grammar
+
+    eos = list(local_runner.model.config.eos_token_ids)
+
+    def constrained(grammar: str) -> SamplingParams:
+        return SamplingParams(max_tokens=20, temperature=1.0, seed=3, stop_token_ids=eos,
+                              grammar=grammar)
+
+    async with scheduler(worker_dir) as fake:
+        local_runner.reset()
+        only_eos = NewRequest("end", pack_i32([5, 6, 7]), 0, constrained(regex_grammar("")))
+        letters = NewRequest("cut", pack_i32([8, 9]), 0,
+                             constrained(regex_grammar("[a-z]{40}")))
+        first = plan(1, {"end": 3, "cut": 2}, new=[only_eos, letters], owners=[0, 1],
+                     blocks=[1, 2])
+        remote = await fake.step(first)
+        assert remote == local_runner.execute(first)
+        assert memoryview(remote.token_ids).cast("i")[0] in eos
+        for step_id in (2, 3):
+            follow = plan(step_id, {"cut": 1})
+            assert await fake.step(follow) == local_runner.execute(follow)
+        # Aborted mid-grammar, then back under the same id with a choice grammar.
+        again = NewRequest("cut", pack_i32([8, 9]), 0, constrained(choice_grammar(["yes"])))
+        restart = StepPlan(4, finished=["end", "cut"], new=[again],
+                           batch=StepBatch.pack(["cut"], [2], [[3]]))
+        outputs = []
+        step_plan = restart
+        for step_id in range(5, 12):
+            result = await fake.step(step_plan)
+            assert result == local_runner.execute(step_plan)
+            outputs += list(memoryview(result.token_ids).cast("i"))
+            if outputs and outputs[-1] in eos:
+                break
+            step_plan = plan(step_id, {"cut": 1})
+        assert outputs[-1] in eos
+        assert "end" not in local_runner.grammars and "cut" in local_runner.grammars

@@ -194,7 +194,7 @@ def test_bad_messages_are_400(messages: Any, param: str) -> None:
     (chat, "top_logprobs", 2),  # without logprobs
     (chat, "echo", True),
     (chat, "tool_choice", "sometimes"),
-    (chat, "response_format", {"type": "json_object"}),
+    (chat, "response_format", {"type": "structural_tag"}),
 ])
 def test_unsupported_or_invalid_parameters_name_themselves(make: Any, field: str,
                                                            value: Any) -> None:
