@@ -102,12 +102,15 @@ def _check_calls(calls: list[tuple[str, str]], names: set[str]) -> None:
 def test_forced_calls_parse_and_validate(client: OpenAI, model: str, tool_choice: Any) -> None:
     names = {"get_weather", "noop"} if tool_choice == "required" else {"get_weather"}
     for seed in range(3):
+        # One call: left to itself the random model never closes the array of calls.
         reply = client.chat.completions.create(
             model=model, messages=HISTORY[:1], tools=TOOLS, tool_choice=tool_choice,
-            max_tokens=200, seed=seed, temperature=1.0)
+            parallel_tool_calls=False, max_tokens=200, seed=seed, temperature=1.0)
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls", choice
+        assert choice.message.content is None
         calls = choice.message.tool_calls or []
+        assert len(calls) == 1
         assert all(c.id.startswith("call_") and c.type == "function" for c in calls)
         _check_calls([(c.function.name, c.function.arguments) for c in calls], names)
 
@@ -115,7 +118,7 @@ def test_forced_calls_parse_and_validate(client: OpenAI, model: str, tool_choice
 def test_streamed_forced_calls_arrive_as_tool_call_deltas(client: OpenAI, model: str) -> None:
     stream = client.chat.completions.create(
         model=model, messages=HISTORY[:1], tools=TOOLS, tool_choice="required",
-        max_tokens=200, seed=7, stream=True)
+        parallel_tool_calls=False, max_tokens=200, seed=7, stream=True)
     calls: dict[int, list[str]] = {}
     content = ""
     finish = None
@@ -143,3 +146,14 @@ def test_bad_tool_requests_are_400s_naming_the_field(client: OpenAI, model: str)
             model=model, messages=HISTORY[:1], tools=TOOLS, max_tokens=1,
             tool_choice={"type": "function", "function": {"name": "missing"}})
     assert raised.value.body["param"] == "tool_choice"  # type: ignore[index]
+
+
+def test_parallel_required_calls_each_validate(client: OpenAI, model: str) -> None:
+    reply = client.chat.completions.create(
+        model=model, messages=HISTORY[:1], tools=TOOLS, tool_choice="required",
+        max_tokens=120, seed=0)
+    calls = reply.choices[0].message.tool_calls or []
+    if reply.choices[0].finish_reason == "length":
+        calls = calls[:-1]  # the random model goes on adding calls: the last is cut
+    _check_calls([(c.function.name, c.function.arguments) for c in calls],
+                 {"get_weather", "noop"})
