@@ -28,8 +28,12 @@ Defaults follow vLLM's OpenAI server:
   ``logprobs``); only ``echo`` allows ``max_tokens`` 0. Prompt logprobs with
   ``n`` > 1 are served unstreamed only (the prompt is computed by one choice).
 
-Everything meshserve does not implement (tools, beam search, ...) is a 400 naming
-the parameter, rather than a response that silently ignores it.
+- Tools (chat): ``tools``, ``tool_choice``, ``parallel_tool_calls`` and the tool
+  messages of the history, checked by ``tool_plan``; "required" and named choices
+  carry the grammar that forces a call.
+
+Everything meshserve does not implement (beam search, ...) is a 400 naming the
+parameter, rather than a response that silently ignores it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from services.api.openai_schema import (
     SamplingFields,
 )
 from services.api.structured_request import structured_grammar
+from services.api.tool_plan import history_calls, plan_tools
 from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import (
@@ -57,10 +62,11 @@ from shared.protocol.generation import (
     GenerateRequest,
     SamplingParams,
 )
+from shared.protocol.tools import ToolCalling, ToolFunction
 
 Operation = Literal["text_completion", "chat"]
 
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _INT32_MAX = 2**31 - 1
 MAX_LOGPROBS = 20  # OpenAI's limit (and vLLM's default --max-logprobs)
 
@@ -167,10 +173,7 @@ def plan_chat(body: ChatCompletionRequest, context: PlanContext) -> GenerationPl
         raise bad_request("`top_logprobs` needs `logprobs` true", "top_logprobs")
     if body.echo:
         raise bad_request("`echo` is not supported for chat", "echo")
-    if body.tools:
-        raise bad_request("`tools` are not supported", "tools")
-    if body.tool_choice not in (None, "none"):
-        raise bad_request("`tool_choice` is not supported", "tool_choice")
+    tools, tool_calling, tool_grammar = plan_tools(body)
     if body.max_completion_tokens is not None:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     elif body.max_tokens is not None:
@@ -182,9 +185,16 @@ def plan_chat(body: ChatCompletionRequest, context: PlanContext) -> GenerationPl
     if body.logprobs:
         sampling = msgspec.structs.replace(
             sampling, logprobs=_logprobs_count(body.top_logprobs or 0, "top_logprobs"))
+    if tool_grammar:
+        if sampling.grammar:
+            raise bad_request("`tool_choice` 'required' or a named function cannot be "
+                              "combined with another structured output", "tool_choice")
+        sampling = msgspec.structs.replace(sampling, grammar=tool_grammar,
+                                           grammar_field="tool_choice")
     messages = _messages(body.messages)
     return _plan("chat", body, context, sampling, messages=messages,
-                 add_generation_prompt=body.add_generation_prompt)
+                 add_generation_prompt=body.add_generation_prompt, tools=tools,
+                 tool_calling=tool_calling)
 
 
 def _plan(
@@ -198,6 +208,8 @@ def _plan(
     messages: list[ChatMessage] | None = None,
     add_generation_prompt: bool = True,
     echo: bool = False,
+    tools: list[ToolFunction] | None = None,
+    tool_calling: ToolCalling | None = None,
 ) -> GenerationPlan:
     """The plan both endpoints make from a validated body; the prompt arguments say
     what the tokenizer encodes (a prompt, its ids, or chat messages)."""
@@ -213,6 +225,8 @@ def _plan(
             add_generation_prompt=add_generation_prompt,
             priority=body.priority,
             cache_salt=_cache_salt(body),
+            tools=tools,
+            tool_calling=tool_calling,
         )
 
     if (sampling.prompt_logprobs >= 0 and body.n > 1 and body.stream):
@@ -415,8 +429,12 @@ def _messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
                 f"unsupported role {message.role!r}; expected one of {sorted(CHAT_ROLES)}",
                 f"{param}.role",
             )
+        calls = history_calls(message, param)
         content = message.content
-        if content is None:
+        if message.role == "tool" and not message.tool_call_id:
+            raise bad_request("a `tool` message needs the `tool_call_id` it answers",
+                              f"{param}.tool_call_id")
+        if content is None and not calls:
             raise bad_request("message `content` is required", f"{param}.content")
         if isinstance(content, list):
             texts = []
@@ -430,5 +448,6 @@ def _messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
                 texts.append(part.text)
             # vLLM joins text parts with newlines; so do we, to tokenize alike.
             content = "\n".join(texts)
-        out.append(ChatMessage(role=message.role, content=content))
+        out.append(ChatMessage(role=message.role, content=content, tool_calls=calls,
+                               tool_call_id=message.tool_call_id, name=message.name))
     return out

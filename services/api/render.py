@@ -37,6 +37,7 @@ from services.api.openai_schema import (
     Usage,
 )
 from services.api.requests import ChoiceUpdate
+from services.api.tool_render import CollectedCalls, StreamedCalls
 
 DONE = b"data: [DONE]\n\n"
 
@@ -78,6 +79,7 @@ class StreamRenderer:
         # Present-but-null on every chunk when usage was asked for, absent otherwise.
         self._chunk_usage = None if plan.include_usage else UNSET
         self._text_offsets = [0] * len(plan.requests)  # completions' logprob text_offset
+        self._calls = StreamedCalls()
 
     def opening(self) -> list[bytes]:
         """Chat opens with the assistant role for every choice; completions with nothing."""
@@ -92,11 +94,14 @@ class StreamRenderer:
     def updates(self, updates: Sequence[ChoiceUpdate]) -> list[bytes]:
         events = []
         for update in updates:
-            if not update.text and update.finish_reason is None:
+            if not update.text and update.finish_reason is None and not update.tool_calls:
                 continue
             rows = token_rows(update.logprobs)
             if self.plan.operation == "chat":
-                delta = ChatDelta(content=update.text) if update.text else ChatDelta()
+                delta = ChatDelta(
+                    content=update.text if update.text else UNSET,
+                    tool_calls=(self._calls.deltas(update.index, update.tool_calls)
+                                if update.tool_calls else UNSET))
                 events.append(self._chat_chunk([ChatChunkChoice(
                     index=update.index, delta=delta, finish_reason=update.finish_reason,
                     logprobs=chat_logprobs(rows) if self.plan.logprobs else None,
@@ -162,6 +167,7 @@ class ResponseCollector:
         self._rows: list[list[TokenRow]] = [[] for _ in plan.requests]
         self._prompt_rows: list[list[TokenRow]] = [[] for _ in plan.requests]
         self._echo: list[tuple[str, str] | None] = [None for _ in plan.requests]
+        self._calls = [CollectedCalls() for _ in plan.requests]
 
     def add(self, updates: Sequence[ChoiceUpdate]) -> None:
         for update in updates:
@@ -170,6 +176,7 @@ class ResponseCollector:
             self._rows[i] += token_rows(update.logprobs)
             self._prompt_rows[i] += token_rows(update.prompt_logprobs)
             self._echo[i] = self._echo[i] or update.echo
+            self._calls[i].add(update.tool_calls)
             if update.finish_reason is not None:
                 self._finish[i] = update.finish_reason
 
@@ -182,7 +189,7 @@ class ResponseCollector:
                 created=plan.created,
                 model=plan.model,
                 choices=[
-                    ChatChoice(index=i, message=AssistantMessage(content=text),
+                    ChatChoice(index=i, message=self._message(i, text),
                                finish_reason=self._finish[i],
                                logprobs=chat_logprobs(self._rows[i]) if plan.logprobs else None)
                     for i, text in enumerate(texts)
@@ -204,6 +211,14 @@ class ResponseCollector:
             ))
         return Completion(id=plan.response_id, created=plan.created, model=plan.model,
                           choices=choices, usage=usage)
+
+    def _message(self, i: int, text: str) -> AssistantMessage:
+        """Choice ``i``'s message: with calls, ``tool_calls`` and a content that is
+        null when only whitespace is left around them (as OpenAI and vLLM send)."""
+        calls = self._calls[i].render()
+        if not calls:
+            return AssistantMessage(content=text)
+        return AssistantMessage(content=text if text.strip() else None, tool_calls=calls)
 
     def _shared_prompt_rows(self, i: int) -> list[TokenRow]:
         return self._prompt_rows[i] or next((r for r in self._prompt_rows if r), [])

@@ -31,6 +31,7 @@ from services.api.errors import ApiError
 from services.api.generation_plan import GenerationPlan
 from shared.protocol.generation import GenerateRequest, TextDelta
 from shared.protocol.logprobs import Logprobs
+from shared.protocol.tools import ToolCallDelta
 from shared.recent_ids import RecentIds
 
 RECENTLY_CLOSED = 8192  # ids remembered so that late deltas are dropped quietly
@@ -59,6 +60,31 @@ class Choice:
     pending_prompt_logprobs: list[Logprobs] = field(default_factory=list)
     echo: tuple[str, str] | None = None
     echo_seen: bool = False  # a replayed request echoes its prompt again: ignored
+    # Tool calls accepted, not yet taken; argument characters accepted per call
+    # (a replay after failover repeats calls from the start: deduplicated alike).
+    pending_tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    tool_arguments_chars: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self.pending or self.pending_tool_calls)
+
+    def accept_tool_calls(self, deltas: Sequence[ToolCallDelta]) -> bool:
+        """Keep what is new in ``deltas``; True if anything was."""
+        news = False
+        for delta in deltas:
+            seen = self.tool_arguments_chars.get(delta.index)
+            if seen is None and not delta.name:
+                continue  # a call's first delta names it; without it, nothing to render
+            start = 0 if seen is None else max(seen - delta.arguments_offset, 0)
+            arguments = delta.arguments[start:]
+            name = delta.name if seen is None else ""
+            if name or arguments:
+                self.pending_tool_calls.append(ToolCallDelta(delta.index, name, arguments))
+                news = True
+            self.tool_arguments_chars[delta.index] = max(
+                seen or 0, delta.arguments_offset + len(delta.arguments))
+        return news
 
     def tokens_arrived(self, count: int, now: float) -> None:
         if count <= 0:
@@ -92,6 +118,7 @@ class ChoiceUpdate:
     logprobs: list[Logprobs] = field(default_factory=list)
     prompt_logprobs: list[Logprobs] = field(default_factory=list)
     echo: tuple[str, str] | None = None  # (prompt text, its first token's text), once
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)  # new calls' parts
 
 
 class DeltaOutcome(enum.Enum):
@@ -119,7 +146,7 @@ class Flight:
     @property
     def finished(self) -> bool:
         """Every choice ended and the handler has taken all of it."""
-        return all(c.finished and c.finish_taken and not c.pending for c in self.choices)
+        return all(c.finished and c.finish_taken and not c.has_pending for c in self.choices)
 
     @property
     def prompt_tokens(self) -> int:
@@ -146,7 +173,7 @@ class Flight:
         if any(c.finished and not c.finish_taken for c in self.choices):
             return True
         wants_text = self.plan.stream or not self._first_text_taken
-        return wants_text and any(c.pending for c in self.choices)
+        return wants_text and any(c.has_pending for c in self.choices)
 
     async def wait(self) -> None:
         """Until there is text, a finish or an error to take."""
@@ -162,17 +189,19 @@ class Flight:
         updates = []
         for choice in self.choices:
             ends = choice.finished and not choice.finish_taken
-            if not choice.pending and not ends:
+            if not choice.has_pending and not ends:
                 continue
             text = "".join(choice.pending)
             choice.pending.clear()
             choice.finish_taken = choice.finished
             updates.append(ChoiceUpdate(choice.index, text, choice.finish_reason if ends else None,
                                         choice.pending_logprobs, choice.pending_prompt_logprobs,
-                                        choice.echo))
+                                        choice.echo, choice.pending_tool_calls))
+            self._first_text_taken = (self._first_text_taken or bool(text)
+                                      or bool(choice.pending_tool_calls))
             choice.pending_logprobs, choice.pending_prompt_logprobs = [], []
+            choice.pending_tool_calls = []
             choice.echo = None
-            self._first_text_taken = self._first_text_taken or bool(text)
         return updates
 
     def fail(self, error: ApiError) -> None:
@@ -258,9 +287,10 @@ class FlightRegistry:
         choice.pending_prompt_logprobs.extend(delta.prompt_logprobs)
         if delta.prompt_text is not None and not choice.echo_seen:
             choice.echo, choice.echo_seen = (delta.prompt_text, delta.prompt_first_token), True
+        new_calls = choice.accept_tool_calls(delta.tool_calls)
         if new_text:
             choice.pending.append(new_text)
-        elif delta.finish_reason is None and end <= choice.delivered_chars:
+        elif delta.finish_reason is None and end <= choice.delivered_chars and not new_calls:
             outcome = DeltaOutcome.DUPLICATE
         choice.delivered_chars = max(choice.delivered_chars, end)
         # A replay recounts from scratch; counts never go backwards for the client.

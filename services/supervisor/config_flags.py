@@ -43,6 +43,8 @@ HELP: dict[str, str] = {
     "max_model_len": "context length (prompt + output); 0: the model's",
     "chat_template": "a chat template file, or the template inline; replaces the model's",
     "revision": "a hub model's branch, tag or commit",
+    "tool_call_parser": "format of `tool_choice: auto` calls: hermes | llama3_json | mistral "
+    "(default: the one the chat template writes calls in)",
     "max_num_seqs": "running requests per worker",
     "max_num_batched_tokens": "token budget of one step",
     "enable_prefix_caching": "share the KV cache of equal prompt prefixes",

@@ -99,16 +99,20 @@ class ChatTemplate:
         self._special_tokens = dict(special_tokens)
 
     def render(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """The prompt text for ``messages``; ``ChatTemplateError`` if the template
-        refuses them (``raise_exception``) or fails while rendering."""
+        """The prompt text for ``messages`` (and ``tools``, each a JSON schema dict
+        as transformers takes them); ``ChatTemplateError`` if the template refuses
+        them (``raise_exception``) or fails while rendering."""
         try:
             return self._template.render(
                 **self._special_tokens,
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=[dict(t) for t in tools] if tools else None,
                 documents=None,
             )
         except jinja2.exceptions.TemplateError as e:

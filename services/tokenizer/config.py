@@ -12,3 +12,6 @@ class TokenizerConfig(msgspec.Struct, frozen=True):
     # --chat-template). Empty: the model folder's.
     chat_template: str = ""
     revision: str = ""  # a hub model's branch, tag or commit (--model ORG/NAME); empty: main
+    # How `tool_choice: auto` calls are parsed (vLLM's --tool-call-parser): hermes,
+    # llama3_json or mistral. Empty: the format the chat template writes calls in.
+    tool_call_parser: str = ""

@@ -29,8 +29,15 @@ from services.tokenizer.chat_template import (
     chat_template_option,
     find_chat_template,
 )
+from services.tokenizer.tool_parsers import FORCED, NEEDS_SPECIAL_TOKENS, PARSERS, detect_parser
 from shared.protocol.envelope import unpack_i32
-from shared.protocol.generation import ChatMessage, GenerateRequest, SamplingParams
+from shared.protocol.generation import (
+    ChatMessage,
+    DetokenizeSpec,
+    GenerateRequest,
+    SamplingParams,
+)
+from shared.protocol.tools import ToolFunction
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -57,6 +64,7 @@ class PromptEncoder:
         tokenizer_config: Mapping[str, Any],
         chat_template: str | None = None,
         model_vocab_size: int | None = None,
+        tool_call_parser: str = "",
     ) -> None:
         self.tokenizer = tokenizer
         self.special_tokens: dict[str, str] = {}
@@ -77,9 +85,17 @@ class PromptEncoder:
         self.chat_template = (
             ChatTemplate(chat_template, self.special_tokens) if chat_template else None
         )
+        if tool_call_parser and tool_call_parser not in PARSERS:
+            raise ValueError(f"--tool-call-parser {tool_call_parser!r}: expected one of "
+                             f"{', '.join(PARSERS)}")
+        # The format of `tool_choice: auto` calls: the setting, else the one the
+        # template writes calls in ("" none: auto is refused).
+        self.tool_call_parser = tool_call_parser or detect_parser(chat_template)
 
     @classmethod
-    def from_folder(cls, model_dir: Path, chat_template: str = "") -> PromptEncoder:
+    def from_folder(
+        cls, model_dir: Path, chat_template: str = "", tool_call_parser: str = ""
+    ) -> PromptEncoder:
         """Load a Hugging Face folder's tokenizer (``tokenizer.json`` is required).
         ``chat_template`` (a file or an inline template) replaces the folder's."""
         tokenizer_file = model_dir / "tokenizer.json"
@@ -104,6 +120,7 @@ class PromptEncoder:
             chat_template_option(chat_template) if chat_template
             else find_chat_template(model_dir, tokenizer_config),
             model_vocab_size,
+            tool_call_parser,
         )
 
     def _flagged_token_id(self, config: Mapping[str, Any], flag: str, name: str) -> int | None:
@@ -174,7 +191,10 @@ class PromptEncoder:
         return ids
 
     def render_chat(
-        self, messages: Sequence[ChatMessage | Mapping[str, Any]], add_generation_prompt: bool
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        add_generation_prompt: bool,
+        tools: Sequence[ToolFunction] | None = None,
     ) -> str:
         if not messages:
             raise PromptError("messages must not be empty")
@@ -183,21 +203,23 @@ class PromptEncoder:
                 "this model has no chat template (none in its tokenizer_config.json or "
                 "chat_template.jinja); use the completions endpoint"
             )
-        plain = [
-            {"role": m.role, "content": m.content} if isinstance(m, ChatMessage) else m
-            for m in messages
-        ]
+        plain = [template_message(m) if isinstance(m, ChatMessage) else m for m in messages]
         try:
-            return self.chat_template.render(plain, add_generation_prompt)
+            return self.chat_template.render(
+                plain, add_generation_prompt,
+                [t.template_dict() for t in tools] if tools else None)
         except ChatTemplateError as e:
             raise PromptError(str(e)) from e
 
     def encode_chat(
-        self, messages: Sequence[ChatMessage | Mapping[str, Any]], add_generation_prompt: bool
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        add_generation_prompt: bool,
+        tools: Sequence[ToolFunction] | None = None,
     ) -> list[int]:
         """A chat conversation through the template; the rendered text already has
         its special tokens, so none are added again."""
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt, tools)
         return self._non_empty(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def check_token_ids(self, ids: Sequence[int]) -> list[int]:
@@ -232,6 +254,34 @@ class PromptEncoder:
                 words.append(spaced)
         return msgspec.structs.replace(params, bad_words_token_ids=words)
 
+    def resolve_detokenize(self, request: GenerateRequest) -> DetokenizeSpec:
+        """The request's ``DetokenizeSpec`` with its tool-call parser filled in (the
+        model's for ``auto``; PromptError when it has none). A parser whose marker
+        is a special token decodes with special tokens kept and EOS's text cut as
+        a stop string (it would show once kept)."""
+        spec, calling = request.detokenize, request.tool_calling
+        if calling is None:
+            return spec
+        if calling.mode == "auto":
+            if not self.tool_call_parser:
+                raise PromptError(
+                    "`tool_choice` 'auto' needs a tool call parser, and this model's chat "
+                    "template shows no tool-call format: start meshserve with "
+                    f"--tool-call-parser ({' | '.join(PARSERS)}), or name a function or "
+                    "'required' in `tool_choice`")
+            parser = self.tool_call_parser
+        elif calling.mode in FORCED:
+            parser = calling.mode
+        else:
+            raise PromptError(f"unknown tool calling mode {calling.mode!r}")
+        spec = msgspec.structs.replace(spec, tool_parser=parser, tool_function=calling.function,
+                                       tool_parallel=calling.parallel)
+        eos = self.special_tokens.get("eos_token")
+        if parser in NEEDS_SPECIAL_TOKENS and spec.skip_special_tokens:
+            spec = msgspec.structs.replace(spec, skip_special_tokens=False,
+                                           stop=[*spec.stop, eos] if eos else spec.stop)
+        return spec
+
     def encode(self, request: GenerateRequest) -> list[int]:
         """The prompt ids of ``request``, or ``PromptError`` naming what is wrong."""
         given = [
@@ -251,7 +301,7 @@ class PromptEncoder:
         if request.prompt is not None:
             ids = self.encode_text(request.prompt)
         elif request.messages is not None:
-            ids = self.encode_chat(request.messages, request.add_generation_prompt)
+            ids = self.encode_chat(request.messages, request.add_generation_prompt, request.tools)
         else:
             packed = request.prompt_token_ids or b""
             if len(packed) % 4:
@@ -283,3 +333,25 @@ class PromptEncoder:
                 f"messages, {max_tokens} in the completion). Please reduce the length of the "
                 "messages or completion."
             )
+
+
+def template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it (vLLM's shape): fields the client left out
+    stay out (templates test ``'tool_calls' in message``), and each call's
+    ``arguments`` is the parsed JSON, which templates ``tojson`` themselves."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            try:
+                arguments = json.loads(call.arguments)
+            except ValueError as e:
+                raise PromptError(f"tool call {call.id!r}: `arguments` is not JSON: {e}") from e
+            calls.append({"id": call.id, "type": "function",
+                          "function": {"name": call.name, "arguments": arguments}})
+        out["tool_calls"] = calls
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out

@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 
 from services.tokenizer.detokenizer import RequestDetokenizer
 from services.tokenizer.logprob_text import with_token_text
+from services.tokenizer.tool_parsers import ToolCallParser, make_parser
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import (
     DetokenizeSpec,
@@ -45,6 +46,7 @@ from shared.protocol.generation import (
     TokenOutput,
 )
 from shared.protocol.logprobs import Logprobs
+from shared.protocol.tools import ToolCallDelta
 from shared.recent_ids import RecentIds
 
 # Ended requests remembered so their late outputs are recognised as stragglers.
@@ -85,6 +87,7 @@ class InflightRequest:
     resume: ResumeSpec | None = None
     echo_text: str | None = None  # echo: the prompt's text, sent with the first delta
     echo_first_token: str = ""  # echo: the first prompt token's text
+    tool_parser: ToolCallParser | None = None  # splits calls from content, if asked
 
     def resumption(self) -> Submit | None:
         """The Submit that resumes this request at a new scheduler incarnation."""
@@ -167,6 +170,8 @@ class InflightRequests:
                        if spec.echo else None),
             echo_first_token=(self._tokenizer.decode([prompt_ids[0]], skip_special_tokens=False)
                               if spec.echo and prompt_ids else ""),
+            tool_parser=(make_parser(spec.tool_parser, spec.tool_function, spec.tool_parallel)
+                         if spec.tool_parser else None),
         )
         self._requests[request_id] = state
         self._recently_ended.discard(request_id)
@@ -275,7 +280,8 @@ class InflightRequests:
             # Held-back text can no longer grow into a stop string or a character.
             text += detokenizer.finish()
             finish = "stop" if detokenizer.stopped else finish_reason
-        if text or finish is not None or always_emit or rows or prompt_rows:
+        text, calls, finish = _split_calls(state.tool_parser, text, finish)
+        if text or calls or finish is not None or always_emit or rows or prompt_rows:
             outcome.deltas.append(
                 TextDelta(
                     request_id=state.request_id,
@@ -288,6 +294,7 @@ class InflightRequests:
                     prompt_logprobs=prompt_rows,
                     prompt_text=state.echo_text,
                     prompt_first_token=state.echo_first_token if state.echo_text else "",
+                    tool_calls=calls,
                 )
             )
             state.emitted_chars += len(text)
@@ -331,6 +338,23 @@ class InflightRequests:
         self.drop(state.request_id)
         outcome.failed.append(_server_error(state.request_id, reason))
         outcome.orphaned.append(state.request_id)
+
+
+def _split_calls(
+    parser: ToolCallParser | None, text: str, finish: str | None
+) -> tuple[str, list[ToolCallDelta], str | None]:
+    """(content, call deltas, finish reason) of new output text: the parser's split
+    when the request parses calls, and "tool_calls" for a stop after calls."""
+    if parser is None:
+        return text, [], finish
+    parsed = parser.push(text)
+    content, calls = parsed.content, parsed.calls
+    if finish is not None:
+        tail = parser.finish()
+        content, calls = content + tail.content, calls + tail.calls
+        if finish == "stop" and parser.called:
+            finish = "tool_calls"
+    return content, calls, finish
 
 
 def _server_error(request_id: str, reason: str) -> RequestFailed:

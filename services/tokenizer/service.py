@@ -84,7 +84,9 @@ def _prompt_chars(request: GenerateRequest) -> int:
     if request.prompt is not None:
         return len(request.prompt)
     if request.messages is not None:
-        return sum(len(m.content) for m in request.messages)
+        return (sum(len(m.content or "") + sum(len(c.arguments) for c in m.tool_calls)
+                    for m in request.messages)
+                + sum(len(msgspec.json.encode(t.parameters)) for t in request.tools or ()))
     return 0  # ids are only range-checked
 
 
@@ -237,7 +239,8 @@ class TokenizerService:
                     else:
                         prompt_ids = self._encoder.encode(request)
                     request = msgspec.structs.replace(
-                        request, sampling=self._encoder.resolve_sampling(request.sampling))
+                        request, sampling=self._encoder.resolve_sampling(request.sampling),
+                        detokenize=self._encoder.resolve_detokenize(request))
                     await self._check_grammar(request.sampling)
                 except PromptError as e:
                     refusal = RequestFailed("", 400, "invalid_request_error", str(e))
@@ -377,9 +380,10 @@ async def main(runtime: ServiceRuntime) -> None:
     # The embedded model may have to be generated first (seconds): off the loop.
     model_dir = await anyio.to_thread.run_sync(resolve_model_dir, config.model, config.revision)
     encoder = await anyio.to_thread.run_sync(PromptEncoder.from_folder, model_dir,
-                                             config.chat_template)
+                                             config.chat_template, config.tool_call_parser)
     log.info(
         "tokenizer loaded", model=str(model_dir), vocab_size=encoder.vocab_size,
         chat_template=encoder.chat_template is not None, max_inflight=config.max_inflight,
+        tool_call_parser=encoder.tool_call_parser,
     )
     await TokenizerService(runtime, config, encoder).run()

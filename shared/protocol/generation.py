@@ -18,6 +18,7 @@ from __future__ import annotations
 import msgspec
 
 from shared.protocol.logprobs import Logprobs
+from shared.protocol.tools import ToolCall, ToolCallDelta, ToolCalling, ToolFunction
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
@@ -64,8 +65,14 @@ class SamplingParams(msgspec.Struct, frozen=True):
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
+    """One message of a chat. ``content`` is None only for an assistant message
+    that made ``tool_calls``; a ``tool`` message answers ``tool_call_id``."""
+
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = []
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class DetokenizeSpec(msgspec.Struct, frozen=True):
@@ -76,6 +83,12 @@ class DetokenizeSpec(msgspec.Struct, frozen=True):
     skip_special_tokens: bool = True
     # Completions' ``echo``: the first TextDelta carries the prompt's text.
     echo: bool = False
+    # Tool calls: the parser the tokenizer picked for this request ("" none;
+    # tool_parsers.PARSERS) and, for "function", the function's name. Set by the
+    # tokenizer, so a replica that takes the request over parses alike.
+    tool_parser: str = ""
+    tool_function: str = ""
+    tool_parallel: bool = True
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
@@ -99,6 +112,9 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
     n: int = 1
     # Keys the prefix cache: requests under different salts never share blocks.
     cache_salt: str = ""
+    # Chat tools: passed to the template; ``tool_calling`` None: output not parsed.
+    tools: list[ToolFunction] | None = None
+    tool_calling: ToolCalling | None = None
 
 
 class Submit(msgspec.Struct, frozen=True, tag=True):
@@ -188,6 +204,8 @@ class TextDelta(msgspec.Struct, frozen=True, array_like=True, gc=False):
     prompt_logprobs: list[Logprobs] = []
     prompt_text: str | None = None  # echo: the prompt's text, in the first delta
     prompt_first_token: str = ""  # echo: the first prompt token's text (no logprob)
+    # Calls parsed out of the output (``text`` is then the content outside them).
+    tool_calls: list[ToolCallDelta] = []
 
 
 class TextBatch(msgspec.Struct, frozen=True, tag=True, gc=False):

@@ -193,7 +193,7 @@ def test_bad_messages_are_400(messages: Any, param: str) -> None:
     (completion, "stream_options", {"include_usage": True}),  # without stream
     (chat, "top_logprobs", 2),  # without logprobs
     (chat, "echo", True),
-    (chat, "tools", [{"type": "function"}]),
+    (chat, "tool_choice", "sometimes"),
     (chat, "response_format", {"type": "structural_tag"}),
 ])
 def test_unsupported_or_invalid_parameters_name_themselves(make: Any, field: str,

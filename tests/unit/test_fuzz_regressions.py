@@ -35,7 +35,8 @@ def test_undecodable_strings_are_a_rejection(frames: list[bytes]) -> None:
 
 @pytest.mark.parametrize(("body", "why"), [
     (b'{"messages": [{"role": "\xff\xfe"}]}', "UTF-8"),
-    (b'{"messages": [], "tools": ' + b"[" * 100_000 + b"]", "nested too deeply"),
+    (b'{"messages": [], "tools": [{"type": "function", "function": {"name": "f", '
+     b'"parameters": {"x": ' + b"[" * 100_000 + b"]", "nested too deeply"),
 ])
 def test_http_bodies_msgspec_cannot_decode_are_a_400(body: bytes, why: str) -> None:
     with pytest.raises(ApiError) as raised:

@@ -25,6 +25,7 @@ from shared.protocol.generation import (
     GenerateRequest,
     SamplingParams,
 )
+from shared.protocol.tools import ToolCall, ToolCalling, ToolFunction
 
 transformers = pytest.importorskip("transformers")
 
@@ -307,3 +308,93 @@ def test_context_length_is_enforced_when_given(embedded_dir: Path) -> None:
     )
     with pytest.raises(PromptError, match=f"your prompt has {prompt_len} tokens"):
         encoder.encode(prompt_too_long)
+
+
+# --- tools --------------------------------------------------------------------------
+
+TEMPLATES = Path(__file__).parent.parent / "templates"
+WEATHER = ToolFunction(
+    name="get_weather",
+    description="The weather in a city",
+    parameters={"type": "object", "properties": {"city": {"type": "string"},
+                                                 "unit": {"enum": ["c", "f"]}},
+                "required": ["city"]},
+)
+NOOP = ToolFunction(name="noop")
+TOOL_CHAT = [
+    ChatMessage("system", "You call tools."),
+    ChatMessage("user", "Weather in Zürich?"),
+    ChatMessage("assistant", None, tool_calls=[
+        ToolCall("call_1", "get_weather", '{"city": "Zürich", "unit": "c"}')]),
+    ChatMessage("tool", "21 °C, sunny", tool_call_id="call_1"),
+]
+
+
+def _as_transformers_takes_it(message: ChatMessage) -> dict[str, Any]:
+    """What a transformers user writes for the same message (arguments a dict)."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.name, "arguments": json.loads(c.arguments)}} for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+@pytest.mark.parametrize(("template", "parser"), [("qwen_tools.jinja", "hermes"),
+                                                  ("llama31_tools.jinja", "llama3_json")])
+def test_tools_render_as_transformers_renders_them(
+    folder_copy: Callable[..., Path], template: str, parser: str, where: str
+) -> None:
+    source = (TEMPLATES / template).read_text()
+
+    def edit(config: dict[str, Any]) -> None:
+        config["chat_template"] = source
+
+    folder = (folder_copy(config_edit=edit) if where == "tokenizer_config.json"
+              else folder_copy(template=source))
+    encoder = PromptEncoder.from_folder(folder)
+    assert encoder.tool_call_parser == parser
+    hf = reference(folder)
+    chats = [TOOL_CHAT, TOOL_CHAT[:2]]
+    for chat, tools in ((c, t) for c in chats for t in ([WEATHER, NOOP], [WEATHER], None)):
+        for add_generation_prompt in (True, False):
+            expected = hf.apply_chat_template(
+                [_as_transformers_takes_it(m) for m in chat],
+                tools=[t.template_dict() for t in tools] if tools else None,
+                add_generation_prompt=add_generation_prompt, tokenize=False)
+            assert encoder.render_chat(chat, add_generation_prompt, tools) == expected
+            got = encoder.encode(request(messages=chat, tools=tools,
+                                         add_generation_prompt=add_generation_prompt))
+            assert got == hf(expected, add_special_tokens=False)["input_ids"]
+    text = encoder.render_chat(TOOL_CHAT, True, [WEATHER])
+    assert '"description": "The weather in a city"' in text and "Zürich" in text
+
+
+def test_tool_parser_resolution(folder_copy: Callable[..., Path]) -> None:
+    folder = folder_copy()
+    plain = PromptEncoder.from_folder(folder)
+    auto = request(messages=TOOL_CHAT[:2], tool_calling=ToolCalling("auto"))
+    with pytest.raises(PromptError, match="--tool-call-parser"):
+        plain.resolve_detokenize(auto)
+    named = request(messages=TOOL_CHAT[:2], tool_calling=ToolCalling("function", "noop", False))
+    spec = plain.resolve_detokenize(named)
+    assert (spec.tool_parser, spec.tool_function, spec.tool_parallel) == ("function", "noop", False)
+    assert plain.resolve_detokenize(request(prompt="x")) == DetokenizeSpec()
+    mistral = PromptEncoder.from_folder(folder, tool_call_parser="mistral")
+    spec = mistral.resolve_detokenize(auto)
+    # [TOOL_CALLS] is a special token in Mistral tokenizers: kept, and EOS's text cut.
+    assert spec.tool_parser == "mistral" and not spec.skip_special_tokens
+    assert spec.stop == [mistral.special_tokens["eos_token"]]
+    with pytest.raises(ValueError, match="--tool-call-parser 'pythonic'"):
+        PromptEncoder.from_folder(folder, tool_call_parser="pythonic")
+
+
+def test_malformed_call_arguments_in_history_are_a_client_error(
+    embedded_dir: Path,
+) -> None:
+    encoder = PromptEncoder.from_folder(embedded_dir)
+    bad = [ChatMessage("assistant", None, tool_calls=[ToolCall("c", "f", "{nope")])]
+    with pytest.raises(PromptError, match="`arguments` is not JSON"):
+        encoder.encode(request(messages=bad))

@@ -195,3 +195,33 @@ def test_resumptions_carry_the_ids_so_far_and_the_text_goes_on(tokenizer: Tokeni
     text = "".join(d.text for d in first.deltas + rest.deltas)
     assert text == tokenizer.decode(ids)
     assert rest.deltas[0].offset == len("".join(d.text for d in first.deltas))
+
+
+def test_tool_calls_split_from_content_and_finish_as_tool_calls(tokenizer: Tokenizer) -> None:
+    text = ('Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+            '\n</tool_call>')
+    ids = tokenizer.encode(text).ids
+    table = make_table(tokenizer, "r", spec=DetokenizeSpec(tool_parser="hermes"))
+    deltas = [d for i, token in enumerate(ids)
+              for d in table.apply([output("r", [token], i,
+                                          "stop" if i == len(ids) - 1 else None)]).deltas]
+    assert "".join(d.text for d in deltas) == "Checking."
+    calls = [c for d in deltas for c in d.tool_calls]
+    assert calls[0].name == "get_weather" and all(c.index == 0 for c in calls)
+    assert "".join(c.arguments for c in calls) == '{"city": "Paris"}'
+    assert deltas[-1].finish_reason == "tool_calls"
+    # A replica that takes the request over replays the same split from offset 0.
+    replay = make_table(tokenizer).reassign(
+        Reassign("r", DetokenizeSpec(tool_parser="hermes"), pack_i32(PROMPT), pack_i32(ids),
+                 "stop")).deltas
+    assert [(d.text, d.tool_calls, d.finish_reason) for d in replay] == [
+        ("Checking.", [c for d in replay for c in d.tool_calls], "tool_calls")]
+    assert "".join(c.arguments for d in replay for c in d.tool_calls) == '{"city": "Paris"}'
+
+
+def test_a_length_cut_keeps_its_finish_reason(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode('<tool_call>{"name": "f", "arguments": {"a": 1').ids
+    table = make_table(tokenizer, "r", spec=DetokenizeSpec(tool_parser="hermes"))
+    (delta,) = table.apply([output("r", ids, 0, "length")]).deltas
+    assert delta.finish_reason == "length" and delta.text == ""
+    assert [(c.name, c.arguments) for c in delta.tool_calls] == [("f", '{"a": 1')]
