@@ -38,6 +38,7 @@ from shared.protocol.generation import (
     Reassign,
     RequestFailed,
     SamplingParams,
+    SchedulerStatus,
     Submit,
     TextBatch,
     TextDelta,
@@ -46,11 +47,15 @@ from shared.protocol.generation import (
 )
 from shared.protocol.kv import (
     KvDumpRequest,
+    KvHostResize,
+    KvLease,
     KvPoolClose,
     KvPoolOpen,
     KvSetHostSwap,
+    KvStats,
     KvStatsRequest,
     KvSync,
+    KvUsage,
 )
 from shared.protocol.speech import (
     SpeechCancel,
@@ -163,6 +168,14 @@ _TO_TTS = [
     SpeechStatusRequest(),
 ]
 _FROM_SINGLETON = [Welcome("fuzz", "fuzz"), Rejected("no", 3)]
+_USAGE = KvUsage("worker/0", 64, 3, 8, 53, 1)
+_TO_SCHEDULER_FROM_KVCACHE = [
+    KvLease("worker/0", 1, pack_i32([4, 5, 6]), _USAGE),
+    KvHostResize("worker/0", 16),
+    KvStats([_USAGE]),
+]
+_TO_API_FROM_SCHEDULER = [SchedulerStatus(workers=1, running=2, waiting=3, kv_usage=0.5,
+                                          max_model_len=64)]
 
 
 @dataclass(frozen=True)
@@ -189,6 +202,11 @@ FAMILIES: dict[str, Family] = {
                                   (*_TO_TOKENIZER_FROM_SCHEDULER, *_FROM_SINGLETON)),
     "worker": Family("worker", (*_TO_WORKER, *_FROM_SINGLETON)),
     "tts": Family("tts", (*_TO_TTS, *_FROM_SINGLETON)),
+    # The singletons' own DEALERs: the scheduler's to the KV manager, the api's to
+    # the scheduler.
+    "scheduler-kvcache": Family("scheduler-kvcache",
+                                (*_TO_SCHEDULER_FROM_KVCACHE, *_FROM_SINGLETON)),
+    "api-scheduler": Family("api-scheduler", (*_TO_API_FROM_SCHEDULER, *_FROM_SINGLETON)),
 }
 
 # Every tag on the wire: a message with another socket's tag is a "wrong tag".

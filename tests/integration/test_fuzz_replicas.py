@@ -1,6 +1,7 @@
-"""Fuzzing the replicas' sockets: a tokenizer (both its DEALERs, to the api and to the
-scheduler), a worker and a tts replica each connect to ROUTERs this test binds, as
-to their singletons, and get 10,000 fuzzed frames per socket (tests/wire_fuzz.py,
+"""Fuzzing the sockets that connect out: a tokenizer (both its DEALERs, to the api and to the
+scheduler), a worker, a tts replica, the scheduler's DEALER to the KV manager and
+the api's to the scheduler each connect to ROUTERs this test binds, as to their
+upstreams, and get 10,000 fuzzed frames per socket (tests/wire_fuzz.py,
 derandomized). After every batch of 500 the replica must be alive and answer a real
 request over the socket; at the end it still serves.
 
@@ -21,7 +22,7 @@ from shared.protocol.generation import DetokenizeSpec, GenerateRequest, Sampling
 from shared.protocol.speech import SpeechStatusRequest
 from shared.protocol.step import StepPlan
 from tests.integration.procs import mesh_addresses, read_log, running_service
-from tests.socket_fuzzer import DealerTarget, body_of, tagged, wait_for
+from tests.socket_fuzzer import DealerTarget, RouterTarget, body_of, tagged, wait_for
 from tests.wire_fuzz import FAMILIES, fuzz_batch, real_frames
 
 EXAMPLES, DRAWN, PER_DRAWN = 20, 25, 20
@@ -123,3 +124,40 @@ def test_a_tts_replica_survives_fuzzing(ipc_dir: Path, zmq_ctx: zmq.Context[Any]
 
         _fuzz(target, "tts", probe)
         assert proc.poll() is None
+
+
+def _router_probe(ctx: zmq.Context[Any], address: str, pid: int) -> RouterTarget:
+    """A peer of the singleton's own ROUTER: its hello must still be welcomed."""
+    return RouterTarget(ctx, address, pid, None)
+
+
+def test_the_schedulers_kv_socket_survives_fuzzing(
+    ipc_dir: Path, zmq_ctx: zmq.Context[Any]
+) -> None:
+    addresses = mesh_addresses(ipc_dir)
+    kvcache = _router(zmq_ctx, addresses.kvcache_addr)
+    with running_service("scheduler", ipc_dir, {"MESHSERVE_HEARTBEAT_S": "5"}) as proc:
+        target = DealerTarget(kvcache, proc.pid)
+        target.wait_hello("scheduler")
+        own = _router_probe(zmq_ctx, addresses.scheduler_addr, proc.pid)
+        try:
+            _fuzz(target, "scheduler-kvcache", own.check)
+        finally:
+            own.close()
+        assert proc.poll() is None, read_log(ipc_dir, "scheduler")[-3000:]
+
+
+def test_the_apis_scheduler_socket_survives_fuzzing(
+    ipc_dir: Path, zmq_ctx: zmq.Context[Any]
+) -> None:
+    addresses = mesh_addresses(ipc_dir)
+    scheduler = _router(zmq_ctx, addresses.scheduler_addr)
+    with running_service("api", ipc_dir, {"MESHSERVE_HEARTBEAT_S": "5"}) as proc:
+        target = DealerTarget(scheduler, proc.pid)
+        target.wait_hello("api")
+        own = _router_probe(zmq_ctx, addresses.api_addr, proc.pid)
+        try:
+            _fuzz(target, "api-scheduler", own.check)
+        finally:
+            own.close()
+        assert proc.poll() is None, read_log(ipc_dir, "api")[-3000:]
