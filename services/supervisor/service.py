@@ -55,6 +55,9 @@ from shared.protocol.control import (
 )
 from shared.service import ServiceRuntime
 
+# Replicas of one service on one host, at most (scale beyond with more hosts).
+MAX_REPLICAS = 64
+
 log = get_logger("meshserve.supervisor")
 
 ReadyCallback = Callable[[bool, str], None]
@@ -418,6 +421,10 @@ class Supervisor:
         minimum = 1 if service in AT_LEAST_ONE else 0
         if wanted < minimum:
             return ControlReply(ok=False, message=f"{service} needs at least {minimum} replica")
+        if wanted > MAX_REPLICAS:
+            # One host's processes: a typo (or a hostile peer) must not fork-bomb it.
+            return ControlReply(ok=False, message=f"{service}: at most {MAX_REPLICAS} replicas "
+                                f"on one host, asked for {wanted}")
         async with self._operations:
             if refused := self._refuse_if_stopping():
                 return refused

@@ -252,6 +252,7 @@ async def test_operator_restart_and_scale_over_the_control_socket(ipc_dir: Path)
             (ScaleRequest("api", 2), "singleton"),
             (ScaleRequest("worker", 0), "at least 1"),
             (ScaleRequest("gpu", 1), "unknown service"),
+            (ScaleRequest("tokenizer", 10**9), "at most 64 replicas"),
             (RestartRequest("worker", 7), "no child worker/7"),
         ):
             reply = await ask(ipc_dir, request)
