@@ -261,6 +261,8 @@ class ZygoteClient:
         """The zygote is gone: pending forks fail (their callers spawn), and its
         children, which die with it, are waited for through their pidfds."""
         self._ready = False
+        # Forks waiting for a zygote that failed to start spawn now, not at a timeout.
+        self._settled.set()
         self._settled = anyio.Event()
         self._sock = None
         for pending in self._pending.values():
