@@ -20,8 +20,9 @@ import os
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+from typing import Protocol
 
 PR_SET_PDEATHSIG = 1
 
@@ -42,16 +43,36 @@ def _die_with(parent_pid: int) -> Callable[[], None]:
     return pre_exec
 
 
+class ChildProcess(Protocol):
+    """What owners of a child use: ``asyncio.subprocess.Process`` and the
+    supervisor's zygote-forked processes both are one."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, signum: int) -> None: ...
+
+
 async def spawn_child(
-    argv: list[str], env: Mapping[str, str], *, cwd: Path | None = None
+    argv: list[str],
+    env: Mapping[str, str],
+    *,
+    cwd: Path | None = None,
+    pass_fds: Collection[int] = (),
 ) -> asyncio.subprocess.Process:
     """Start one child: inherited stdout/stderr, no stdin, own process group,
-    killed by the kernel if this process dies."""
+    killed by the kernel if this process dies; ``pass_fds`` stay open in it."""
     return await asyncio.create_subprocess_exec(
         *argv,
         env=dict(env),
         cwd=cwd,
         stdin=subprocess.DEVNULL,
+        pass_fds=tuple(pass_fds),
         # The hook makes one syscall through a pre-resolved function: no imports,
         # no allocation-heavy work between fork and exec.
         preexec_fn=_die_with(os.getpid()),
@@ -59,7 +80,7 @@ async def spawn_child(
     )
 
 
-def signal_process(process: asyncio.subprocess.Process, signum: int) -> bool:
+def signal_process(process: ChildProcess, signum: int) -> bool:
     """Send ``signum`` unless the process is already gone; True if sent."""
     if process.returncode is not None:
         return False

@@ -25,3 +25,7 @@ class SupervisorConfig(msgspec.Struct, frozen=True):
     # A child whose heartbeat says one unit of work (a worker's step) has run this
     # long is hung although it beats: killed and restarted (0: no limit).
     step_timeout_s: float = 60.0
+    # Fork children from a zygote that imported torch and the services once (a
+    # killed worker is back in about a second); off: every child is a fresh
+    # `python -m services.<svc>`. Either way a child gets the same environment.
+    zygote: bool = True

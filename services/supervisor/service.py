@@ -12,7 +12,6 @@ commands; it acts on a child only through its slot (``stop``, ``kill``).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -38,7 +37,8 @@ from services.supervisor.mesh_plan import (
 from services.supervisor.process import service_command
 from services.supervisor.restart_policy import RestartPolicy
 from services.supervisor.slot import ChildSlot, SlotHooks
-from shared.child_process import spawn_child
+from services.supervisor.zygote_client import ZygoteClient
+from shared.child_process import ChildProcess, spawn_child
 from shared.curve import ensure_keys
 from shared.endpoints import bind_router
 from shared.logs import get_logger
@@ -100,6 +100,12 @@ class Supervisor:
         self._children_tg: TaskGroup | None = None
         self._health: RouterEndpoint[Rejected] | None = None
         self._unknown_hellos: set[str] = set()
+        # A custom command (tests' stand-ins) is no `python -m services.X`: no zygote.
+        self._zygote = (
+            ZygoteClient(settings.child_env("zygote", 0))
+            if self.config.zygote and command is service_command
+            else None
+        )
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -129,6 +135,8 @@ class Supervisor:
                 await infra.start(control.run)
                 infra.start_soon(self._watch_hellos, health)
                 infra.start_soon(self._watch_liveness)
+                if self._zygote is not None:
+                    await infra.start(self._zygote.run)
                 async with anyio.create_task_group() as children:
                     self._children_tg = children
                     log.info(
@@ -229,9 +237,12 @@ class Supervisor:
             give_up=partial(self.request_shutdown, failed=True),
         )
 
-    async def _spawn(self, child: Child) -> asyncio.subprocess.Process:
+    async def _spawn(self, child: Child) -> ChildProcess:
         env = self.settings.child_env(child.service, child.replica)
-        return await spawn_child(self._command(child.service), env)
+        argv = self._command(child.service)
+        if self._zygote is not None and (forked := await self._zygote.fork(argv, env)):
+            return forked
+        return await spawn_child(argv, env)
 
     async def _stop_all(self) -> None:
         log.info("stopping mesh", reason=self._shutdown_reason)

@@ -10,7 +10,6 @@ the exit and does the rest.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -20,13 +19,13 @@ import anyio
 
 from services.supervisor.children import Child, ChildState
 from services.supervisor.restart_policy import GiveUp, RestartPolicy
-from shared.child_process import signal_process
+from shared.child_process import ChildProcess, signal_process
 from shared.logs import get_logger
 from shared.mesh import Peer
 
 log = get_logger("meshserve.supervisor")
 
-Spawn = Callable[[Child], Awaitable[asyncio.subprocess.Process]]
+Spawn = Callable[[Child], Awaitable[ChildProcess]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +46,7 @@ class ChildSlot:
 
     child: Child
     hooks: SlotHooks
-    process: asyncio.subprocess.Process | None = None
+    process: ChildProcess | None = None
     # Ends a backoff wait early (a stop or an operator restart arrived).
     wake: anyio.Event = field(default_factory=anyio.Event)
     # Set when the slot's task returned: the child will not start again.
