@@ -51,17 +51,12 @@ from shared.protocol.zygote import (
 
 log = get_logger("meshserve.supervisor")
 
-# What a service process spends its start importing (torch above all); each
-# service's modules come in through its service.py.
-PRELOAD = (
-    "torch",
-    "services.worker.service",
-    "services.tokenizer.service",
-    "services.scheduler.service",
-    "services.kvcache.service",
-    "services.api.service",
-    "services.tts.service",
-)
+# Only the worker is forked: its start is a torch import (2-3 s of a 3-6 s restart).
+# The other services import no torch and start in about a second by a plain spawn;
+# forked from a process holding torch, each would carry its pages (about 250 MB of
+# RSS per process, shared copy-on-write but counted against every service's bound).
+FORKED_MODULES = frozenset({"services.worker"})
+PRELOAD = ("torch", "services.worker.service")
 
 
 class ForkedProcess:
@@ -123,12 +118,14 @@ class ZygoteClient:
         env: Mapping[str, str],
         *,
         preload: tuple[str, ...] = PRELOAD,
+        forked_modules: frozenset[str] = FORKED_MODULES,
         ready_timeout_s: float = 120.0,
         fork_timeout_s: float = 10.0,
         restart_window: RestartWindow | None = None,
     ) -> None:
         self.env = dict(env)
         self.preload = preload
+        self.forked_modules = forked_modules
         self.ready_timeout_s = ready_timeout_s
         self.fork_timeout_s = fork_timeout_s
         self.pid: int | None = None  # the current zygote's
@@ -281,7 +278,7 @@ class ZygoteClient:
         """A child forked from the zygote running ``argv`` (``python -m MODULE``),
         or None: the caller spawns it instead."""
         command = module_command(argv)
-        if command is None or self._given_up:
+        if command is None or self._given_up or command[0] not in self.forked_modules:
             return None
         if not self._ready:
             # Starting (or restarting): worth waiting for, it is faster than a spawn.

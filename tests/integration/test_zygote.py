@@ -56,6 +56,7 @@ def read_report(path: Path) -> dict[str, object]:
 
 @asynccontextmanager
 async def zygote_client(**kwargs: object) -> AsyncIterator[ZygoteClient]:
+    kwargs.setdefault("forked_modules", frozenset({PROBE}))
     client = ZygoteClient(os.environ, **kwargs)  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         await tg.start(client.run)
@@ -196,7 +197,8 @@ import anyio, os, sys
 from services.supervisor.zygote_client import ZygoteClient
 
 async def main():
-    client = ZygoteClient(os.environ, preload=("json",))
+    client = ZygoteClient(os.environ, preload=("json",),
+                          forked_modules=frozenset({"tests.integration.zygote_probe"}))
     async with anyio.create_task_group() as tg:
         await tg.start(client.run)
         process = await client.fork(
