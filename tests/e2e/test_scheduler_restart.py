@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from datetime import datetime
@@ -93,8 +94,15 @@ def anyio_backend() -> str:
 def log_time(mesh: Mesh, event: str) -> float:
     """The wall-clock time of the first log line with this event."""
     for line in mesh.log_path.read_text().splitlines():
-        if f'"event": "{event}"' in line:
-            stamp = json.loads(line)["timestamp"].replace("Z", "+00:00")
+        # A process killed with SIGKILL may leave half a line, which the next
+        # process's line then continues: read each object of the line on its own.
+        for piece in re.split(r"(?<=\})(?=\{)", line):
+            if f'"event": "{event}"' not in piece:
+                continue
+            try:
+                stamp = json.loads(piece)["timestamp"].replace("Z", "+00:00")
+            except (ValueError, KeyError):
+                continue
             return datetime.fromisoformat(stamp).timestamp()
     raise AssertionError(f"no {event!r} in the log\n{mesh.logs(200)}")
 
