@@ -308,11 +308,27 @@ UNSUPPORTED: dict[str, object] = {
     "return_tokens_as_token_ids": False,
     "spaces_between_special_tokens": True,
     "logits_processors": None,
+    "return_token_ids": False,
+    "request_id": None,
+    "kv_transfer_params": None,
+    "vllm_xargs": None,
+}
+UNSUPPORTED_COMPLETION: dict[str, object] = {"add_special_tokens": True, "prompt_embeds": None}
+UNSUPPORTED_CHAT: dict[str, object] = {
+    "chat_template": None,
+    "chat_template_kwargs": None,
+    "continue_final_message": False,
+    "documents": None,
+    "mm_processor_kwargs": None,
+    "reasoning_effort": None,
+    "include_reasoning": True,
 }
 
 
 def _reject_unsupported(body: SamplingFields) -> None:
-    for name, unused in UNSUPPORTED.items():
+    specific = (UNSUPPORTED_CHAT if isinstance(body, ChatCompletionRequest)
+                else UNSUPPORTED_COMPLETION)
+    for name, unused in (*UNSUPPORTED.items(), *specific.items()):
         if getattr(body, name) != unused:
             raise bad_request(f"`{name}` is not supported", name)
 

@@ -157,6 +157,10 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     return_tokens_as_token_ids: bool = False
     spaces_between_special_tokens: bool = True
     logits_processors: list[Any] | None = None
+    return_token_ids: bool = False
+    request_id: str | None = None  # (the X-Request-Id header names a request here)
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
@@ -169,6 +173,9 @@ class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
     best_of: int | None = None
     suffix: str | None = None
     response_format: ResponseFormat | None = None  # vLLM takes it here too
+    # vLLM's, not implemented: a 400 names them (generation_plan.UNSUPPORTED_COMPLETION).
+    add_special_tokens: bool = True
+    prompt_embeds: Any | None = None
 
 
 class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
@@ -185,6 +192,14 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     # vLLM's extension: False continues the last message instead of answering it.
     add_generation_prompt: bool = True
     echo: bool = False  # vLLM's: echo the last message (not implemented: 400)
+    # vLLM's, not implemented: a 400 names them (generation_plan.UNSUPPORTED_CHAT).
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False
+    documents: list[dict[str, Any]] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    include_reasoning: bool = True
 
 
 # --- responses --------------------------------------------------------------------
