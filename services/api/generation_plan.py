@@ -61,6 +61,7 @@ from shared.protocol.generation import (
     DetokenizeSpec,
     GenerateRequest,
     SamplingParams,
+    stop_strings_problem,
 )
 from shared.protocol.tools import ToolCalling, ToolFunction
 
@@ -387,6 +388,8 @@ def _detokenize(body: SamplingFields) -> DetokenizeSpec:
         stop = list(body.stop)
     if any(s == "" for s in stop):
         raise bad_request("`stop` strings must not be empty", "stop")
+    if problem := stop_strings_problem(stop):
+        raise bad_request(f"`stop`: {problem}", "stop")
     return DetokenizeSpec(
         stop=stop,
         include_stop_str_in_output=body.include_stop_str_in_output,

@@ -44,6 +44,7 @@ from shared.protocol.generation import (
     Submit,
     TextDelta,
     TokenOutput,
+    stop_strings_problem,
 )
 from shared.protocol.logprobs import Logprobs
 from shared.protocol.tools import ToolCallDelta
@@ -237,6 +238,8 @@ class InflightRequests:
             prompt_ids = self._unpack(message.request_id, message.prompt_token_ids)
             output_ids = self._unpack(message.request_id, message.output_token_ids)
             self._check_range(message.request_id, output_ids)
+            if problem := stop_strings_problem(message.detokenize.stop):
+                raise CorruptOutput(f"{message.request_id}: {problem}")
         except CorruptOutput as e:
             self._requests.pop(message.request_id, None)
             outcome.failed.append(_server_error(message.request_id, str(e)))

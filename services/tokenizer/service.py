@@ -56,6 +56,7 @@ from shared.protocol.generation import (
     Submit,
     TextBatch,
     TokenBatch,
+    stop_strings_problem,
 )
 from shared.protocol.tokenize import (
     DetokenizeRequest,
@@ -242,6 +243,8 @@ class TokenizerService:
                         request, sampling=self._encoder.resolve_sampling(request.sampling),
                         detokenize=self._encoder.resolve_detokenize(request))
                     await self._check_grammar(request.sampling)
+                    if problem := stop_strings_problem(request.detokenize.stop):
+                        raise PromptError(f"`stop`: {problem}")
                 except PromptError as e:
                     refusal = RequestFailed("", 400, "invalid_request_error", str(e))
             if refusal is not None:

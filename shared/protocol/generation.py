@@ -75,6 +75,24 @@ class ChatMessage(msgspec.Struct, frozen=True):
     name: str | None = None
 
 
+# Stop strings a request may carry, and their length: every proper prefix of a stop
+# string may be held back from the stream, so a megabyte stop string would cost the
+# tokenizer quadratic work per request (vLLM and OpenAI document no bound; 4 is
+# OpenAI's count).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
+
+
+def stop_strings_problem(stop: list[str]) -> str | None:
+    """Why ``stop`` cannot be served, or None."""
+    if len(stop) > MAX_STOP_STRINGS:
+        return f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}"
+    longest = max((len(s) for s in stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        return f"a stop string has at most {MAX_STOP_CHARS} characters, got {longest}"
+    return None
+
+
 class DetokenizeSpec(msgspec.Struct, frozen=True):
     """What a tokenizer needs to turn output ids into client text."""
 

@@ -15,6 +15,7 @@ import anyio
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.protocol.generation import RequestFailed
 from tests.integration.test_api_service import SERVED, WAIT_S, api_mesh, sse_payloads
@@ -72,11 +73,16 @@ async def test_refused_streams_get_http_statuses(ipc_dir: Path) -> None:
         assert raised[0].status_code == 429 and raised[0].code == "server_busy"
 
         # Each refusal is counted once, by its status and code.
-        metrics = (await client.get(f"{mesh.url}/metrics")).text.splitlines()
-        errors = "meshserve:api_request_errors_total"
-        assert f'{errors}{{status="429",code="server_busy"}} 2' in metrics
-        assert f'{errors}{{status="400",code="invalid_request_error"}} 1' in metrics
-        assert f'{errors}{{status="503",code="server_error"}} 1' in metrics
+        exposition = (await client.get(f"{mesh.url}/metrics")).text
+        errors = {
+            (sample.labels["status"], sample.labels["code"]): sample.value
+            for family in text_string_to_metric_families(exposition)
+            for sample in family.samples
+            if sample.name == "meshserve:api_request_errors_total"
+        }
+        assert errors[("429", "server_busy")] == 2
+        assert errors[("400", "invalid_request_error")] == 1
+        assert errors[("503", "server_error")] == 1
 
 
 async def test_stream_headers_go_out_with_the_first_delta(ipc_dir: Path) -> None:

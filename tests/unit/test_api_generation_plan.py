@@ -190,6 +190,8 @@ def test_bad_messages_are_400(messages: Any, param: str) -> None:
     (completion, "truncate_prompt_tokens", 4),
     (completion, "return_tokens_as_token_ids", True),
     (completion, "spaces_between_special_tokens", False),
+    (completion, "stop", ["x" * 1025]),
+    (completion, "stop", [str(i) for i in range(65)]),
     (completion, "return_token_ids", True),
     (completion, "request_id", "mine"),
     (completion, "kv_transfer_params", {"do_remote_decode": True}),
