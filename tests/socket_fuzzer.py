@@ -147,6 +147,7 @@ class DealerTarget:
     router: zmq.Socket[Any]
     pid: int
     identity: bytes = b""
+    service: str = ""
     sent: int = 0
 
     def wait_hello(self, service: str) -> None:
@@ -154,15 +155,33 @@ class DealerTarget:
         frames = wait_for(self.router, lambda f: tagged(f, "Hello"), f"{service}'s hello",
                           timeout_s=120.0)
         self.identity = frames[0]
+        self.service = service
         self.welcome()
 
     def welcome(self) -> None:
-        self.router.send_multipart([self.identity,
-                                    *real_frames(Welcome("fuzz", "fuzz"), "fuzz/0")])
+        welcome = real_frames(Welcome("fuzz", "fuzz"), "fuzz/0")
+        try:
+            self.router.send_multipart([self.identity, *welcome])
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            # Reconnecting (see ``send``): its next hello names it again.
+            frames = wait_for(self.router, lambda f: tagged(f, "Hello"),
+                              f"{self.service}'s hello", timeout_s=120.0)
+            self.identity = frames[0]
+            self.router.send_multipart([self.identity, *welcome])
 
     def send(self, batch: list[list[bytes]]) -> None:
         for frames in batch:
-            self.router.send_multipart([self.identity, *frames])
+            try:
+                self.router.send_multipart([self.identity, *frames])
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                # The replica reconnected (an upstream silent for 3 beats is lost to
+                # it, and this test beats only when it probes): greet it again.
+                self.wait_hello(self.service)
+                self.router.send_multipart([self.identity, *frames])
             self.sent += 1
             for reply in drain(self.router):
                 if tagged(reply, "Hello"):
