@@ -90,10 +90,18 @@ def lark_grammar(grammar: str) -> str:
         raise GrammarError(str(e)) from e
 
 
+# A grammar's size, at most: compiling one is native work that a huge, fuzzed or
+# hostile schema can stretch for a long time, and the services run it in a thread
+# of their event loop's process.
+MAX_GRAMMAR_CHARS = 64 * 1024
+
+
 def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer | None = None) -> str:
     """Why ``grammar`` cannot be compiled (for ``tokenizer`` when given: that also
     checks tokens it names), or "" when it can. Compiles it: as costly as building
     a matcher (milliseconds for common schemas, more for huge ones)."""
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        return f"the grammar is {len(grammar)} characters long; at most {MAX_GRAMMAR_CHARS}"
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
     return messages[0] if is_error else ""
 

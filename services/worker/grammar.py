@@ -38,6 +38,7 @@ import llguidance.torch as llguidance_torch
 import torch
 
 from services.worker.step_batch import PENDING, RequestState
+from shared.grammar import MAX_GRAMMAR_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class GrammarMatchers:
         """Why a request with this grammar cannot run here, or None."""
         if grammar and not self._tokenizer_file.is_file():
             return f"structured outputs need {self._tokenizer_file}, which is missing"
+        if len(grammar) > MAX_GRAMMAR_CHARS:
+            return f"a grammar of {len(grammar)} characters; at most {MAX_GRAMMAR_CHARS}"
         return None
 
     def register(self, state: RequestState) -> None:
