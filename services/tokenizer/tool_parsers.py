@@ -149,14 +149,68 @@ class _ObjectSequence:
         return self.scanner
 
 
-class HermesParser(ToolCallParser):
+class _ObjectCallParser(ToolCallParser):
+    """A parser whose calls are JSON objects scanned a character at a time. A call
+    that turns out not to be one goes back to content (``_RAW_PREFIX``, the text that
+    opened it, then its raw text) and the rest of the output is plain content."""
+
+    _RAW_PREFIX = ""
+
+    def __init__(self, parallel: bool, state: str) -> None:
+        super().__init__(parallel)
+        self._state = state
+        self._held = ""  # text that may be the start of a tag or separator
+        self._object = _ObjectSequence()
+        self._then = state  # the state after a call object ends
+
+    def _plain(self, text: str) -> None:
+        self._held, self._state = "", "plain"
+        self._content(text)
+
+    def _open_object(self, then: str) -> None:
+        self._then = then
+        self._held, self._state = "", "call"
+        self._object.new()
+
+    def _begin_call(self, ch: str, then: str) -> None:
+        self._open_object(then)
+        self._feed_call(ch)
+
+    def _feed_call(self, ch: str) -> None:
+        scanner = self._object.scanner
+        self._object.raw.append(ch)
+        scanner.feed(ch)
+        if scanner.failed:
+            if not self._call_open:
+                self._content(self._RAW_PREFIX + "".join(self._object.raw))
+            self._call_open, self._state = False, "plain"
+            return
+        self._pump(scanner)
+        if scanner.done:
+            self._state, self._held = self._then, ""
+
+    def _finish_call(self) -> bool:
+        """The output ended inside a call object: close the call if it was released
+        (True), else leave it to the caller (False)."""
+        scanner = self._object.scanner
+        scanner.end_of_text()
+        self._pump(scanner)
+        if not self._call_open:
+            return False
+        self._close_call(scanner.has_arguments or bool(self._args_released))
+        return True
+
+    def _unreleased_call_as_content(self) -> None:
+        self._content(self._RAW_PREFIX + "".join(self._object.raw))
+
+
+class HermesParser(_ObjectCallParser):
     """``<tool_call>{...}</tool_call>`` among content."""
 
+    _RAW_PREFIX = HERMES_START
+
     def __init__(self, parallel: bool = True) -> None:
-        super().__init__(parallel)
-        self._state = "content"  # content | call | close | plain
-        self._held = ""  # text that may be the start of a tag
-        self._object = _ObjectSequence()
+        super().__init__(parallel, "content")  # content | call | close | plain
 
     def _feed(self, ch: str) -> None:
         if self._state == "plain":
@@ -165,8 +219,7 @@ class HermesParser(ToolCallParser):
             self._held += ch
             if self._held.endswith(HERMES_START):
                 self._content(self._held[: -len(HERMES_START)])
-                self._held, self._state = "", "call"
-                self._object.new()
+                self._open_object(then="close")
             else:
                 keep = _partial_tag(self._held, HERMES_START)
                 self._content(self._held[: len(self._held) - keep])
@@ -184,45 +237,19 @@ class HermesParser(ToolCallParser):
                 for c in held:
                     self._feed(c)
 
-    def _feed_call(self, ch: str) -> None:
-        scanner = self._object.scanner
-        self._object.raw.append(ch)
-        scanner.feed(ch)
-        if scanner.failed:
-            self._fail()
-            return
-        self._pump(scanner)
-        if scanner.done:
-            self._state, self._held = "close", ""
-
-    def _fail(self) -> None:
-        if not self._call_open:
-            self._content(HERMES_START + "".join(self._object.raw))
-        self._call_open = False
-        self._state = "plain"
-
     def _end(self) -> None:
         if self._state == "content":
             self._content(self._held)
-        elif self._state == "call":
-            scanner = self._object.scanner
-            scanner.end_of_text()
-            self._pump(scanner)
-            if self._call_open:
-                self._close_call(scanner.has_arguments or bool(self._args_released))
-            else:
-                self._content(HERMES_START + "".join(self._object.raw))
+        elif self._state == "call" and not self._finish_call():
+            self._unreleased_call_as_content()
         self._held = ""
 
 
-class Llama3JsonParser(ToolCallParser):
+class Llama3JsonParser(_ObjectCallParser):
     """Output that is calls: ``[<|python_tag|>]{"name", "parameters"}[; {...}]``."""
 
     def __init__(self, parallel: bool = True) -> None:
-        super().__init__(parallel)
-        self._state = "start"  # start | call | between | plain
-        self._held = ""
-        self._object = _ObjectSequence()
+        super().__init__(parallel, "start")  # start | call | between | plain
 
     def _feed(self, ch: str) -> None:
         if self._state == "plain":
@@ -235,7 +262,7 @@ class Llama3JsonParser(ToolCallParser):
             elif not body or PYTHON_TAG.startswith(body):
                 pass
             elif body[0] == "{":
-                self._begin_call("{")
+                self._begin_call("{", then="between")
             else:
                 self._plain(self._held)
         elif self._state == "call":
@@ -243,58 +270,27 @@ class Llama3JsonParser(ToolCallParser):
         elif ch in WHITESPACE or (ch == ";" and ";" not in self._held):
             self._held += ch
         elif ch == "{" and ";" in self._held:
-            self._begin_call("{")
+            self._begin_call("{", then="between")
         else:
             self._plain(ch)
-
-    def _plain(self, text: str) -> None:
-        self._held, self._state = "", "plain"
-        self._content(text)
-
-    def _begin_call(self, ch: str) -> None:
-        self._held, self._state = "", "call"
-        self._object.new()
-        self._feed_call(ch)
-
-    def _feed_call(self, ch: str) -> None:
-        scanner = self._object.scanner
-        self._object.raw.append(ch)
-        scanner.feed(ch)
-        if scanner.failed:
-            if not self._call_open:
-                self._content("".join(self._object.raw))
-            self._call_open, self._state = False, "plain"
-            return
-        self._pump(scanner)
-        if scanner.done:
-            self._state, self._held = "between", ""
 
     def _end(self) -> None:
         if self._state == "start":
             self._content(self._held)
-        elif self._state == "call":
-            scanner = self._object.scanner
-            scanner.end_of_text()
-            self._pump(scanner)
-            if self._call_open:
-                self._close_call(scanner.has_arguments or bool(self._args_released))
-            else:
-                self._content("".join(self._object.raw))
+        elif self._state == "call" and not self._finish_call():
+            self._unreleased_call_as_content()
         self._held = ""
 
 
-class JsonArrayParser(ToolCallParser):
+class JsonArrayParser(_ObjectCallParser):
     """``[{"name", "parameters"|"arguments"}, ...]``: the ``required`` format, and
     Mistral's body after its tag. ``tag``: text that must come first ("" none);
     then content may follow, and another tag (Mistral repeats it)."""
 
     def __init__(self, parallel: bool = True, tag: str = "") -> None:
-        super().__init__(parallel)
-        self._tag = tag
         # content | after_tag | array | call | next | name | value | plain
-        self._state = "content" if tag else "after_tag"
-        self._held = ""
-        self._object = _ObjectSequence()
+        super().__init__(parallel, "content" if tag else "after_tag")
+        self._tag = tag
         self._value = JsonValueScanner()
 
     def _feed(self, ch: str) -> None:
@@ -365,38 +361,11 @@ class JsonArrayParser(ToolCallParser):
             if not consumed:  # a scalar ended before ch
                 self._feed(ch)
 
-    def _plain(self, text: str) -> None:
-        self._held, self._state = "", "plain"
-        self._content(text)
-
-    def _begin_call(self, ch: str, then: str) -> None:
-        self._then = then
-        self._held, self._state = "", "call"
-        self._object.new()
-        self._feed_call(ch)
-
-    def _feed_call(self, ch: str) -> None:
-        scanner = self._object.scanner
-        self._object.raw.append(ch)
-        scanner.feed(ch)
-        if scanner.failed:
-            if not self._call_open:
-                self._content("".join(self._object.raw))
-            self._call_open, self._state = False, "plain"
-            return
-        self._pump(scanner)
-        if scanner.done:
-            self._state, self._held = self._then, ""
-
     def _end(self) -> None:
         if self._state == "content":
             self._content(self._held)
         elif self._state == "call":
-            scanner = self._object.scanner
-            scanner.end_of_text()
-            self._pump(scanner)
-            if self._call_open:
-                self._close_call(scanner.has_arguments or bool(self._args_released))
+            self._finish_call()
         elif self._state == "value" and self._call_open:
             self._close_call(True)
         self._held = ""
