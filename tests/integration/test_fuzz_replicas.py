@@ -136,33 +136,21 @@ def _router_probe(ctx: zmq.Context[Any], address: str, pid: int) -> RouterTarget
     return RouterTarget(ctx, address, pid, None)
 
 
-def test_the_schedulers_kv_socket_survives_fuzzing(
-    ipc_dir: Path, zmq_ctx: zmq.Context[Any]
+@pytest.mark.parametrize(("service", "upstream", "family"), [
+    ("scheduler", "kvcache_addr", "scheduler-kvcache"),  # the scheduler's KV socket
+    ("api", "scheduler_addr", "api-scheduler"),  # the api's scheduler socket
+])
+def test_a_singletons_upstream_socket_survives_fuzzing(
+    ipc_dir: Path, zmq_ctx: zmq.Context[Any], service: str, upstream: str, family: str
 ) -> None:
     addresses = mesh_addresses(ipc_dir)
-    kvcache = _router(zmq_ctx, addresses.kvcache_addr)
-    with running_service("scheduler", ipc_dir, {"MESHSERVE_HEARTBEAT_S": "5"}) as proc:
-        target = DealerTarget(kvcache, proc.pid)
-        target.wait_hello("scheduler")
-        own = _router_probe(zmq_ctx, addresses.scheduler_addr, proc.pid)
+    router = _router(zmq_ctx, getattr(addresses, upstream))
+    with running_service(service, ipc_dir, {"MESHSERVE_HEARTBEAT_S": "5"}) as proc:
+        target = DealerTarget(router, proc.pid)
+        target.wait_hello(service)
+        own = _router_probe(zmq_ctx, getattr(addresses, f"{service}_addr"), proc.pid)
         try:
-            _fuzz(target, "scheduler-kvcache", own.check)
+            _fuzz(target, family, own.check)
         finally:
             own.close()
-        assert proc.poll() is None, read_log(ipc_dir, "scheduler")[-3000:]
-
-
-def test_the_apis_scheduler_socket_survives_fuzzing(
-    ipc_dir: Path, zmq_ctx: zmq.Context[Any]
-) -> None:
-    addresses = mesh_addresses(ipc_dir)
-    scheduler = _router(zmq_ctx, addresses.scheduler_addr)
-    with running_service("api", ipc_dir, {"MESHSERVE_HEARTBEAT_S": "5"}) as proc:
-        target = DealerTarget(scheduler, proc.pid)
-        target.wait_hello("api")
-        own = _router_probe(zmq_ctx, addresses.api_addr, proc.pid)
-        try:
-            _fuzz(target, "api-scheduler", own.check)
-        finally:
-            own.close()
-        assert proc.poll() is None, read_log(ipc_dir, "api")[-3000:]
+        assert proc.poll() is None, read_log(ipc_dir, service)[-3000:]
