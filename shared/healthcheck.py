@@ -2,7 +2,11 @@
 ready within the last ``MISSED_BEATS_DEAD`` heartbeats (see ProcessConfig.health_file).
 
 ``python -m shared.healthcheck URL`` probes an HTTP endpoint instead (the api's
-``/health/ready``, which also turns 503 while the api drains): exit 0 on a 2xx."""
+``/health/ready``, which also turns 503 while the api drains): exit 0 on a 2xx.
+
+``python -m shared.healthcheck --live`` asks only that the report is fresh: the
+process still heartbeats. A Kubernetes liveness probe uses it, so a replica whose
+readiness waits for an api that is restarting is not restarted too."""
 
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ import urllib.request
 from shared.config import MISSED_BEATS_DEAD, ProcessConfig, load_config
 
 
-def check(path: str) -> str | None:
-    """None when healthy, else why not."""
+def check(path: str, *, live: bool = False) -> str | None:
+    """None when healthy (``live``: heartbeating, ready or not), else why not."""
     try:
         state = json.loads(open(path).read())  # noqa: SIM115
     except (OSError, ValueError) as e:
@@ -24,7 +28,7 @@ def check(path: str) -> str | None:
     age = time.time() - float(state["at"])
     if age > MISSED_BEATS_DEAD * float(state["heartbeat_s"]) + 1.0:
         return f"last health report is {age:.1f} s old"
-    if not state["ready"]:
+    if not live and not state["ready"]:
         return "the service reports it is not ready"
     return None
 
@@ -45,7 +49,8 @@ def check_url(url: str) -> str | None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1:
+    live = sys.argv[1:] == ["--live"]
+    if len(sys.argv) > 1 and not live:
         problem = check_url(sys.argv[1])
         if problem:
             sys.exit(problem)
@@ -53,7 +58,7 @@ def main() -> None:
     process = load_config(ProcessConfig)
     if not process.health_file:
         sys.exit("MESHSERVE_HEALTH_FILE is not set")
-    problem = check(process.health_file)
+    problem = check(process.health_file, live=live)
     if problem:
         sys.exit(problem)
 
