@@ -60,7 +60,15 @@ class ProcessConfig(msgspec.Struct, frozen=True):
     def replica_id(self) -> int:
         if not self.replica_from_hostname:
             return self.replica
-        return zlib.crc32(socket.gethostname().encode()) % 1_000_000
+        return replica_from_hostname(socket.gethostname())
+
+
+def replica_from_hostname(hostname: str) -> int:
+    """A replica id from a container's hostname: a compose container's id or a
+    Kubernetes pod's name (``worker-7d9f8c6b5d-x2k9p``), both unique among the
+    running replicas and kept across a restart of the container. Two names collide
+    with odds of one in a million per pair."""
+    return zlib.crc32(hostname.encode()) % 1_000_000
 
 
 def env_name(field: str) -> str:
