@@ -11,6 +11,7 @@
     meshserve keys [--dir D] [--force]  create the mesh's CURVE keys (`up` makes them too)
     meshserve kv stats|dump ID       KV cache figures (services/supervisor/kv_cli.py)
     meshserve trace ID [--jaeger URL]  a request's span tree (services/supervisor/trace_cli.py)
+    meshserve deploy k8s [--out DIR | --overlay cpu|gpu]  Kubernetes manifests (deploy_cli.py)
     meshserve --version
 
 Every command finds its mesh through the run dir (``--run-dir``,
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import msgspec
 
-from services.supervisor import kv_cli, trace_cli
+from services.supervisor import deploy_cli, kv_cli, trace_cli
 from services.supervisor.config import SupervisorConfig
 from services.supervisor.config_flags import (
     ConfigFlag,
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_dir(keys)
     kv_cli.add_parser(commands, _add_run_dir)
     trace_cli.add_parser(commands)
+    deploy_cli.add_parser(commands)
     return parser
 
 
@@ -445,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                 return kv_cli.main(args, run_dir)
             case "trace":
                 return trace_cli.cmd_trace(args)
-    except CliError as e:
+            case "deploy":
+                return deploy_cli.main(args)
+    except (CliError, deploy_cli.DeployError) as e:
         print(f"meshserve: {e}", file=sys.stderr)
         return 1
     raise AssertionError(f"unhandled command {args.command}")
