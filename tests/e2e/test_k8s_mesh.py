@@ -1,9 +1,10 @@
 """The mesh run from the Kubernetes manifests themselves, on this machine.
 
-The cpu overlay of deploy/k8s/ is rendered offline (the committed files, as
-`kubectl kustomize` would), and each mesh Deployment's container becomes local
-processes: its ``command`` + ``args`` (``python`` is this interpreter) with its
-``env``. What a cluster provides is replaced, and nothing else:
+The cpu overlay (and, where CUDA is, the gpu overlay) of deploy/k8s/ is rendered
+offline (the committed files, as `kubectl kustomize` would), and each mesh
+Deployment's container becomes local processes: its ``command`` + ``args``
+(``python`` is this interpreter) with its ``env``. What a cluster provides is
+replaced, and nothing else:
 
 - Service DNS names -> 127.0.0.1. Every Service port number is remapped to a free
   local port, the same number to the same port everywhere (addresses and the api's
@@ -39,6 +40,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from services.supervisor.kustomize import build
 from services.supervisor.topology import CURVE_DIR, IMAGE
@@ -67,17 +69,19 @@ class Pod:
     process: subprocess.Popen[bytes] | None = None
 
 
-def rendered_cpu_overlay() -> list[Obj]:
+def rendered_overlay(overlay: str) -> list[Obj]:
     files = {str(p.relative_to(DEPLOY)): p.read_text() for p in DEPLOY.rglob("*.yaml")}
-    return build(files, "overlays/cpu")
+    return build(files, f"overlays/{overlay}")
 
 
 def port_map(objects: list[Obj]) -> dict[int, int]:
+    """Every mesh Service's port number -> a free local port. (The collector's and
+    Jaeger's Services both take OTLP on 4317; neither runs here.)"""
     numbers = [p["port"] for o in objects if o["kind"] == "Service"
+               and o["spec"]["selector"]["app.kubernetes.io/name"] == "meshserve"
                for p in o["spec"]["ports"]]
-    # The collector and Jaeger both take OTLP on 4317; neither runs here.
-    mesh = [n for n in numbers if numbers.count(n) == 1]
-    return {n: free_port() for n in mesh}
+    assert len(numbers) == len(set(numbers)), f"mesh Services share a port: {numbers}"
+    return {n: free_port() for n in numbers}
 
 
 def local_env(container: Obj, ports: dict[int, int], keys: Path) -> dict[str, str]:
@@ -152,8 +156,8 @@ def stop(pods: list[Pod]) -> None:
 
 
 @contextlib.contextmanager
-def mesh_from_manifests(tmp: Path) -> Iterator[tuple[list[Pod], str]]:
-    objects = rendered_cpu_overlay()
+def mesh_from_manifests(tmp: Path, overlay: str) -> Iterator[tuple[list[Pod], str]]:
+    objects = rendered_overlay(overlay)
     ports = port_map(objects)
     keys = tmp / "keys"
     made = subprocess.run([sys.executable, "-m", "services.supervisor", "keys", "--dir",
@@ -199,8 +203,14 @@ def wait_ready(mesh: list[Pod], base_url: str) -> dict[str, Any]:
                          f"{logs(mesh)}")
 
 
-def test_chat_through_the_mesh_the_manifests_describe(tmp_path: Path) -> None:
-    with mesh_from_manifests(tmp_path) as (mesh, base_url):
+@pytest.mark.parametrize("overlay", [
+    "cpu",
+    # Both workers on the one local GPU (a cluster gives each its own).
+    pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+def test_chat_through_the_mesh_the_manifests_describe(tmp_path: Path, overlay: str) -> None:
+    with mesh_from_manifests(tmp_path, overlay) as (mesh, base_url):
         health = wait_ready(mesh, base_url)
         assert health["status"] == "ok"
         with httpx.Client(base_url=base_url, timeout=120) as client:
