@@ -98,6 +98,18 @@ MESH_SERVICES = frozenset({"api", "tokenizer", "scheduler", "kvcache", "worker"}
 TRACE_SPANS = frozenset({"tokenizer.finish", "scheduler.request", "kvcache.sync", "worker.step"})
 
 
+def trace_is_whole(spans: list[ReceivedSpan], request_id: str) -> bool:
+    """Whether the trace of the api request ``request_id`` (its response id) holds
+    every mesh service's spans, up to the last ones a request makes."""
+    root = next((s for s in spans if s.attributes.get("gen_ai.response.id") == request_id),
+                None)
+    if root is None:
+        return False
+    mine = [s for s in spans if s.span.trace_id == root.span.trace_id]
+    return ({s.service for s in mine} >= MESH_SERVICES
+            and {s.span.name for s in mine} >= TRACE_SPANS)
+
+
 async def traced_chat(tmp_path: Path, max_tokens: int) -> tuple[str, list[ReceivedSpan]]:
     """One chat completion through a real mesh exporting to a receiver run here:
     (the response id, every span received once that request's trace is whole)."""
@@ -114,16 +126,8 @@ async def traced_chat(tmp_path: Path, max_tokens: int) -> tuple[str, list[Receiv
                 assert response.status_code == 200, response.text
             request_id: str = response.json()["id"]
 
-            def complete(spans: list[ReceivedSpan]) -> bool:
-                root = next((s for s in spans
-                             if s.attributes.get("gen_ai.response.id") == request_id), None)
-                if root is None:
-                    return False
-                mine = [s for s in spans if s.span.trace_id == root.span.trace_id]
-                return ({s.service for s in mine} >= MESH_SERVICES
-                        and {s.span.name for s in mine} >= TRACE_SPANS)
-
-            spans = await collector.wait_until(complete, timeout=90)
+            spans = await collector.wait_until(
+                lambda spans: trace_is_whole(spans, request_id), timeout=90)
         finally:
             mesh.stop()
     return request_id, list(spans)

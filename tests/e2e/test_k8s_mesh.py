@@ -16,12 +16,13 @@ replaced, and nothing else:
   ``MESHSERVE_REPLICA``: these processes share one hostname, pods do not.
 - The image's ``MESHSERVE_HEALTH_FILE`` (in each pod's /tmp) -> a file per process;
   readiness is the manifests' own probes (exec'd, or the api's HTTP path).
-- No collector runs here: ``OTEL_EXPORTER_OTLP_*`` are dropped (tracing off). The
-  optional api-key Secret does not exist: the API is open, as in the cluster.
+- The ``otel-collector`` Service -> this test's OTLP receiver: the request's trace
+  must come back whole (every mesh service). The optional api-key Secret does not
+  exist: the API is open, as in the cluster.
 - Replicas: 2 tokenizers and 2 workers (`kubectl scale`), no tts (no request needs it).
 
-A chat completion through the api's HTTP Service, then every process is ended by
-its process group.
+A chat completion through the api's HTTP port, its trace, then every process is
+ended by its process group.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import torch
@@ -45,6 +46,7 @@ import torch
 from services.supervisor.kustomize import build
 from services.supervisor.topology import CURVE_DIR, IMAGE
 from tests.e2e.mesh import free_port, log_tail
+from tests.otlp import otlp_receiver, trace_is_whole
 
 pytestmark = [pytest.mark.slow]
 
@@ -53,7 +55,8 @@ DEPLOY = REPO / "deploy" / "k8s"
 REPLICAS = {"kvcache": 1, "scheduler": 1, "api": 1, "tokenizer": 2, "worker": 2}
 READY_DEADLINE_S = 180.0  # cold imports of 7 processes on a loaded 2-core machine
 STOP_DEADLINE_S = 30.0
-ADDRESS = re.compile(r"^tcp://([a-z0-9-]+):(\d+)$")
+ADDRESS = re.compile(r"^(tcp|http)://([a-z0-9-]+):(\d+)$")
+COLLECTOR = "otel-collector"
 Obj = dict[str, Any]
 
 
@@ -76,7 +79,7 @@ def rendered_overlay(overlay: str) -> list[Obj]:
 
 def port_map(objects: list[Obj]) -> dict[int, int]:
     """Every mesh Service's port number -> a free local port. (The collector's and
-    Jaeger's Services both take OTLP on 4317; neither runs here.)"""
+    Jaeger's Services both take OTLP on 4317; the collector is mapped by name.)"""
     numbers = [p["port"] for o in objects if o["kind"] == "Service"
                and o["spec"]["selector"]["app.kubernetes.io/name"] == "meshserve"
                for p in o["spec"]["ports"]]
@@ -84,17 +87,18 @@ def port_map(objects: list[Obj]) -> dict[int, int]:
     return {n: free_port() for n in numbers}
 
 
-def local_env(container: Obj, ports: dict[int, int], keys: Path) -> dict[str, str]:
+def local_env(container: Obj, ports: dict[int, int], keys: Path,
+              collector: str) -> dict[str, str]:
     env: dict[str, str] = {}
     for entry in container["env"]:
         if "value" not in entry:  # valueFrom an optional Secret that does not exist
             assert entry["valueFrom"]["secretKeyRef"]["optional"] is True, entry
             continue
         name, value = entry["name"], entry["value"]
-        if name.startswith("OTEL_EXPORTER_OTLP"):
-            continue
         if match := ADDRESS.match(value):
-            value = f"tcp://127.0.0.1:{ports[int(match.group(2))]}"
+            scheme, host, port = match.groups()
+            value = collector if host == COLLECTOR else (
+                f"{scheme}://127.0.0.1:{ports[int(port)]}")
         elif name == "MESHSERVE_PORT":
             value = str(ports[int(value)])
         elif name == "MESHSERVE_CURVE_DIR":
@@ -105,7 +109,8 @@ def local_env(container: Obj, ports: dict[int, int], keys: Path) -> dict[str, st
     return env
 
 
-def pods(objects: list[Obj], ports: dict[int, int], keys: Path, tmp: Path) -> list[Pod]:
+def pods(objects: list[Obj], ports: dict[int, int], keys: Path, tmp: Path,
+         collector: str) -> list[Pod]:
     # This machine's environment (PATH, PYTHONPATH, the model cache) without any
     # MESHSERVE_* setting of its own: only the manifests configure the mesh.
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MESHSERVE_", "OTEL_"))}
@@ -118,7 +123,7 @@ def pods(objects: list[Obj], ports: dict[int, int], keys: Path, tmp: Path) -> li
         assert argv[0] == "python"
         for replica in range(count):
             pod = f"{name}-{replica}"
-            env = {**base, **local_env(container, ports, keys),
+            env = {**base, **local_env(container, ports, keys, collector),
                    "MESHSERVE_REPLICA": str(replica),
                    "MESHSERVE_HEALTH_FILE": str(tmp / f"{pod}.health.json"),
                    "PYTHONUNBUFFERED": "1"}
@@ -155,8 +160,8 @@ def stop(pods: list[Pod]) -> None:
             process.wait()
 
 
-@contextlib.contextmanager
-def mesh_from_manifests(tmp: Path, overlay: str) -> Iterator[tuple[list[Pod], str]]:
+def start(tmp: Path, overlay: str, collector: str) -> tuple[list[Pod], str]:
+    """Every pod of ``overlay`` started; returns them and the api's base URL."""
     objects = rendered_overlay(overlay)
     ports = port_map(objects)
     keys = tmp / "keys"
@@ -167,7 +172,7 @@ def mesh_from_manifests(tmp: Path, overlay: str) -> Iterator[tuple[list[Pod], st
     # before any service could race to generate it.
     subprocess.run([sys.executable, "-m", "shared.embedded_model"], check=True, timeout=300,
                    capture_output=True)
-    mesh = pods(objects, ports, keys, tmp)
+    mesh = pods(objects, ports, keys, tmp, collector)
     try:
         for pod in mesh:
             with pod.log.open("wb") as log:
@@ -175,10 +180,11 @@ def mesh_from_manifests(tmp: Path, overlay: str) -> Iterator[tuple[list[Pod], st
                                                stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL,
                                                start_new_session=True)
-        (api,) = [p for p in mesh if p.name == "api-0"]
-        yield mesh, f"http://127.0.0.1:{api.env['MESHSERVE_PORT']}"
-    finally:
+    except BaseException:
         stop(mesh)
+        raise
+    (api,) = [p for p in mesh if p.name == "api-0"]
+    return mesh, f"http://127.0.0.1:{api.env['MESHSERVE_PORT']}"
 
 
 def logs(mesh: list[Pod]) -> str:
@@ -203,24 +209,35 @@ def wait_ready(mesh: list[Pod], base_url: str) -> dict[str, Any]:
                          f"{logs(mesh)}")
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("overlay", [
     "cpu",
     # Both workers on the one local GPU (a cluster gives each its own).
     pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs CUDA")]),
 ])
-def test_chat_through_the_mesh_the_manifests_describe(tmp_path: Path, overlay: str) -> None:
-    with mesh_from_manifests(tmp_path, overlay) as (mesh, base_url):
-        health = wait_ready(mesh, base_url)
-        assert health["status"] == "ok"
-        with httpx.Client(base_url=base_url, timeout=120) as client:
-            (model,) = client.get("/v1/models").json()["data"]
-            answer = client.post("/v1/chat/completions", json={
-                "model": model["id"], "max_tokens": 8, "temperature": 0,
-                "messages": [{"role": "user", "content": "Hello from Kubernetes"}]})
-        assert answer.status_code == 200, answer.text
-        body = answer.json()
-        assert body["choices"][0]["message"]["role"] == "assistant"
-        assert body["usage"]["completion_tokens"] >= 1
+async def test_chat_through_the_mesh_the_manifests_describe(tmp_path: Path,
+                                                            overlay: str) -> None:
+    async with otlp_receiver() as (collector, otlp_env):
+        # Blocking work (process starts, probes, stops) runs in threads: the receiver
+        # shares this event loop.
+        mesh, base_url = await anyio.to_thread.run_sync(
+            start, tmp_path, overlay, otlp_env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        try:
+            health = await anyio.to_thread.run_sync(wait_ready, mesh, base_url)
+            assert health["status"] == "ok"
+            async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+                (model,) = (await client.get("/v1/models")).json()["data"]
+                answer = await client.post("/v1/chat/completions", json={
+                    "model": model["id"], "max_tokens": 8, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Hello from Kubernetes"}]})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["choices"][0]["message"]["role"] == "assistant"
+            assert body["usage"]["completion_tokens"] >= 1
+            await collector.wait_until(lambda spans: trace_is_whole(spans, body["id"]),
+                                       timeout=90)
+        finally:
+            await anyio.to_thread.run_sync(stop, mesh)
     for pod in mesh:
         assert pod.process is not None and pod.process.returncode is not None
