@@ -10,7 +10,7 @@ so the two deployments cannot drift apart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.supervisor.mesh_plan import SCALABLE, SINGLETONS, START_ORDER
 from shared.config import env_name
@@ -127,7 +127,7 @@ class WorkerVariant:
     device: str  # MESHSERVE_DEVICE
     resources: Resources
     # Taints a GPU node pool commonly carries (the NVIDIA device plugin's docs).
-    tolerations: tuple[dict[str, str], ...] = field(default=())
+    tolerations: tuple[dict[str, str], ...] = ()
 
 
 def mesh_env() -> dict[str, str]:
