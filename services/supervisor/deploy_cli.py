@@ -15,7 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.supervisor.kustomize import COMPONENTS, OVERLAYS, KustomizeError, build, dump, tree
+from services.supervisor.kustomize import (
+    COMPONENTS,
+    OVERLAYS,
+    KustomizeError,
+    apply_order,
+    build,
+    dump,
+    tree,
+)
 
 DEFAULT_OUT = "deploy/k8s"
 DEFAULT_OTEL = "otel/collector.yaml"
@@ -60,9 +68,10 @@ def main(args: argparse.Namespace) -> int:
     if args.overlay:
         components = tuple(f"components/{c}" for c in args.component)
         try:
-            sys.stdout.write(dump(build(files, f"overlays/{args.overlay}", components)))
+            objects = build(files, f"overlays/{args.overlay}", components)
         except KustomizeError as e:
             raise DeployError(str(e)) from e
+        sys.stdout.write(dump(apply_order(objects)))
         return 0
     if args.component:
         raise DeployError("--component goes with --overlay")

@@ -161,6 +161,25 @@ def _matches(target: Obj, obj: Obj) -> bool:
     return all(wanted[k] == v for k, v in target.items())
 
 
+# kustomize's output order of kinds: what others refer to is created first.
+KIND_ORDER = ("Namespace", "ResourceQuota", "StorageClass", "CustomResourceDefinition",
+              "ServiceAccount", "PodSecurityPolicy", "Role", "ClusterRole", "RoleBinding",
+              "ClusterRoleBinding", "ConfigMap", "Secret", "Endpoints", "Service", "LimitRange",
+              "PriorityClass", "PersistentVolume", "PersistentVolumeClaim", "Deployment",
+              "StatefulSet", "CronJob", "PodDisruptionBudget")
+
+
+def apply_order(objects: list[Obj]) -> list[Obj]:
+    """``objects`` sorted as kustomize prints them: by kind (the kinds above first,
+    in that order, then the rest by kind), then by name."""
+    def key(obj: Obj) -> tuple[int, str, str]:
+        kind = obj["kind"]
+        rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+        return rank, kind, obj["metadata"]["name"]
+
+    return sorted(objects, key=key)
+
+
 def _check_unique(objects: list[Obj], where: str) -> None:
     seen = [(o["kind"], o["metadata"]["name"]) for o in objects]
     dups = {k for k in seen if seen.count(k) > 1}

@@ -20,7 +20,13 @@ import yaml
 
 from services.supervisor.deploy_cli import stale_files
 from services.supervisor.k8s_objects import CURVE_SECRET, PART_OF
-from services.supervisor.kustomize import KustomizeError, apply_json6902, build, tree
+from services.supervisor.kustomize import (
+    KustomizeError,
+    apply_json6902,
+    apply_order,
+    build,
+    tree,
+)
 from services.supervisor.topology import (
     CURVE_DIR,
     IMAGE_UID,
@@ -294,4 +300,8 @@ def test_deploy_cli_checks_and_renders(tmp_path: Path) -> None:
     rendered = meshserve("--overlay", "gpu", "--component", "model-pvc")
     assert rendered.returncode == 0, rendered.stderr
     docs = list(yaml.safe_load_all(rendered.stdout))
-    assert docs == render("gpu+model-pvc")
+    assert docs == apply_order(render("gpu+model-pvc"))
+    kinds = [d["kind"] for d in docs]
+    # What others refer to comes first: `kubectl apply -f -` creates it first.
+    assert kinds.index("ConfigMap") < kinds.index("Service") < kinds.index(
+        "PersistentVolumeClaim") < kinds.index("Deployment") < kinds.index("NetworkPolicy")
