@@ -10,6 +10,7 @@ the way out.
 from __future__ import annotations
 
 import cProfile
+import faulthandler
 import json
 import os
 import signal
@@ -134,6 +135,10 @@ def serve(service: str, main: ServiceMain) -> None:
     process = load_config(ProcessConfig)
     configure_logging(service, process.replica_id(), process.log_level)
     configure_telemetry(service, process.replica_id())
+    # `kill -USR1 PID` writes every thread's stack to the log (stderr): how to see
+    # where a stalled service is without stopping it (a native call holding the GIL
+    # included, which no in-process task could report).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     profiler = _profiler(process)
     try:
         if profiler is not None:

@@ -16,6 +16,7 @@ Replies are drained as they come so no queue fills up on either side.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,16 @@ def wait_for(socket: zmq.Socket[Any], match: Callable[[list[bytes]], bool],
     raise AssertionError(f"no answer within {timeout_s:g} s: {what}")
 
 
+def stack_dump(pid: int, log: Callable[[], str]) -> str:
+    """The stalled service's threads, as its SIGUSR1 handler writes them to its log
+    (shared/service.py), for the message of the assertion that found the stall."""
+    if not pid_alive(pid):
+        return "(the process is gone)"
+    os.kill(pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    return log()[-8000:]
+
+
 def body_of(frame: bytes) -> Any:
     try:
         return _decode_any.decode(frame)
@@ -146,17 +157,26 @@ class DealerTarget:
 
     router: zmq.Socket[Any]
     pid: int
+    log: Callable[[], str] = lambda: ""  # the replica's log, for a stall's stack dump
     identity: bytes = b""
     service: str = ""
     sent: int = 0
 
     def wait_hello(self, service: str) -> None:
         """The replica's hello; answered with a Welcome, as its singleton would."""
-        frames = wait_for(self.router, lambda f: tagged(f, "Hello"), f"{service}'s hello",
-                          timeout_s=120.0)
-        self.identity = frames[0]
+        self.identity = self._hello(service)
         self.service = service
         self.welcome()
+
+    def _hello(self, service: str) -> bytes:
+        """The identity of the replica's next hello; a stall of two minutes fails with
+        the replica's stacks."""
+        try:
+            frames = wait_for(self.router, lambda f: tagged(f, "Hello"), f"{service}'s hello",
+                              timeout_s=120.0)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{stack_dump(self.pid, self.log)}") from None
+        return frames[0]
 
     def welcome(self) -> None:
         welcome = real_frames(Welcome("fuzz", "fuzz"), "fuzz/0")
@@ -166,9 +186,7 @@ class DealerTarget:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
             # Reconnecting (see ``send``): its next hello names it again.
-            frames = wait_for(self.router, lambda f: tagged(f, "Hello"),
-                              f"{self.service}'s hello", timeout_s=120.0)
-            self.identity = frames[0]
+            self.identity = self._hello(self.service)
             self.router.send_multipart([self.identity, *welcome])
 
     def send(self, batch: list[list[bytes]]) -> None:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+from shared.protocol.generation import MAX_CHOICES
 
 
 class ApiConfig(msgspec.Struct, frozen=True):
@@ -16,7 +20,8 @@ class ApiConfig(msgspec.Struct, frozen=True):
     # cap is far above any context length, and the scheduler finishes the request
     # with "length" at max_model_len.
     chat_max_tokens_default: int = 1 << 20
-    max_n: int = 16  # largest `n` (choices per request) accepted
+    # largest `n` (choices per request) accepted; the wire carries at most MAX_CHOICES
+    max_n: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)] = 16
     max_inflight: int = 4096  # in-flight sub-requests; beyond it HTTP 429
     # SIGTERM drains: new requests get 503, in-flight ones get this long to finish
     # (`meshserve up --shutdown-timeout`; the supervisor reads the same setting).

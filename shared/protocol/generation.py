@@ -15,10 +15,18 @@ Schema evolution: new fields get defaults and go last; never reorder. Version 3
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from shared.protocol.logprobs import Logprobs
 from shared.protocol.tools import ToolCall, ToolCallDelta, ToolCalling, ToolFunction
+
+# Choices one request may fork into. Bounded on the wire: each choice costs the
+# tokenizer and the scheduler state (and a reply when refused), so a frame claiming
+# n = 2**31 must be a malformed message, not two billion of them.
+MAX_CHOICES = 256
+Choices = Annotated[int, msgspec.Meta(le=MAX_CHOICES)]
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
@@ -127,7 +135,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
     max_model_len: int = 0  # 0: let the scheduler decide
     # n > 1: the choices ``<request_id>-<i>`` fork after the prompt (one Submit, one
     # detokenizer state per choice id; choice i samples with ``seed + i``).
-    n: int = 1
+    n: Choices = 1
     # Keys the prefix cache: requests under different salts never share blocks.
     cache_salt: str = ""
     # Chat tools: passed to the template; ``tool_calling`` None: output not parsed.
@@ -146,7 +154,7 @@ class Submit(msgspec.Struct, frozen=True, tag=True):
     # n > 1: one request whose prompt is computed once and forked copy-on-write
     # into choices ``<request_id>-<i>`` (choice i samples with ``seed + i``); the
     # scheduler's outputs, aborts and failures name those choice ids.
-    n: int = 1
+    n: Choices = 1
     cache_salt: str = ""  # extra key of the prefix cache's block hashes
     # A resumption after a scheduler restart: the request had generated these output
     # ids already (packed int32). The scheduler queues prompt + outputs to be

@@ -22,7 +22,14 @@ from shared.protocol.generation import DetokenizeSpec, GenerateRequest, Sampling
 from shared.protocol.speech import SpeechStatusRequest
 from shared.protocol.step import StepPlan
 from tests.integration.procs import mesh_addresses, read_log, running_service
-from tests.socket_fuzzer import DealerTarget, RouterTarget, body_of, tagged, wait_for
+from tests.socket_fuzzer import (
+    DealerTarget,
+    RouterTarget,
+    body_of,
+    stack_dump,
+    tagged,
+    wait_for,
+)
 from tests.wire_fuzz import FAMILIES, fuzz_batch, real_frames
 
 EXAMPLES, DRAWN, PER_DRAWN = 20, 25, 20
@@ -76,8 +83,9 @@ def test_a_tokenizer_survives_fuzzing_on_both_sockets(
     # Slow beats: while hypothesis draws a batch nobody answers the other socket's
     # hellos, and a tokenizer without its scheduler rightly refuses work (503).
     with running_service("tokenizer", ipc_dir, {"MESHSERVE_HEARTBEAT_S": "5"}) as proc:
-        to_api = DealerTarget(api, proc.pid)
-        to_scheduler = DealerTarget(scheduler, proc.pid)
+        log = lambda: read_log(ipc_dir, "tokenizer")  # noqa: E731
+        to_api = DealerTarget(api, proc.pid, log)
+        to_scheduler = DealerTarget(scheduler, proc.pid, log)
         to_scheduler.wait_hello("tokenizer")
         to_api.wait_hello("tokenizer")
         probes = iter(range(1, 1_000_000))
@@ -89,8 +97,12 @@ def test_a_tokenizer_survives_fuzzing_on_both_sockets(
             to_scheduler.welcome()
             api.send_multipart([to_api.identity, *real_frames(GenerateRequest(
                 request_id, SamplingParams(max_tokens=2), DetokenizeSpec(), prompt="hi"))])
-            wait_for(scheduler, lambda f: tagged(f, "Submit") and request_id.encode() in f[-1],
-                     f"a Submit of {request_id}\n{read_log(ipc_dir, 'tokenizer')[-3000:]}")
+            try:
+                wait_for(scheduler,
+                         lambda f: tagged(f, "Submit") and request_id.encode() in f[-1],
+                         f"a Submit of {request_id}")
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{stack_dump(proc.pid, log)}") from None
 
         _fuzz(to_api, "tokenizer-api", probe)
         _fuzz(to_scheduler, "tokenizer-scheduler", probe)

@@ -3,17 +3,28 @@ crashed a service (or made a 500) and must now be a clean rejection."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import pytest
 
 from services.api.body import decode_json
+from services.api.config import ApiConfig
 from services.api.errors import ApiError
 from services.api.openai_schema import ChatCompletionRequest
 from services.kvcache.block_pool import BlockPoolError
 from services.kvcache.manager import MAX_POOL_BLOCKS, KvManager
+from shared.config import load_config
 from shared.frames import decode_frames
 from shared.protocol.common import Hello
 from shared.protocol.envelope import PROTOCOL_VERSION, Envelope
+from shared.protocol.generation import (
+    MAX_CHOICES,
+    DetokenizeSpec,
+    GenerateRequest,
+    SamplingParams,
+    Submit,
+)
 from shared.protocol.kv import KvPoolOpen, KvSetHostSwap
 
 _encode = msgspec.msgpack.encode
@@ -66,3 +77,21 @@ def test_a_host_swap_size_that_is_not_a_bounded_number_is_refused(gb: float) -> 
         manager.set_host_swap(KvSetHostSwap(host_swap_gb=gb))
     _, resizes = manager.set_host_swap(KvSetHostSwap(host_swap_gb=1e-6))
     assert [r.host_num_blocks for r in resizes] == [1]  # 1000 bytes: one block
+
+
+@pytest.mark.parametrize("message", [
+    GenerateRequest("r", SamplingParams(), DetokenizeSpec(), prompt="hi", n=2**31 - 1),
+    Submit("r", b"\x01\x00\x00\x00", SamplingParams(), DetokenizeSpec(), n=MAX_CHOICES + 1),
+])
+def test_a_request_of_unbounded_choices_is_a_rejection(message: Any) -> None:
+    """A GenerateRequest claiming n = 2**31 once made the tokenizer build two billion
+    choice ids (a stall of minutes, then its memory), before it could refuse it."""
+    decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(GenerateRequest | Submit)
+    assert isinstance(decode_frames([GOOD_ENVELOPE, _encode(message)], decoder), str)
+    within = msgspec.structs.replace(message, n=MAX_CHOICES)
+    assert decode_frames([GOOD_ENVELOPE, _encode(within)], decoder)[1] == within
+
+
+def test_the_api_cannot_offer_more_choices_than_the_wire_carries() -> None:
+    with pytest.raises(ValueError, match="max_n"):
+        load_config(ApiConfig, environ={"MESHSERVE_MAX_N": str(MAX_CHOICES + 1)})
