@@ -18,11 +18,14 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, set_span_in_context
 
+from services.scheduler import ownership
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.outcomes import RequestFailure, RequestOutput
 from services.scheduler.request import Request
 from services.scheduler.scheduler import Scheduler
+from services.scheduler.stats import SchedulerStats
 from services.scheduler.step_log import StepLog
+from services.scheduler.worker_slot import WorkerSlot
 from shared.config import load_config
 from shared.endpoints import bind_router, connect_dealer
 from shared.logs import get_logger
@@ -45,6 +48,7 @@ from shared.protocol.generation import (
     Submit,
     TokenBatch,
     TokenOutput,
+    WorkerStatus,
 )
 from shared.protocol.kv import (
     KvHostResize,
@@ -183,7 +187,7 @@ class SchedulerActor:
             self._replan = True
         elif hello.service == "tokenizer":
             # Requests whose tokenizer died while no other replica was up.
-            for request in self.scheduler.adopt_orphans(peer.name):
+            for request in ownership.adopt_orphans(self.scheduler.requests, peer.name):
                 await self._reassign(request, peer)
         elif hello.service == "api":
             await self.router.send(peer, self._status())
@@ -200,7 +204,8 @@ class SchedulerActor:
             self._replan = True
         elif peer.hello.service == "tokenizer":
             successors = {p.name: p for p in self.router.peers_of("tokenizer")}
-            for request in self.scheduler.reassign(peer.name, list(successors)):
+            for request in ownership.reassign(
+                    self.scheduler.requests, peer.name, list(successors)):
                 await self._reassign(request, successors[request.owner])
 
     async def _open_pool(self, message: KvPoolOpen) -> None:
@@ -311,6 +316,8 @@ class SchedulerActor:
             host_kv_used_blocks=sum(w.host.used_blocks for w in scheduler.workers.values()),
             swap_fallbacks=stats.swap_fallbacks,
             max_model_len=scheduler.max_model_len(),
+            routing=self.config.routing,
+            per_worker=[_worker_status(slot, stats) for slot in scheduler.workers.values()],
         )
 
     async def _report_status(self) -> None:
@@ -343,6 +350,21 @@ class SchedulerActor:
                     self.runtime.ready = True
                 case UpstreamLost(reason=reason):
                     log.warning("kv manager unreachable", reason=reason)
+
+
+def _worker_status(slot: WorkerSlot, stats: SchedulerStats) -> WorkerStatus:
+    counters = stats.worker(slot.name)
+    usage = slot.lease.usage
+    return WorkerStatus(
+        worker=slot.name,
+        waiting=len(slot.waiting),
+        running=len(slot.running),
+        prefix_cache_queries=counters.prefix_cache_queries,
+        prefix_cache_hits=counters.prefix_cache_hits,
+        requests_placed=counters.requests_placed,
+        rebalanced_in=counters.rebalanced_in,
+        kv_usage=usage.used_blocks / usage.num_blocks if usage and usage.num_blocks else 0.0,
+    )
 
 
 def _token_output(output: RequestOutput) -> TokenOutput:

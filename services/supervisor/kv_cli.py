@@ -1,7 +1,8 @@
 """`meshserve kv ...`: KV debugging utilities against a running mesh.
 
     meshserve kv stats [--json]            usage per pool, cached blocks, hit rate,
-                                           evictions, preemptions, host usage, swaps
+                                           evictions, preemptions, host usage, swaps;
+                                           per worker: queue, running, hit rate, routing
     meshserve kv dump REQUEST_ID [--json]  block table: ids, hashes, ref counts, tier
     meshserve kv set host-swap-gb N        resize every worker's host swap space now
 
@@ -27,7 +28,7 @@ from shared.curve import CurveKeyError
 from shared.mesh import DealerEndpoint, Identity, Received, UpstreamJoined
 from shared.mesh_auth import MeshAuth
 from shared.protocol.common import Rejected
-from shared.protocol.generation import SchedulerStatus
+from shared.protocol.generation import SchedulerStatus, WorkerStatus
 from shared.protocol.kv import KvDump, KvDumpRequest, KvSetHostSwap, KvStats, KvStatsRequest
 
 ASK_TIMEOUT_S = 10.0
@@ -114,6 +115,9 @@ def _stats(run_dir: Path, as_json: bool) -> None:
             "swap_fallbacks": scheduler.swap_fallbacks,
             "fork_shared_blocks": scheduler.fork_shared_blocks,
             "cow_block_copies": scheduler.cow_block_copies,
+            "routing": scheduler.routing,
+            "workers": [msgspec.structs.asdict(w) | {"prefix_cache_hit_rate": _hit_rate(w)}
+                        for w in scheduler.per_worker],
         }).decode())
         return
     print(f"kv usage {scheduler.kv_usage:.1%}  prefix cache hit rate {hit_rate:.1%} "
@@ -130,6 +134,23 @@ def _stats(run_dir: Path, as_json: bool) -> None:
         rows.append((p.pool_id, str(p.num_blocks), str(p.used_blocks), str(p.leased_blocks),
                      str(p.free_blocks), str(p.cached_blocks), str(p.evictions),
                      str(p.requests), str(p.host_num_blocks), str(p.host_used_blocks)))
+    _print_table(rows)
+    print(f"routing {scheduler.routing or '-'}")
+    worker_rows = [("WORKER", "WAITING", "RUNNING", "HIT_RATE", "HIT_TOKENS", "PLACED",
+                    "REBALANCED_IN", "KV_USAGE")]
+    for w in scheduler.per_worker:
+        worker_rows.append((w.worker, str(w.waiting), str(w.running), f"{_hit_rate(w):.1%}",
+                            f"{w.prefix_cache_hits}/{w.prefix_cache_queries}",
+                            str(w.requests_placed), str(w.rebalanced_in), f"{w.kv_usage:.1%}"))
+    _print_table(worker_rows)
+
+
+def _hit_rate(worker: WorkerStatus) -> float:
+    queries = worker.prefix_cache_queries
+    return worker.prefix_cache_hits / queries if queries else 0.0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
