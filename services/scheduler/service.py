@@ -19,7 +19,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, set_span_in_context
 
 from services.scheduler import ownership
-from services.scheduler.config import SchedulerConfig
+from services.scheduler.config import ROUTING_MODES, SchedulerConfig
 from services.scheduler.outcomes import RequestFailure, RequestOutput
 from services.scheduler.request import Request
 from services.scheduler.scheduler import Scheduler
@@ -45,6 +45,7 @@ from shared.protocol.generation import (
     Abort,
     Reassign,
     SchedulerStatus,
+    SetRouting,
     Submit,
     TokenBatch,
     TokenOutput,
@@ -70,7 +71,8 @@ _tracer = tracer("meshserve.scheduler")
 MAX_EVENTS_PER_PLAN = 512
 
 # KvStatsRequest: `meshserve kv stats` asks for the counters this actor keeps.
-SchedulerInbound = Submit | Abort | StepResult | KvStatsRequest
+# SetRouting: `meshserve kv set routing MODE`.
+SchedulerInbound = Submit | Abort | StepResult | KvStatsRequest | SetRouting
 KvInbound = KvLease | KvStats | KvHostResize
 
 
@@ -131,6 +133,8 @@ class SchedulerActor:
                 self._replan = True
             case Received(peer=Peer() as peer, body=KvStatsRequest()):
                 await self.router.send(peer, self._status())
+            case Received(peer=Peer() as peer, body=SetRouting() as body, envelope=envelope):
+                await self._on_set_routing(peer, body, envelope.msg_id)
             case Received(peer=Peer() as peer, body=StepResult() as body):
                 self.step_log.result(peer.name, body.step_id)
                 self.scheduler.on_result(peer.name, body)
@@ -174,6 +178,16 @@ class SchedulerActor:
                             "meshserve.priority": body.priority},
             )
         self._replan = True
+
+    async def _on_set_routing(self, peer: Peer, body: SetRouting, msg_id: int) -> None:
+        if body.routing not in ROUTING_MODES:
+            reason = f"routing must be one of {', '.join(ROUTING_MODES)}, not {body.routing!r}"
+            self.router.rejections.record(peer.name, reason)
+            await self.router.send(peer, Rejected(reason=reason, msg_id=msg_id))
+            return
+        self.scheduler.waiting.placement.mode = body.routing
+        log.info("routing changed", routing=body.routing, by=peer.name)
+        await self.router.send(peer, self._status())
 
     async def _on_peer_joined(self, peer: Peer) -> None:
         self.peers_by_name[peer.name] = peer
@@ -316,7 +330,7 @@ class SchedulerActor:
             host_kv_used_blocks=sum(w.host.used_blocks for w in scheduler.workers.values()),
             swap_fallbacks=stats.swap_fallbacks,
             max_model_len=scheduler.max_model_len(),
-            routing=self.config.routing,
+            routing=scheduler.waiting.placement.mode,
             per_worker=[_worker_status(slot, stats) for slot in scheduler.workers.values()],
         )
 

@@ -5,6 +5,8 @@
                                            per worker: queue, running, hit rate, routing
     meshserve kv dump REQUEST_ID [--json]  block table: ids, hashes, ref counts, tier
     meshserve kv set host-swap-gb N        resize every worker's host swap space now
+    meshserve kv set routing MODE          place new requests by prefix | least-loaded |
+                                           round-robin from now on
 
 The CLI joins the mesh briefly as a ``cli`` replica: it says hello to the KV
 manager (and, for stats, the scheduler, which owns the hit and preemption
@@ -28,7 +30,7 @@ from shared.curve import CurveKeyError
 from shared.mesh import DealerEndpoint, Identity, Received, UpstreamJoined
 from shared.mesh_auth import MeshAuth
 from shared.protocol.common import Rejected
-from shared.protocol.generation import SchedulerStatus, WorkerStatus
+from shared.protocol.generation import SchedulerStatus, SetRouting, WorkerStatus
 from shared.protocol.kv import KvDump, KvDumpRequest, KvSetHostSwap, KvStats, KvStatsRequest
 
 ASK_TIMEOUT_S = 10.0
@@ -49,8 +51,8 @@ def add_parser(commands: argparse._SubParsersAction, add_run_dir) -> None:  # ty
     dump.add_argument("--json", action="store_true", help="machine-readable output")
     add_run_dir(dump)
     setting = sub.add_parser("set", help="change a KV setting of the running mesh")
-    setting.add_argument("setting", choices=["host-swap-gb"])
-    setting.add_argument("value", type=float, metavar="N")
+    setting.add_argument("setting", choices=["host-swap-gb", "routing"])
+    setting.add_argument("value", metavar="VALUE")
     add_run_dir(setting)
 
 
@@ -172,10 +174,20 @@ def _dump(run_dir: Path, request_id: str, as_json: bool) -> None:
         print(f"{i:<5}  {row.block_id:<5}  {row.ref_count:<4}  {row.tier:<6}  {block_hash}")
 
 
-def _set(run_dir: Path, setting: str, value: float) -> None:
+def _set(run_dir: Path, setting: str, text: str) -> None:
+    if setting == "routing":
+        status = anyio.run(_ask, mesh_addresses(run_dir).scheduler_addr, SetRouting(text),
+                           SchedulerStatus, _auth(run_dir))
+        assert isinstance(status, SchedulerStatus)
+        print(f"routing {status.routing} ({status.workers} workers)")
+        return
     assert setting == "host-swap-gb"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
     if not value >= 0:
-        raise KvCliError(f"host-swap-gb must be >= 0, got {value}")
+        raise KvCliError(f"host-swap-gb must be a number >= 0, got {text}")
     answer = anyio.run(_ask, mesh_addresses(run_dir).kvcache_addr,
                        KvSetHostSwap(host_swap_gb=value), KvStats, _auth(run_dir))
     assert isinstance(answer, KvStats)

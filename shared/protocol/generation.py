@@ -244,6 +244,14 @@ class RequestFailed(msgspec.Struct, frozen=True, tag=True):
     message: str
 
 
+class SetRouting(msgspec.Struct, frozen=True, tag=True):
+    """Change the scheduler's placement mode at run time (``meshserve kv set routing
+    MODE``): requests placed from now on follow it; queued ones stay where they are.
+    Answered by SchedulerStatus, or Rejected for an unknown mode."""
+
+    routing: str
+
+
 class WorkerStatus(msgspec.Struct, frozen=True):
     """One worker's share of ``SchedulerStatus`` (``meshserve kv stats``, /metrics
     with a ``worker`` label). Counters since the scheduler started."""
