@@ -23,6 +23,12 @@ still owe of their prompts, and one decode token per running request. Tokens, no
 requests, because a prefill of 400 tokens and one of 10 (a hit) are not the same
 load; the decode term keeps a worker busy with many short requests from looking idle.
 
+Ties, which are the rule while the workers are idle (light load: every load is 0):
+prefix routing gives the request to the worker whose cache holds the fewest
+blocks (cached, or queued to be), so new prefixes spread over the workers (SGLang
+sends a request without a good match to the smallest tree); least-loaded takes the
+tied workers in turn. Either way not every idle-time request lands on worker 0.
+
 Balance (after SGLang's cache-aware router): a hot prefix would otherwise pull
 every request onto the worker caching it. When the most loaded candidate is more
 than ``routing_balance_tokens`` ahead of the least loaded one and over twice its
@@ -80,12 +86,14 @@ class Placement:
             return ordered[next(self._turn) % len(ordered)]
         loads = [load(slot) for slot in ordered]
         if self.mode == "least-loaded" or not self.prefix_caching or self._imbalanced(loads):
-            return ordered[loads.index(min(loads))]
+            least = [slot for slot, n in zip(ordered, loads, strict=True) if n == min(loads)]
+            return least[next(self._turn) % len(least)]
         costs = []
         for slot, slot_load in zip(ordered, loads, strict=True):
             hashes = prefix_hashes(request, slot.lease.block_size)
             overlap = overlap_blocks(slot, hashes) * slot.lease.block_size
-            costs.append((slot_load - self.prefix_weight * overlap, slot_load))
+            footprint = slot.lease.cached_blocks + slot.waiting.queued_blocks
+            costs.append((slot_load - self.prefix_weight * overlap, slot_load, footprint))
         return ordered[costs.index(min(costs))]
 
     def _imbalanced(self, loads: list[int]) -> bool:

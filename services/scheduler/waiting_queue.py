@@ -103,6 +103,11 @@ class WorkerQueue(WaitingQueue):
         self._hashes.update(hashes or [])
         self._work += work
 
+    @property
+    def queued_blocks(self) -> int:
+        """Distinct prompt blocks its queued requests hold (by hash)."""
+        return len(self._hashes)
+
     def queued_prefix(self, hashes: list[int]) -> int:
         """Blocks of the longest prefix of this hash chain a queued request shares."""
         count = 0

@@ -32,7 +32,7 @@ def prefix(k: int, length: int = 32) -> list[int]:
 
 
 def slots(*names: str) -> list[WorkerSlot]:
-    s, kv = Scheduler(SchedulerConfig(lease_blocks=16)), KvManager()
+    s, kv = Scheduler(SchedulerConfig(lease_blocks=48)), KvManager()
     for name in names:
         s.on_lease(kv.open_pool(s.add_worker(name, details(block_size=BLOCK))))
     return [s.workers[name] for name in names]
@@ -147,3 +147,30 @@ def test_a_request_owing_prompt_logprobs_has_no_overlap() -> None:
     request = make_request("lp", [*prefix(0), 1])
     request.sampling = SamplingParams(max_tokens=4, prompt_logprobs=0)
     assert Placement("prefix").choose(request, [w0, w1]) is w0
+
+
+def test_idle_workers_share_new_prefixes() -> None:
+    # Light load: every load is 0 when a request arrives (the last one finished).
+    # The first request of each new prefix goes to the worker caching less, and
+    # later ones follow their prefix, instead of every one landing on worker/0.
+    w0, w1 = slots("worker/0", "worker/1")
+    placement = Placement("prefix")
+    where: dict[int, set[str]] = {k: set() for k in range(4)}
+    for i in range(16):
+        k = i % 4
+        request = make_request(f"r{i}", [*prefix(k), i], i)
+        slot = placement.choose(request, [w0, w1])
+        assert slot is not None
+        if slot.name not in where[k]:
+            cache(slot, prefix(k))  # it ran and finished: cached, nothing queued
+        where[k].add(slot.name)
+    assert all(len(names) == 1 for names in where.values()), where
+    assert sorted(name for names in where.values() for name in names) == (
+        ["worker/0"] * 2 + ["worker/1"] * 2)
+
+
+def test_least_loaded_takes_tied_workers_in_turn() -> None:
+    w0, w1 = slots("worker/0", "worker/1")
+    placement = Placement("least-loaded")
+    chosen = [placement.choose(make_request(f"r{i}", [i + 1]), [w0, w1]) for i in range(4)]
+    assert [c.name for c in chosen if c] == ["worker/0", "worker/1"] * 2
