@@ -4,13 +4,23 @@ Starts a mesh of --workers CPU workers (embedded model) once per routing mode, i
 this one invocation, and sends each the same workload through `bench.serve`'s
 prefix dataset: --num-prompts requests over --num-prefixes prefixes of
 --prefix-len tokens, each with a short suffix of its own and few output tokens,
-all at once (or at --request-rate). Per mode it prints the prefix-cache hit rate
-(from `meshserve kv stats`, overall and per worker), throughput and TTFT p50/p99,
-then the ratios of prefix routing to each other mode, and writes the figures as
-JSON into --result-dir.
+at --request-rate (Poisson; 0: all at once). Per mode it prints the prefix-cache
+hit rate (from `meshserve kv stats`, overall and per worker), throughput and TTFT
+p50/p99, then the ratios of prefix routing to each other mode, and writes the
+figures as JSON into --result-dir.
+
+The default pool (--kv-blocks 160 a worker, --lease-blocks 32) holds about half
+of the 8 prefixes (25 blocks each) per worker: the regime routing is for, where a
+worker's cache can hold its share of the prefixes but not all of them. With the
+CPU default of 4096 blocks every worker ends up caching every prefix whatever the
+routing, and only the first request of each prefix on each worker differs
+(`--kv-blocks 0 --num-prefixes 4 --num-prompts 48 --request-rate 0`: the burst).
+A small pool needs a small lease too: the blocks leased ahead (by default enough
+for every step in flight, here the whole pool) are evicted from the cache.
 
     .venv/bin/python -m bench.prefix_routing_bench
-    .venv/bin/python -m bench.prefix_routing_bench --num-prefixes 8 --prefix-len 256
+    .venv/bin/python -m bench.prefix_routing_bench --kv-blocks 0 --num-prefixes 4 \
+        --num-prompts 48 --request-rate 0
 """
 
 from __future__ import annotations
@@ -66,7 +76,8 @@ def hit_rate(hits: int, queries: int) -> float:
 def run_mode(mode: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     run_dir = tempfile.mkdtemp(prefix="mspr-", dir="/tmp")
     mesh_args = ["--workers", str(args.workers), "--routing", mode, "--tts", "0",
-                 "--device", "cpu", *args.mesh_args]
+                 "--device", "cpu", "--num-kv-blocks", str(args.kv_blocks),
+                 "--set", f"lease_blocks={args.lease_blocks}", *args.mesh_args]
     print(f"\n=== routing {mode}: {args.workers} workers ===", flush=True)
     with started_mesh("", mesh_args, run_dir) as url:
         # Warm-up on unrelated random prompts (no prefix of the workload): first-call
@@ -149,12 +160,16 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES),
                         help="routing modes to compare, comma-separated")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--num-prefixes", type=int, default=4)
+    parser.add_argument("--num-prefixes", type=int, default=8)
     parser.add_argument("--prefix-len", type=int, default=400)
     parser.add_argument("--suffix-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=4)
-    parser.add_argument("--num-prompts", type=int, default=48)
-    parser.add_argument("--request-rate", type=float, default=0.0,
+    parser.add_argument("--num-prompts", type=int, default=96)
+    parser.add_argument("--kv-blocks", type=int, default=160,
+                        help="KV blocks of each worker (0: the worker's default)")
+    parser.add_argument("--lease-blocks", type=int, default=32,
+                        help="blocks the scheduler leases ahead per worker (0: auto)")
+    parser.add_argument("--request-rate", type=float, default=16.0,
                         help="requests per second (Poisson); 0: all at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mesh-args", default="",
@@ -170,7 +185,10 @@ def main() -> None:
         rows = {mode: run_mode(mode, args, Path(scratch)) for mode in modes}
     ratios = report(rows)
     commit = git_commit()
-    name = f"cpu-{args.workers}w-prefix_routing_bench-{commit}.json"
+    rate = f"r{args.request_rate:g}" if args.request_rate else "burst"
+    kv = f"kv{args.kv_blocks}" if args.kv_blocks else "kvdefault"
+    name = (f"cpu-{args.workers}w-p{args.num_prefixes}x{args.prefix_len}-{rate}-{kv}-"
+            f"prefix_routing_bench-{commit}.json")
     write_result(Path(args.result_dir) / name, {
         "benchmark": "bench.prefix_routing_bench",
         "command": shlex.join(["python", "-m", "bench.prefix_routing_bench", *sys.argv[1:]]),
@@ -178,6 +196,7 @@ def main() -> None:
         "workers": args.workers, "num_prefixes": args.num_prefixes,
         "prefix_len": args.prefix_len, "suffix_len": args.suffix_len,
         "output_len": args.output_len, "num_prompts": args.num_prompts,
+        "kv_blocks": args.kv_blocks, "lease_blocks": args.lease_blocks,
         "request_rate": args.request_rate or "inf", "modes": rows,
         "prefix_over": ratios,
     })
