@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--prefix-len", type=int, default=400)
     parser.add_argument("--suffix-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=4)
-    parser.add_argument("--num-prompts", type=int, default=96)
+    parser.add_argument("--num-prompts", type=int, default=192)
     parser.add_argument("--kv-blocks", type=int, default=160,
                         help="KV blocks of each worker (0: the worker's default)")
     parser.add_argument("--lease-blocks", type=int, default=32,
