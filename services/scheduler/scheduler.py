@@ -261,6 +261,7 @@ class Scheduler:
         starved, budget = self._schedule_running(slot, builder, budget)
         if not starved:
             self._admit_waiting(slot, builder, budget)
+        slot.note_prefill_owed()
         swap_out, slot.pending_swap_out = slot.pending_swap_out, []
         if not builder.has_work() and not slot.finished and not swap_out:
             return None

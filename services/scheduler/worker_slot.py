@@ -48,6 +48,9 @@ class WorkerSlot:
     # Its last admission pass left requests in its queue (no budget, seat or KV
     # room): another worker with an empty queue may take some (dispatch.rebalance).
     backlogged: bool = False
+    # Prompt tokens its running requests had still to compute after its last plan:
+    # placement reads it per request, so it is counted once per plan, not per read.
+    prefill_owed: int = 0
     inflight: dict[int, list[Request]] = field(default_factory=dict)  # step id -> batch
     finished: list[str] = field(default_factory=list)  # to drop at the worker next step
     host: HostPool = field(default_factory=HostPool)
@@ -57,10 +60,10 @@ class WorkerSlot:
     host_freed_after_plan: list[int] = field(default_factory=list)  # swapped in this plan
     host_blocks_sent: int = -1  # host pool size the worker was last told
 
-    @property
-    def prefill_owed(self) -> int:
-        """Prompt tokens its running requests have still to compute."""
-        return sum(max(0, len(r.prefill_ids) - r.num_scheduled) for r in self.running.values())
+    def note_prefill_owed(self) -> None:
+        """Recount ``prefill_owed`` (after a plan: only planning schedules tokens)."""
+        self.prefill_owed = sum(max(0, len(r.prefill_ids) - r.num_scheduled)
+                                for r in self.running.values())
 
     @property
     def max_total_len(self) -> int:

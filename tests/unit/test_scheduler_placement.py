@@ -95,6 +95,13 @@ def test_least_loaded_counts_queued_work_and_running_prefill() -> None:
     assert load(w0) == 40 and load(w1) == 0
     placement = Placement("least-loaded")
     assert placement.choose(make_request("a", [1, 2, 3]), [w0, w1]) is w1
+    # A running request owing 50 prompt tokens, and its next decode token.
+    running = make_request("r", list(range(60)))
+    w1.admit(running)
+    running.num_scheduled = 10
+    w1.note_prefill_owed()
+    assert load(w1) == 50 + 1
+    assert placement.choose(make_request("b", [1, 2, 3]), [w0, w1]) is w0
 
 
 def test_round_robin_takes_turns_in_name_order() -> None:
