@@ -1,6 +1,7 @@
 """Per-worker queues and placement through the whole mesh: greedy output stays
 token-exact with transformers for every routing mode, with 2 CPU workers and, after
-`meshserve scale worker=3` at run time, with 3. One mesh: the mode is switched with
+`meshserve scale worker=3` at run time, with 3, and while `scale worker=2` takes a
+worker away in the middle of a round. One mesh: the mode is switched with
 `meshserve kv set routing MODE` between rounds (the same prompts each round, so
 later rounds also run on prefix hits); `meshserve kv stats` and /metrics show where
 requests went."""
@@ -8,6 +9,7 @@ requests went."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +60,24 @@ def run_modes(mesh: Mesh) -> dict[str, tuple[list[tuple[str, int, str]], dict[st
     return rounds
 
 
+def scale_down_mid_round(mesh: Mesh) -> list[tuple[str, int, str]]:
+    """A round-robin round (every worker gets requests) during which the mesh scales
+    to 2 workers: the leaving worker's queued and running requests are re-placed."""
+    assert mesh.cli("kv", "set", "routing", "round-robin").returncode == 0
+    answers: list[list[tuple[str, int, str]]] = []
+    client = threading.Thread(
+        target=lambda: answers.append(anyio.run(complete_all, mesh.base_url, PROMPTS)))
+    client.start()
+    try:
+        scaled = mesh.cli("scale", "worker=2", timeout=120)
+        assert scaled.returncode == 0, scaled.stderr
+    finally:
+        client.join(timeout=300)
+    assert len(wait_for_workers(mesh, 2)["workers"]) == 2
+    assert answers, "the round did not finish"
+    return answers[0]
+
+
 def test_every_routing_mode_is_token_exact_with_two_and_three_workers(
         tmp_path: Path) -> None:
     expected = oracle(ensure_embedded_model(), PROMPTS)
@@ -70,6 +90,7 @@ def test_every_routing_mode_is_token_exact_with_two_and_three_workers(
         assert scaled.returncode == 0, scaled.stderr
         assert len(wait_for_workers(mesh, 3)["workers"]) == 3
         three = run_modes(mesh)
+        shrunk = scale_down_mid_round(mesh)
         placed_series = metric(mesh.base_url, "meshserve:worker_requests_placed_total")
         final = kv_stats(mesh)
     finally:
@@ -86,10 +107,12 @@ def test_every_routing_mode_is_token_exact_with_two_and_three_workers(
     assert sorted(two["prefix"][1].values()) == [3, 3], two["prefix"]
     (joined,) = set(three["prefix"][1]) - set(two["prefix"][1])
     assert three["prefix"][1][joined] == 0, three["prefix"]
+    assert shrunk == expected
     assert refused.returncode == 1 and "routing must be one of" in refused.stderr
     assert text_stats.returncode == 0 and "WORKER" in text_stats.stdout
     assert "HIT_RATE" in text_stats.stdout
     assert placed_series >= 0
-    assert final["routing"] == MODES[-1]
-    by_worker = {w["worker"]: w for w in final["workers"]}
-    assert sum(w["prefix_cache_hits"] for w in by_worker.values()) == final["prefix_cache_hits"]
+    assert final["routing"] == "round-robin"
+    # Per worker: the two left (the third's counters went with it).
+    hits = [w["prefix_cache_hits"] for w in final["workers"]]
+    assert len(hits) == 2 and 0 < sum(hits) <= final["prefix_cache_hits"]
