@@ -60,9 +60,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def started_mesh(model: str, extra: list[str]) -> Iterator[str]:
+def started_mesh(model: str, extra: list[str], run_dir: str = "") -> Iterator[str]:
+    """A mesh on ``run_dir`` (default: a new temporary one; give one to reach the
+    mesh's CLI, e.g. `meshserve kv stats --run-dir`); yields its base URL."""
     port = free_port()
-    run_dir = tempfile.mkdtemp(prefix="msb-", dir="/tmp")
+    run_dir = run_dir or tempfile.mkdtemp(prefix="msb-", dir="/tmp")
     args = [sys.executable, "-m", "services.supervisor.cli", "up", "--run-dir", run_dir,
             "--port", str(port), *extra]
     if model:

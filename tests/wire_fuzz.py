@@ -39,6 +39,7 @@ from shared.protocol.generation import (
     RequestFailed,
     SamplingParams,
     SchedulerStatus,
+    SetRouting,
     Submit,
     TextBatch,
     TextDelta,
@@ -127,6 +128,7 @@ _TO_SCHEDULER = [
     StepResult(1, ["fz-1"], pack_i32([7])),
     StepResult(2, ["fz-1", "fz-2"], pack_i32([7, 8]), error=None),
     KvStatsRequest(),
+    SetRouting("prefix"),
 ]
 _TO_KVCACHE = [
     KvPoolOpen("fuzz/0", 64, 16, 8, RequestBlocks.pack({"fz-1": [1, 2]}), pack_i32([3, 4]),

@@ -82,6 +82,32 @@ _SCHEDULER_METRICS = (
      "Host swap blocks held by swapped-out requests."),
 )
 
+# WorkerStatus fields, one series per worker (label ``worker``): (kind, name, field, help).
+_WORKER_METRICS = (
+    ("gauge", "meshserve:worker_requests_waiting", "waiting",
+     "Requests waiting in this worker's queue."),
+    ("gauge", "meshserve:worker_requests_running", "running", "Requests running on this worker."),
+    ("counter", "meshserve:worker_prefix_cache_queries", "prefix_cache_queries",
+     "Prompt tokens looked up in this worker's prefix cache."),
+    ("counter", "meshserve:worker_prefix_cache_hits", "prefix_cache_hits",
+     "Prompt tokens found in this worker's prefix cache."),
+    ("counter", "meshserve:worker_requests_placed", "requests_placed",
+     "New requests routing placed on this worker."),
+    ("counter", "meshserve:worker_requests_rebalanced_in", "rebalanced_in",
+     "Waiting requests this worker took from a backlogged worker's queue."),
+    ("gauge", "meshserve:worker_kv_cache_usage_perc", "kv_usage",
+     "This worker's KV-cache usage. 1 means 100 percent."),
+)
+
+
+def _worker_families(status: SchedulerStatus, model_name: str) -> Iterator[Metric]:
+    for kind, name, field, help_text in _WORKER_METRICS:
+        maker = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        family = maker(name, help_text, labels=["model_name", "worker"])
+        for worker in status.per_worker:
+            family.add_metric([model_name, worker.worker], getattr(worker, field))
+        yield family
+
 
 class MeshCollector:
     """The scheduler's last status and the actor's gauges, as metric families.
@@ -96,6 +122,7 @@ class MeshCollector:
         if view.scheduler is not None:
             for kind, name, field, help_text in _SCHEDULER_METRICS:
                 yield _family(kind, name, help_text, getattr(view.scheduler, field), labels)
+            yield from _worker_families(view.scheduler, self.model_name)
         workers = view.scheduler.workers if view.scheduler else 0
         yield _family("gauge", "meshserve:api_requests_inflight",
                       "Mesh requests (choices) the api is waiting on.", view.inflight)

@@ -81,6 +81,11 @@ class BlockLease:
         self.usage: KvUsage | None = None
 
     @property
+    def cached_blocks(self) -> int:
+        """Blocks the pool's prefix index holds (held or evictable)."""
+        return len(self._prefix)
+
+    @property
     def available(self) -> int:
         return len(self._free)
 

@@ -25,16 +25,22 @@ from shared.prefix_index import extend_block_hashes
 def lookup(lease: BlockLease, request: Request) -> list[int]:
     """Cached blocks for the longest prefix of the request's tokens, short of
     its last token. Hashing is O(prompt) once per admission; the lookup is a
-    dict probe per block, whatever the cache holds. A request that still owes its
-    prompt logprobs reads nothing cached: each prompt position must be computed
-    (vLLM skips the prefix cache for these too)."""
+    dict probe per block, whatever the cache holds."""
+    return lease.lookup(prefix_hashes(request, lease.block_size))
+
+
+def prefix_hashes(request: Request, block_size: int) -> list[int]:
+    """The chained hashes of the request's full blocks short of its last token:
+    what a prefix hit can cover. Computed once per request and kept (they depend on
+    tokens only; every worker of a mesh has the same block size). A request that
+    still owes its prompt logprobs reads nothing cached: each prompt position must
+    be computed (vLLM skips the prefix cache for these too)."""
     if request.sampling.prompt_logprobs >= 0 and request.num_outputs == 0:
         return []
-    block_size = lease.block_size
     usable = (len(request.token_ids) - 1) // block_size
     hashes = extend_block_hashes(request.block_hashes, request.token_ids, block_size,
                                  usable, request.salt)
-    return lease.lookup(hashes[:usable])
+    return hashes[:usable]
 
 
 def commit_full_blocks(lease: BlockLease, request: Request) -> None:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import msgspec
 
+ROUTING_MODES = ("prefix", "least-loaded", "round-robin")
+
 
 class SchedulerConfig(msgspec.Struct, frozen=True):
     """scheduler settings (env MESHSERVE_<FIELD>)."""
@@ -27,8 +29,26 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     # A JSON line per step planned and per result here (scheduler/step_log.py): the
     # step timeline. Empty: off.
     step_log: str = ""
+    # Which worker a new request waits for (scheduler/placement.py): prefix (its
+    # cached prefix against load), least-loaded, or round-robin.
+    routing: str = "prefix"
+    # prefix routing: a cached or queued prompt token on a worker is worth this many
+    # tokens of load there (cost = load - weight x overlap).
+    routing_prefix_weight: float = 2.0
+    # prefix routing: once the most loaded worker is this many tokens of work ahead
+    # of the least loaded one (and twice its load), new requests go least-loaded.
+    routing_balance_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("swap", "recompute"):
             raise ValueError(
                 f"preemption_mode must be swap or recompute, not {self.preemption_mode!r}")
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(
+                f"routing must be one of {', '.join(ROUTING_MODES)}, not {self.routing!r}")
+        if not self.routing_prefix_weight >= 0:
+            raise ValueError(
+                f"routing_prefix_weight must be >= 0, not {self.routing_prefix_weight!r}")
+        if self.routing_balance_tokens < 0:
+            raise ValueError(
+                f"routing_balance_tokens must be >= 0, not {self.routing_balance_tokens!r}")

@@ -6,6 +6,8 @@ and asks it for a ``StepPlan`` per worker; results for the tokenizers accumulate
 
     waiting_queue.py  WaitingQueue: heap by priority, lazy deletion, its own counts;
                       queue_refusal: max_waiting and max_waiting_tokens (HTTP 429)
+    placement.py      Placement: which worker a new request waits for (routing)
+    dispatch.py       every worker's queue: placing, requeueing, rebalancing
     worker_slot.py    WorkerSlot: one worker's lease, host tier, running requests
     step_builder.py   StepBuilder: one step's lists, packed into the StepPlan
     forks.py          n > 1: choices, copy-on-write forks of the leader's table
@@ -18,8 +20,9 @@ and asks it for a ``StepPlan`` per worker; results for the tokenizers accumulate
 Policy, per worker step, under ``max_num_batched_tokens``:
 1. running requests first, in admission order: a prefill chunk (at most
    ``max_prefill_chunk`` tokens) or one decode token;
-2. then waiting requests by (priority, arrival), while there is budget, a free
-   running slot and KV room for their first chunk.
+2. then the requests waiting in that worker's own queue by (priority, arrival),
+   while there is budget, a free running slot and KV room for their first chunk
+   (an idle worker first takes some of a backlogged peer's: dispatch.py).
 
 When a running request needs a block and the whole pool is exhausted, the
 lowest-priority, latest-admitted running request is preempted: it stops being
@@ -44,12 +47,13 @@ from opentelemetry.context import Context
 from services.scheduler import block_tables, forks, host_swap, submission
 from services.scheduler.block_lease import BlockLease
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.dispatch import Dispatcher
 from services.scheduler.logprobs import hold_prompt_logprobs
 from services.scheduler.outcomes import RequestFailure, RequestOutput, SubmitResult, Takeover
+from services.scheduler.placement import Placement
 from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 from services.scheduler.stats import SchedulerStats
 from services.scheduler.step_builder import StepBuilder
-from services.scheduler.waiting_queue import WaitingQueue
 from services.scheduler.worker_slot import WorkerSlot, lease_target, steps_ahead
 from shared.protocol.choices import choice_ids, choice_sampling
 from shared.protocol.common import WorkerDetails
@@ -66,8 +70,8 @@ class Scheduler:
         self.config = config
         self.requests: dict[str, Request] = {}
         self.workers: dict[str, WorkerSlot] = {}
-        self.waiting = WaitingQueue()
         self.stats = SchedulerStats()
+        self.waiting = Dispatcher(Placement.from_config(config), self.workers, self.stats)
         self.outputs: list[RequestOutput] = []
         self.failures: list[RequestFailure] = []
         # Tombstones: an abort that overtakes its Submit wins.
@@ -130,7 +134,7 @@ class Scheduler:
             self.requests[request.request_id] = request
         if msg.n > 1:
             self._groups.add(msg.request_id, choices)
-        self.waiting.push(choices[0])
+        self.waiting.place(choices[0])
         return SubmitResult(queued=choices)
 
     def _live_choices(self, msg: Submit) -> list[Request]:
@@ -170,7 +174,7 @@ class Scheduler:
             self._release(slot, request)
         leader = self._groups.on_finished(request)
         if leader is not None:
-            self.waiting.push(leader)
+            self.waiting.place(leader)
 
     def _release(self, slot: WorkerSlot, request: Request) -> None:
         host_swap.drop_host(slot, request)
@@ -180,24 +184,6 @@ class Scheduler:
             slot.finished.append(request.request_id)
         request.block_ids = []
 
-    # --------------------------------------------------------------- ownership
-
-    def adopt_orphans(self, owner: str) -> list[Request]:
-        """Tokenizer ``owner`` joined: it takes over the requests whose tokenizer
-        died while no other replica was up. Returns them (it needs their state)."""
-        orphans = [r for r in self.requests.values() if r.owner == ""]
-        for request in orphans:
-            request.owner = owner
-        return orphans
-
-    def reassign(self, lost: str, successors: list[str]) -> list[Request]:
-        """Tokenizer ``lost`` died: its requests go round-robin to ``successors``
-        (orphans, owned by "", when there is none). Returns the reassigned ones."""
-        orphans = [r for r in self.requests.values() if r.owner == lost]
-        for index, request in enumerate(orphans):
-            request.owner = successors[index % len(successors)] if successors else ""
-        return orphans if successors else []
-
     # ------------------------------------------------------------------ workers
 
     def add_worker(self, name: str, details: WorkerDetails) -> KvPoolOpen:
@@ -206,21 +192,21 @@ class Scheduler:
             self.config.steps_in_flight, details), self.config.max_num_batched_tokens, details)
         lease = BlockLease(name, details.num_kv_blocks, details.block_size, target)
         self.workers[name] = WorkerSlot(name, details, lease)
+        self.waiting.on_worker_joined()
         return lease.open_message({}, details.kv_block_bytes)
 
     def remove_worker(self, name: str) -> list[Request]:
-        """A worker died: its requests go back to waiting, to be recomputed."""
+        """A worker died (or was scaled away): its running and swapped requests are
+        recomputed, and they and its queue are placed on the other workers."""
         slot = self.workers.pop(name, None)
         if slot is None:
             return []
         requeued = [r for r in slot.running.values() if not r.status.finished]
         for request in requeued:
             request.reset_for_recompute()
-            self.waiting.push(request)
-        for request in slot.swapped.values():
-            # Its host blocks died with the worker; its queue entry stays valid.
-            request.reset_for_recompute()
-        return requeued + list(slot.swapped.values())
+        swapped = list(slot.swapped.values())  # reset with the queue they are in
+        self.waiting.on_worker_lost(slot, requeued)
+        return requeued + swapped
 
     def reopen_pools(self) -> list[KvPoolOpen]:
         """The KV manager restarted: tell it everything each pool holds."""
@@ -259,7 +245,7 @@ class Scheduler:
         if slot is None:
             return False
         return bool(slot.finished or slot.running or slot.pending_swap_out
-                    or self.waiting.peek() is not None)
+                    or len(slot.waiting) or self.waiting.stealable(slot))
 
     def plan(self, name: str) -> StepPlan | None:
         """The next step for worker ``name``, or None when it has nothing to do
@@ -275,6 +261,7 @@ class Scheduler:
         starved, budget = self._schedule_running(slot, builder, budget)
         if not starved:
             self._admit_waiting(slot, builder, budget)
+        slot.note_prefill_owed()
         swap_out, slot.pending_swap_out = slot.pending_swap_out, []
         if not builder.has_work() and not slot.finished and not swap_out:
             return None
@@ -320,10 +307,15 @@ class Scheduler:
         return starved, budget
 
     def _admit_waiting(self, slot: WorkerSlot, builder: StepBuilder, budget: int) -> None:
-        """Waiting requests by (priority, arrival), while there is room. The head
-        of the queue that does not fit keeps its place."""
+        """The worker's waiting requests by (priority, arrival), while there is room.
+        The head of the queue that does not fit keeps its place."""
+        self.waiting.rebalance(slot, self.config.max_num_seqs - len(slot.running))
+        self._admit_queue(slot, builder, budget)
+        slot.backlogged = len(slot.waiting) > 0
+
+    def _admit_queue(self, slot: WorkerSlot, builder: StepBuilder, budget: int) -> None:
         while budget > 0 and len(slot.running) < self.config.max_num_seqs:
-            request = self.waiting.peek()
+            request = slot.waiting.peek()
             if request is None:
                 return
             if request.status == RequestStatus.SWAPPED:
@@ -334,7 +326,7 @@ class Scheduler:
                 budget -= count
                 continue
             if len(request.token_ids) >= slot.max_total_len:
-                self.waiting.pop(request)
+                slot.waiting.pop(request)
                 self._fail_too_long(request, slot)
                 continue
             count = self._admit(slot, builder, request, budget)
@@ -345,14 +337,12 @@ class Scheduler:
     def _swap_in(self, slot: WorkerSlot, builder: StepBuilder, request: Request,
                  budget: int) -> int | None:
         """Tokens the swapped-in request computes in this step; None when it stays
-        in the queue (another worker's, or the lease is short)."""
-        if request.worker != slot.name:
-            return None
+        in the queue (the lease is short)."""
         count = self._next_count(request, budget)
         blocks = host_swap.swap_in(slot, request, count, builder, self.stats)
         if blocks is None:
             return None
-        self.waiting.pop(request)
+        slot.waiting.pop(request)
         if count:
             self._schedule(slot, builder, request, count, blocks, [])
         return count
@@ -369,12 +359,14 @@ class Scheduler:
                                  slot.lease.blocks_for(cached + count) - len(hits))
         if blocks is None:
             return None
-        self.waiting.pop(request)
+        slot.waiting.pop(request)
         slot.admit(request)
         if caching:
             slot.lease.share(request.request_id, hits)
-            self.stats.prefix_cache_queries += len(request.token_ids)
-            self.stats.prefix_cache_hits += cached
+            counters = self.stats.worker(slot.name)
+            for stats in (self.stats, counters):
+                stats.prefix_cache_queries += len(request.token_ids)
+                stats.prefix_cache_hits += cached
         request.num_scheduled = cached
         request.table_sent = True
         builder.register(request, cached)
@@ -427,7 +419,7 @@ class Scheduler:
                 if not (swap and host_swap.swap_out(slot, request, self.stats)):
                     self._release(slot, request)
                     request.reset_for_recompute()
-                self.waiting.push(request)
+                self.waiting.requeue(slot, request)
 
     # ------------------------------------------------------------------ results
 

@@ -18,11 +18,14 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, set_span_in_context
 
-from services.scheduler.config import SchedulerConfig
+from services.scheduler import ownership
+from services.scheduler.config import ROUTING_MODES, SchedulerConfig
 from services.scheduler.outcomes import RequestFailure, RequestOutput
 from services.scheduler.request import Request
 from services.scheduler.scheduler import Scheduler
+from services.scheduler.stats import SchedulerStats
 from services.scheduler.step_log import StepLog
+from services.scheduler.worker_slot import WorkerSlot
 from shared.config import load_config
 from shared.endpoints import bind_router, connect_dealer
 from shared.logs import get_logger
@@ -42,9 +45,11 @@ from shared.protocol.generation import (
     Abort,
     Reassign,
     SchedulerStatus,
+    SetRouting,
     Submit,
     TokenBatch,
     TokenOutput,
+    WorkerStatus,
 )
 from shared.protocol.kv import (
     KvHostResize,
@@ -66,7 +71,8 @@ _tracer = tracer("meshserve.scheduler")
 MAX_EVENTS_PER_PLAN = 512
 
 # KvStatsRequest: `meshserve kv stats` asks for the counters this actor keeps.
-SchedulerInbound = Submit | Abort | StepResult | KvStatsRequest
+# SetRouting: `meshserve kv set routing MODE`.
+SchedulerInbound = Submit | Abort | StepResult | KvStatsRequest | SetRouting
 KvInbound = KvLease | KvStats | KvHostResize
 
 
@@ -127,6 +133,8 @@ class SchedulerActor:
                 self._replan = True
             case Received(peer=Peer() as peer, body=KvStatsRequest()):
                 await self.router.send(peer, self._status())
+            case Received(peer=Peer() as peer, body=SetRouting() as body, envelope=envelope):
+                await self._on_set_routing(peer, body, envelope.msg_id)
             case Received(peer=Peer() as peer, body=StepResult() as body):
                 self.step_log.result(peer.name, body.step_id)
                 self.scheduler.on_result(peer.name, body)
@@ -171,6 +179,16 @@ class SchedulerActor:
             )
         self._replan = True
 
+    async def _on_set_routing(self, peer: Peer, body: SetRouting, msg_id: int) -> None:
+        if body.routing not in ROUTING_MODES:
+            reason = f"routing must be one of {', '.join(ROUTING_MODES)}, not {body.routing!r}"
+            self.router.rejections.record(peer.name, reason)
+            await self.router.send(peer, Rejected(reason=reason, msg_id=msg_id))
+            return
+        self.scheduler.waiting.placement.mode = body.routing
+        log.info("routing changed", routing=body.routing, by=peer.name)
+        await self.router.send(peer, self._status())
+
     async def _on_peer_joined(self, peer: Peer) -> None:
         self.peers_by_name[peer.name] = peer
         log.info("peer joined", peer=peer.name)
@@ -183,7 +201,7 @@ class SchedulerActor:
             self._replan = True
         elif hello.service == "tokenizer":
             # Requests whose tokenizer died while no other replica was up.
-            for request in self.scheduler.adopt_orphans(peer.name):
+            for request in ownership.adopt_orphans(self.scheduler.requests, peer.name):
                 await self._reassign(request, peer)
         elif hello.service == "api":
             await self.router.send(peer, self._status())
@@ -200,7 +218,8 @@ class SchedulerActor:
             self._replan = True
         elif peer.hello.service == "tokenizer":
             successors = {p.name: p for p in self.router.peers_of("tokenizer")}
-            for request in self.scheduler.reassign(peer.name, list(successors)):
+            for request in ownership.reassign(
+                    self.scheduler.requests, peer.name, list(successors)):
                 await self._reassign(request, successors[request.owner])
 
     async def _open_pool(self, message: KvPoolOpen) -> None:
@@ -311,6 +330,8 @@ class SchedulerActor:
             host_kv_used_blocks=sum(w.host.used_blocks for w in scheduler.workers.values()),
             swap_fallbacks=stats.swap_fallbacks,
             max_model_len=scheduler.max_model_len(),
+            routing=scheduler.waiting.placement.mode,
+            per_worker=[_worker_status(slot, stats) for slot in scheduler.workers.values()],
         )
 
     async def _report_status(self) -> None:
@@ -343,6 +364,21 @@ class SchedulerActor:
                     self.runtime.ready = True
                 case UpstreamLost(reason=reason):
                     log.warning("kv manager unreachable", reason=reason)
+
+
+def _worker_status(slot: WorkerSlot, stats: SchedulerStats) -> WorkerStatus:
+    counters = stats.worker(slot.name)
+    usage = slot.lease.usage
+    return WorkerStatus(
+        worker=slot.name,
+        waiting=len(slot.waiting),
+        running=len(slot.running),
+        prefix_cache_queries=counters.prefix_cache_queries,
+        prefix_cache_hits=counters.prefix_cache_hits,
+        requests_placed=counters.requests_placed,
+        rebalanced_in=counters.rebalanced_in,
+        kv_usage=usage.used_blocks / usage.num_blocks if usage and usage.num_blocks else 0.0,
+    )
 
 
 def _token_output(output: RequestOutput) -> TokenOutput:

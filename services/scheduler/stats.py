@@ -3,7 +3,17 @@ the api's /metrics). Counted since the scheduler started."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class WorkerCounters:
+    """One worker's share (by worker name: a restarted worker keeps counting)."""
+
+    prefix_cache_queries: int = 0  # prompt tokens looked up at admission here
+    prefix_cache_hits: int = 0  # of those, found in this worker's cache
+    requests_placed: int = 0  # new requests placement put on this worker's queue
+    rebalanced_in: int = 0  # waiting requests this worker took from a backlogged peer
 
 
 @dataclass(slots=True)
@@ -18,3 +28,10 @@ class SchedulerStats:
     swapped_out_blocks: int = 0
     swapped_in_blocks: int = 0
     swap_fallbacks: int = 0  # swapped requests sent to recompute by a host shrink
+    per_worker: dict[str, WorkerCounters] = field(default_factory=dict)
+
+    def worker(self, name: str) -> WorkerCounters:
+        counters = self.per_worker.get(name)
+        if counters is None:
+            counters = self.per_worker[name] = WorkerCounters()
+        return counters

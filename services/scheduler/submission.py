@@ -17,7 +17,7 @@ from __future__ import annotations
 from array import array
 
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.waiting_queue import WaitingQueue, queue_refusal
+from services.scheduler.waiting_queue import QueueBounds, queue_refusal
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import Submit
 
@@ -52,7 +52,7 @@ def _malformed(msg: Submit) -> str | None:
     return None
 
 
-def refusal(msg: Submit, max_model_len: int, queue: WaitingQueue, config: SchedulerConfig
+def refusal(msg: Submit, max_model_len: int, queue: QueueBounds, config: SchedulerConfig
             ) -> tuple[int, str, str] | None:
     """(HTTP status, error type, message) for a Submit that cannot be queued, or
     None. ``max_model_len`` 0: no worker yet, no limit known."""

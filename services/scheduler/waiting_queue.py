@@ -5,11 +5,17 @@ head (aborted while waiting) is only forgotten, and its heap entry is skipped wh
 it reaches the head. The queue keeps the count, and the tokens its requests
 hold (``tokens``: what admission must prefill, the bound ``max_waiting_tokens``
 applies to), so nobody else has to.
+
+Each worker has its own queue (``WorkerQueue``: what placement needs to know of it
+too); requests wait in a plain ``WaitingQueue`` only while no worker is up.
+dispatch.py holds them all and applies the bounds over all of them.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import Counter
+from typing import Protocol
 
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.request import Request
@@ -62,11 +68,75 @@ class WaitingQueue:
         not queued."""
         self._forget(request)
 
+    def requests(self) -> list[Request]:
+        """The queued requests in queue order (a copy)."""
+        live = {id(entry[2]): entry for entry in self._heap if id(entry[2]) in self._queued}
+        return [entry[2] for entry in sorted(live.values(), key=lambda e: e[:2])]
+
     def _forget(self, request: Request) -> None:
         self._tokens -= self._queued.pop(id(request), 0)
 
 
-def queue_refusal(queue: WaitingQueue, config: SchedulerConfig,
+class WorkerQueue(WaitingQueue):
+    """One worker's queue, with what placement reads of it: the work its requests
+    will cost that worker (``work``: tokens to compute, estimated when each was
+    queued: its tokens less the prefix it found), and the block hashes of their
+    prompts (``queued_prefix``), so a burst of requests sharing a prefix follows the
+    first one before any of them is computed (the prefix index only learns of a
+    block once it is scheduled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._entries: dict[int, tuple[int, list[int]]] = {}  # id -> (work, hashes)
+        self._hashes: Counter[int] = Counter()
+        self._work = 0
+
+    @property
+    def work(self) -> int:
+        return self._work
+
+    def push(self, request: Request, work: int | None = None,
+             hashes: list[int] | None = None) -> None:
+        super().push(request)
+        work = len(request.token_ids) if work is None else work
+        self._entries[id(request)] = (work, list(hashes or []))
+        self._hashes.update(hashes or [])
+        self._work += work
+
+    @property
+    def queued_blocks(self) -> int:
+        """Distinct prompt blocks its queued requests hold (by hash)."""
+        return len(self._hashes)
+
+    def queued_prefix(self, hashes: list[int]) -> int:
+        """Blocks of the longest prefix of this hash chain a queued request shares."""
+        count = 0
+        for block_hash in hashes:
+            if not self._hashes[block_hash]:
+                break
+            count += 1
+        return count
+
+    def _forget(self, request: Request) -> None:
+        super()._forget(request)
+        work, hashes = self._entries.pop(id(request), (0, []))
+        self._work -= work
+        self._hashes.subtract(hashes)
+        for block_hash in hashes:
+            if self._hashes.get(block_hash, 0) <= 0:
+                self._hashes.pop(block_hash, None)
+
+
+class QueueBounds(Protocol):
+    """What the admission bounds read: the requests waiting and their tokens."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def tokens(self) -> int: ...
+
+
+def queue_refusal(queue: QueueBounds, config: SchedulerConfig,
                   prompt_len: int) -> tuple[int, str, str] | None:
     """(HTTP status, error type, message) when ``queue`` has no room for a new
     request of ``prompt_len`` tokens: ``max_waiting`` requests, or its prompt would

@@ -1,5 +1,5 @@
-"""One worker as the scheduler sees it: its KV lease, host tier, running requests
-and steps in flight. Pure."""
+"""One worker as the scheduler sees it: its KV lease, host tier, waiting queue,
+running requests and steps in flight. Pure."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from services.scheduler.block_lease import BlockLease
 from services.scheduler.host_pool import HostPool
 from services.scheduler.request import Request, RequestStatus
+from services.scheduler.waiting_queue import WorkerQueue
 from shared.protocol.common import WorkerDetails
 
 # Steps planned ahead of a worker when the setting is 0 (auto). A GPU worker's
@@ -42,6 +43,14 @@ class WorkerSlot:
     details: WorkerDetails
     lease: BlockLease
     running: dict[str, Request] = field(default_factory=dict)  # admission order
+    # Requests placed here (dispatch.py), swapped-out ones of this worker included.
+    waiting: WorkerQueue = field(default_factory=WorkerQueue)
+    # Its last admission pass left requests in its queue (no budget, seat or KV
+    # room): another worker with an empty queue may take some (dispatch.rebalance).
+    backlogged: bool = False
+    # Prompt tokens its running requests had still to compute after its last plan:
+    # placement reads it per request, so it is counted once per plan, not per read.
+    prefill_owed: int = 0
     inflight: dict[int, list[Request]] = field(default_factory=dict)  # step id -> batch
     finished: list[str] = field(default_factory=list)  # to drop at the worker next step
     host: HostPool = field(default_factory=HostPool)
@@ -50,6 +59,11 @@ class WorkerSlot:
     pending_swap_out: list[tuple[Request, list[int], list[int]]] = field(default_factory=list)
     host_freed_after_plan: list[int] = field(default_factory=list)  # swapped in this plan
     host_blocks_sent: int = -1  # host pool size the worker was last told
+
+    def note_prefill_owed(self) -> None:
+        """Recount ``prefill_owed`` (after a plan: only planning schedules tokens)."""
+        self.prefill_owed = sum(max(0, len(r.prefill_ids) - r.num_scheduled)
+                                for r in self.running.values())
 
     @property
     def max_total_len(self) -> int:

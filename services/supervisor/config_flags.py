@@ -48,6 +48,11 @@ HELP: dict[str, str] = {
     "max_num_seqs": "running requests per worker",
     "max_num_batched_tokens": "token budget of one step",
     "enable_prefix_caching": "share the KV cache of equal prompt prefixes",
+    "routing": "which worker a new request goes to: prefix (cached prefix against load) | "
+    "least-loaded | round-robin",
+    "routing_prefix_weight": "prefix routing: tokens of load one cached prompt token is worth",
+    "routing_balance_tokens": "prefix routing: a worker this many tokens of work ahead of "
+    "another (and twice its load) sends new requests least-loaded",
     "block_size": "tokens per KV block",
     "tokenizers": "tokenizer replicas",
     "workers": "worker replicas",

@@ -1,9 +1,12 @@
 """`meshserve kv ...`: KV debugging utilities against a running mesh.
 
     meshserve kv stats [--json]            usage per pool, cached blocks, hit rate,
-                                           evictions, preemptions, host usage, swaps
+                                           evictions, preemptions, host usage, swaps;
+                                           per worker: queue, running, hit rate, routing
     meshserve kv dump REQUEST_ID [--json]  block table: ids, hashes, ref counts, tier
     meshserve kv set host-swap-gb N        resize every worker's host swap space now
+    meshserve kv set routing MODE          place new requests by prefix | least-loaded |
+                                           round-robin from now on
 
 The CLI joins the mesh briefly as a ``cli`` replica: it says hello to the KV
 manager (and, for stats, the scheduler, which owns the hit and preemption
@@ -27,7 +30,7 @@ from shared.curve import CurveKeyError
 from shared.mesh import DealerEndpoint, Identity, Received, UpstreamJoined
 from shared.mesh_auth import MeshAuth
 from shared.protocol.common import Rejected
-from shared.protocol.generation import SchedulerStatus
+from shared.protocol.generation import SchedulerStatus, SetRouting, WorkerStatus
 from shared.protocol.kv import KvDump, KvDumpRequest, KvSetHostSwap, KvStats, KvStatsRequest
 
 ASK_TIMEOUT_S = 10.0
@@ -48,8 +51,8 @@ def add_parser(commands: argparse._SubParsersAction, add_run_dir) -> None:  # ty
     dump.add_argument("--json", action="store_true", help="machine-readable output")
     add_run_dir(dump)
     setting = sub.add_parser("set", help="change a KV setting of the running mesh")
-    setting.add_argument("setting", choices=["host-swap-gb"])
-    setting.add_argument("value", type=float, metavar="N")
+    setting.add_argument("setting", choices=["host-swap-gb", "routing"])
+    setting.add_argument("value", metavar="VALUE")
     add_run_dir(setting)
 
 
@@ -114,6 +117,9 @@ def _stats(run_dir: Path, as_json: bool) -> None:
             "swap_fallbacks": scheduler.swap_fallbacks,
             "fork_shared_blocks": scheduler.fork_shared_blocks,
             "cow_block_copies": scheduler.cow_block_copies,
+            "routing": scheduler.routing,
+            "workers": [msgspec.structs.asdict(w) | {"prefix_cache_hit_rate": _hit_rate(w)}
+                        for w in scheduler.per_worker],
         }).decode())
         return
     print(f"kv usage {scheduler.kv_usage:.1%}  prefix cache hit rate {hit_rate:.1%} "
@@ -130,6 +136,23 @@ def _stats(run_dir: Path, as_json: bool) -> None:
         rows.append((p.pool_id, str(p.num_blocks), str(p.used_blocks), str(p.leased_blocks),
                      str(p.free_blocks), str(p.cached_blocks), str(p.evictions),
                      str(p.requests), str(p.host_num_blocks), str(p.host_used_blocks)))
+    _print_table(rows)
+    print(f"routing {scheduler.routing or '-'}")
+    worker_rows = [("WORKER", "WAITING", "RUNNING", "HIT_RATE", "HIT_TOKENS", "PLACED",
+                    "REBALANCED_IN", "KV_USAGE")]
+    for w in scheduler.per_worker:
+        worker_rows.append((w.worker, str(w.waiting), str(w.running), f"{_hit_rate(w):.1%}",
+                            f"{w.prefix_cache_hits}/{w.prefix_cache_queries}",
+                            str(w.requests_placed), str(w.rebalanced_in), f"{w.kv_usage:.1%}"))
+    _print_table(worker_rows)
+
+
+def _hit_rate(worker: WorkerStatus) -> float:
+    queries = worker.prefix_cache_queries
+    return worker.prefix_cache_hits / queries if queries else 0.0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -151,10 +174,20 @@ def _dump(run_dir: Path, request_id: str, as_json: bool) -> None:
         print(f"{i:<5}  {row.block_id:<5}  {row.ref_count:<4}  {row.tier:<6}  {block_hash}")
 
 
-def _set(run_dir: Path, setting: str, value: float) -> None:
+def _set(run_dir: Path, setting: str, text: str) -> None:
+    if setting == "routing":
+        status = anyio.run(_ask, mesh_addresses(run_dir).scheduler_addr, SetRouting(text),
+                           SchedulerStatus, _auth(run_dir))
+        assert isinstance(status, SchedulerStatus)
+        print(f"routing {status.routing} ({status.workers} workers)")
+        return
     assert setting == "host-swap-gb"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
     if not value >= 0:
-        raise KvCliError(f"host-swap-gb must be >= 0, got {value}")
+        raise KvCliError(f"host-swap-gb must be a number >= 0, got {text}")
     answer = anyio.run(_ask, mesh_addresses(run_dir).kvcache_addr,
                        KvSetHostSwap(host_swap_gb=value), KvStats, _auth(run_dir))
     assert isinstance(answer, KvStats)

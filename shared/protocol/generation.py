@@ -252,6 +252,28 @@ class RequestFailed(msgspec.Struct, frozen=True, tag=True):
     message: str
 
 
+class SetRouting(msgspec.Struct, frozen=True, tag=True):
+    """Change the scheduler's placement mode at run time (``meshserve kv set routing
+    MODE``): requests placed from now on follow it; queued ones stay where they are.
+    Answered by SchedulerStatus, or Rejected for an unknown mode."""
+
+    routing: str
+
+
+class WorkerStatus(msgspec.Struct, frozen=True):
+    """One worker's share of ``SchedulerStatus`` (``meshserve kv stats``, /metrics
+    with a ``worker`` label). Counters since the scheduler started."""
+
+    worker: str
+    waiting: int = 0  # requests in its queue (placed there, swapped-out ones included)
+    running: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up at admission on it
+    prefix_cache_hits: int = 0
+    requests_placed: int = 0  # new requests routing placed on it
+    rebalanced_in: int = 0  # waiting requests it took from a backlogged peer
+    kv_usage: float = 0.0
+
+
 class SchedulerStatus(msgspec.Struct, frozen=True, tag=True):
     """scheduler -> api, in answer to the api's hello: enough for /health and
     /metrics without another round trip."""
@@ -282,3 +304,5 @@ class SchedulerStatus(msgspec.Struct, frozen=True, tag=True):
     # Longest prompt + output a request may have (min over workers and the
     # scheduler's setting); 0: no worker yet. /v1/models and /tokenize report it.
     max_model_len: int = 0
+    routing: str = ""  # the scheduler's placement mode
+    per_worker: list[WorkerStatus] = []

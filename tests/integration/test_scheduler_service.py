@@ -25,10 +25,11 @@ from shared.protocol.generation import (
     RequestFailed,
     SamplingParams,
     SchedulerStatus,
+    SetRouting,
     Submit,
     TokenBatch,
 )
-from shared.protocol.kv import KvPoolClose, KvPoolOpen, KvSync
+from shared.protocol.kv import KvPoolClose, KvPoolOpen, KvStatsRequest, KvSync
 from shared.protocol.step import StepPlan
 from tests.integration.procs import mesh_addresses, read_log, running_service
 from tests.unit.test_scheduler_core import EOS, BookkeepingWorker
@@ -222,3 +223,38 @@ async def test_status_reaches_the_api(ipc_dir: Path) -> None:
             api.close()
             ctx.destroy(linger=0)
         tg.cancel_scope.cancel()
+
+
+async def test_routing_changes_at_run_time_and_a_bad_mode_is_rejected(ipc_dir: Path) -> None:
+    # What `meshserve kv set routing MODE` sends: answered by the status (with the
+    # per-worker share) or, for an unknown mode, Rejected; the scheduler keeps serving.
+    addr = mesh_addresses(ipc_dir).scheduler_addr
+    async with anyio.create_task_group() as tg, scheduler_with_peers(
+            ipc_dir, routing="round-robin") as peers:
+        ctx = zmq.asyncio.Context()
+        cli = DealerEndpoint(ctx, addr, Identity("cli", 0), SchedulerStatus | Rejected,
+                             heartbeat_s=0.1)
+        answers: list[object] = []
+        try:
+            await tg.start(cli.run)
+            await cli.send(KvStatsRequest())
+            await cli.send(SetRouting("random"))
+            await cli.send(SetRouting("least-loaded"))
+            with anyio.fail_after(20):
+                async for event in cli.inbox:
+                    if isinstance(event, Received):
+                        answers.append(event.body)
+                        if len(answers) == 3:
+                            break
+        finally:
+            cli.close()
+            ctx.destroy(linger=0)
+        await peers.tokenizer.send(submit("after", max_tokens=2))
+        tokens, _, _ = await collect(peers.tokenizer, {"after"})
+        assert tokens["after"] == [100, 101]
+        tg.cancel_scope.cancel()
+    before, refused, after = answers
+    assert isinstance(before, SchedulerStatus) and before.routing == "round-robin"
+    assert [w.worker for w in before.per_worker] == ["worker/0"]
+    assert isinstance(refused, Rejected) and "routing must be one of" in refused.reason
+    assert isinstance(after, SchedulerStatus) and after.routing == "least-loaded"

@@ -8,7 +8,7 @@ import re
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.api.metrics import ApiMetrics, SpeechMetrics
-from shared.protocol.generation import SchedulerStatus
+from shared.protocol.generation import SchedulerStatus, WorkerStatus
 from shared.protocol.speech import SpeechStatus
 
 SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9.e+-]+$')
@@ -67,6 +67,25 @@ def test_counts_render_under_vllm_names() -> None:
     assert got["meshserve:api_tokenizer_replicas"] == 2
     assert got["meshserve:api_workers"] == 2
     assert got["meshserve:api_rejected_messages_total"] == 7
+
+
+def test_per_worker_series_carry_a_worker_label() -> None:
+    status = SchedulerStatus(workers=2, running=3, waiting=1, per_worker=[
+        WorkerStatus("worker/0", waiting=1, running=2, prefix_cache_queries=100,
+                     prefix_cache_hits=80, requests_placed=5, rebalanced_in=0, kv_usage=0.5),
+        WorkerStatus("worker/1", waiting=0, running=1, prefix_cache_queries=40,
+                     prefix_cache_hits=0, requests_placed=2, rebalanced_in=1),
+    ])
+    got = samples(ApiMetrics("m").render(status, tokenizers=1, inflight=0,
+                                         rejected_messages=0))
+    w0, w1 = 'model_name="m",worker="worker/0"', 'model_name="m",worker="worker/1"'
+    assert got[f"meshserve:worker_requests_waiting{{{w0}}}"] == 1
+    assert got[f"meshserve:worker_requests_running{{{w1}}}"] == 1
+    assert got[f"meshserve:worker_prefix_cache_hits_total{{{w0}}}"] == 80
+    assert got[f"meshserve:worker_prefix_cache_queries_total{{{w1}}}"] == 40
+    assert got[f"meshserve:worker_requests_placed_total{{{w0}}}"] == 5
+    assert got[f"meshserve:worker_requests_rebalanced_in_total{{{w1}}}"] == 1
+    assert got[f"meshserve:worker_kv_cache_usage_perc{{{w0}}}"] == 0.5
 
 
 def test_without_a_scheduler_status_its_gauges_are_absent() -> None:
