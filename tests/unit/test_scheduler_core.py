@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from services.kvcache.manager import KvManager
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.scheduler import Scheduler
+from services.scheduler.worker_slot import lease_target
 from shared.protocol.common import WorkerDetails
 from shared.protocol.envelope import pack_i32, unpack_i32
 from shared.protocol.generation import DetokenizeSpec, SamplingParams, Submit
@@ -267,3 +268,11 @@ def test_prompt_too_long_is_rejected() -> None:
     submit(s, "big", prompt_len=40)
     _, failures = s.take_outputs()
     assert failures[0].failure.status == 400
+
+
+def test_the_auto_lease_leaves_most_of_a_small_pool_to_the_prefix_cache() -> None:
+    # 3 steps ahead of 64-token steps in 4-token blocks: 64 blocks, all of a
+    # 64-block pool; leased blocks are taken from the evictable cached ones.
+    assert lease_target(0, 2, 64, details(num_blocks=64)) == 16
+    assert lease_target(0, 2, 64, details(num_blocks=4096)) == 48  # a large pool: auto
+    assert lease_target(10, 2, 64, details(num_blocks=64)) == 10  # a setting is a setting
