@@ -87,7 +87,7 @@ def stack_dump(pid: int, log: Callable[[], str]) -> str:
     """The stalled service's threads, as its SIGUSR1 handler writes them to its log
     (shared/service.py), for the message of the assertion that found the stall."""
     if not pid_alive(pid):
-        return "(the process is gone)"
+        return f"(the process is gone) its log:\n{log()[-8000:]}"
     os.kill(pid, signal.SIGUSR1)
     time.sleep(1.0)
     return log()[-8000:]

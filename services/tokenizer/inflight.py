@@ -34,7 +34,7 @@ from tokenizers import Tokenizer
 
 from services.tokenizer.detokenizer import RequestDetokenizer
 from services.tokenizer.logprob_text import with_token_text
-from services.tokenizer.tool_parsers import ToolCallParser, make_parser
+from services.tokenizer.tool_parsers import ToolCallParser, make_parser, parser_problem
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.generation import (
     DetokenizeSpec,
@@ -238,7 +238,8 @@ class InflightRequests:
             prompt_ids = self._unpack(message.request_id, message.prompt_token_ids)
             output_ids = self._unpack(message.request_id, message.output_token_ids)
             self._check_range(message.request_id, output_ids)
-            if problem := stop_strings_problem(message.detokenize.stop):
+            spec = message.detokenize
+            if problem := stop_strings_problem(spec.stop) or parser_problem(spec.tool_parser):
                 raise CorruptOutput(f"{message.request_id}: {problem}")
         except CorruptOutput as e:
             self._requests.pop(message.request_id, None)

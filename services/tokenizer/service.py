@@ -33,6 +33,7 @@ from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.encoder import PromptEncoder, PromptError
 from services.tokenizer.grammar_check import GrammarCheck, describe
 from services.tokenizer.inflight import Finished, InflightRequests, Outcome, ResumeSpec
+from services.tokenizer.tool_parsers import parser_problem
 from shared.config import load_config
 from shared.endpoints import connect_dealer
 from shared.logs import get_logger
@@ -245,6 +246,8 @@ class TokenizerService:
                     await self._check_grammar(request.sampling)
                     if problem := stop_strings_problem(request.detokenize.stop):
                         raise PromptError(f"`stop`: {problem}")
+                    if problem := parser_problem(request.detokenize.tool_parser):
+                        raise PromptError(problem)
                 except PromptError as e:
                     refusal = RequestFailed("", 400, "invalid_request_error", str(e))
             if refusal is not None:

@@ -405,6 +405,15 @@ PARSERS = ("hermes", "llama3_json", "mistral")
 FORCED = ("required", "function")
 
 
+def parser_problem(name: str) -> str | None:
+    """Why ``DetokenizeSpec.tool_parser`` ``name`` cannot be served ("" is no parser),
+    or None: checked where a spec enters from a socket, before ``make_parser``."""
+    if not name or name in PARSERS + FORCED:
+        return None
+    return (f"unknown tool call parser {name[:64]!r}; expected one of "
+            f"{', '.join(PARSERS + FORCED)}")
+
+
 def make_parser(name: str, function: str = "", parallel: bool = True) -> ToolCallParser:
     """The parser ``DetokenizeSpec.tool_parser`` names; ValueError for another name."""
     if name == "hermes":
@@ -417,8 +426,7 @@ def make_parser(name: str, function: str = "", parallel: bool = True) -> ToolCal
         return JsonArrayParser(parallel)
     if name == "function":
         return FunctionParser(function)
-    raise ValueError(f"unknown tool call parser {name!r}; expected one of "
-                     f"{', '.join(PARSERS + FORCED)}")
+    raise ValueError(parser_problem(name))
 
 
 def detect_parser(chat_template: str | None) -> str:

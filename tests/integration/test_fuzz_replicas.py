@@ -69,11 +69,6 @@ def _fuzz(target: DealerTarget, family: str, probe: Callable[[], None]) -> None:
     assert target.sent == EXAMPLES * DRAWN * PER_DRAWN
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open defect (issue 10): on a loaded 2-core CI machine the tokenizer stopped "
-    "answering (no hello for 120 s) part-way through the fuzzed frames; it passes on a "
-    "quieter machine, and sometimes not here either. Cause not found yet (grammar size is "
-    "now bounded, which did not cure it)"))
 def test_a_tokenizer_survives_fuzzing_on_both_sockets(
     ipc_dir: Path, zmq_ctx: zmq.Context[Any]
 ) -> None:

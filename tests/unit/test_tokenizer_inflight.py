@@ -158,6 +158,16 @@ def test_reassign_with_corrupt_ids_fails(tokenizer: Tokenizer) -> None:
     assert outcome.failed[0].request_id == "r" and outcome.orphaned == ["r"]
 
 
+def test_reassign_naming_an_unknown_tool_parser_fails_it(tokenizer: Tokenizer) -> None:
+    """Found by the socket fuzzer: such a Reassign ended the tokenizer (ValueError)."""
+    table = make_table(tokenizer)
+    outcome = table.reassign(
+        Reassign("r", DetokenizeSpec(tool_parser="\xf6\xf0"), pack_i32(PROMPT), b""))
+    assert outcome.failed[0].request_id == "r" and "unknown tool call parser" in (
+        outcome.failed[0].message)
+    assert "r" not in table
+
+
 def test_drop_all_forgets_everything(tokenizer: Tokenizer) -> None:
     table = make_table(tokenizer, "a", "b")
     assert sorted(s.request_id for s in table.drop_all()) == ["a", "b"]
