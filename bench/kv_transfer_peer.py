@@ -1,0 +1,152 @@
+"""One KV transfer engine in its own process, driven by JSON lines on stdin.
+
+    python -m bench.kv_transfer_peer --addr ipc:///tmp/x/peer.sock --layers 16 ...
+
+The engine runs over a real ``PagedKVCache`` filled with seeded random values
+(``seeded_cache``: another process rebuilds the same contents to check bytes), as
+a worker's would, without the model: the benchmark and the integration tests use
+it as the other worker. Commands (one JSON object a line):
+
+    {"op": "send", "id": ..., "peer": ADDR, "blocks": [...], "timeout_s": ...}
+    {"op": "expect", "id": ..., "blocks": [...], "timeout_s": ...}
+    {"op": "cancel", "id": ...}
+    {"op": "digest", "blocks": [...]}          the sha256 of those blocks' bytes
+    {"op": "gate", "stage": "gather"|"scatter", "after": K, "hold_s": S}
+        fault injection: the chunk after K chunks staged (or written) waits S s
+        (a peer stuck mid-transfer; the tests kill it there)
+
+Events out (one JSON object a line): ``ready`` (bound), ``ended`` (a transfer's
+state, bytes, seconds, error), ``digest``, ``gated``, ``error`` (a refused command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import threading
+from typing import Any
+
+import anyio
+import torch
+import zmq.asyncio
+
+from services.worker.kv_cache import PagedKVCache
+from services.worker.kv_transfer.engine import KvTransferEngine, TransferHandle
+from services.worker.kv_transfer.staging import BlockStager
+from services.worker.kv_transfer.state import TransferError
+
+
+def seeded_cache(layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, seed: int) -> PagedKVCache:
+    """A CPU cache whose every block holds seeded random values."""
+    cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim,
+                         torch.device("cpu"), dtype)
+    generator = torch.Generator().manual_seed(seed)
+    cache._k.copy_(torch.randn(cache._k.shape, generator=generator))
+    cache._v.copy_(torch.randn(cache._v.shape, generator=generator))
+    return cache
+
+
+def blocks_digest(stager: BlockStager, blocks: list[int]) -> str:
+    staged = stager.gather(blocks)
+    return hashlib.sha256(staged.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+class GatedStager(BlockStager):
+    """A stager that, when asked, holds one chunk for a while (fault injection)."""
+
+    def __init__(self, cache: PagedKVCache) -> None:
+        super().__init__(cache)
+        self.gate: tuple[str, int, float] | None = None
+        self._counts = {"gather": 0, "scatter": 0}
+
+    def _maybe_hold(self, stage: str) -> None:
+        count = self._counts[stage]
+        self._counts[stage] = count + 1
+        if self.gate is not None and self.gate[0] == stage and count == self.gate[1]:
+            emit({"event": "gated", "stage": stage, "chunk": count})
+            threading.Event().wait(self.gate[2])
+
+    def gather(self, blocks: list[int]) -> torch.Tensor:
+        self._maybe_hold("gather")
+        return super().gather(blocks)
+
+    def scatter(self, blocks: list[int], payload: memoryview) -> None:
+        self._maybe_hold("scatter")
+        super().scatter(blocks, payload)
+
+
+def emit(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+async def _report(handle: TransferHandle) -> None:
+    transfer = await handle.wait()
+    emit({"event": "ended", "id": transfer.transfer_id, "state": transfer.state.name.lower(),
+          "bytes": transfer.bytes_moved, "seconds": transfer.seconds, "error": transfer.error})
+
+
+async def _command(engine: KvTransferEngine, stager: GatedStager, tg: Any,
+                   command: dict[str, Any]) -> None:
+    op = command["op"]
+    if op == "send":
+        handle = engine.send(command["id"], command["peer"], command["blocks"],
+                             command.get("timeout_s", 30.0))
+        tg.start_soon(_report, handle)
+    elif op == "expect":
+        handle = engine.expect(command["id"], command["blocks"], command.get("timeout_s", 30.0))
+        tg.start_soon(_report, handle)
+    elif op == "cancel":
+        emit({"event": "cancelled", "id": command["id"], "live": await engine.cancel(command["id"])})
+    elif op == "digest":
+        digest = await anyio.to_thread.run_sync(blocks_digest, stager, command["blocks"])
+        emit({"event": "digest", "sha256": digest, "staging_bytes": engine.staging_bytes})
+    elif op == "gate":
+        stager.gate = (command["stage"], command["after"], command["hold_s"])
+    else:
+        raise TransferError(f"unknown op {op!r}")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    dtype = getattr(torch, args.dtype)
+    cache = seeded_cache(args.layers, args.num_blocks, args.block_size, args.kv_heads,
+                         args.head_dim, dtype, args.seed)
+    stager = GatedStager(cache)
+    ctx = zmq.asyncio.Context()
+    engine = KvTransferEngine(ctx, args.addr, f"peer/{args.seed}", stager,
+                              chunk_bytes=args.chunk_bytes, window=args.window)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            emit({"event": "ready", "addr": args.addr, "block_bytes": stager.block_bytes})
+            async for line in anyio.wrap_file(sys.stdin):
+                try:
+                    await _command(engine, stager, tg, json.loads(line))
+                except (TransferError, KeyError, ValueError) as e:
+                    emit({"event": "error", "error": str(e)})
+            tg.cancel_scope.cancel()  # stdin closed: the driver is done with us
+    finally:
+        ctx.destroy(linger=0)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--addr", required=True)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-bytes", type=int, default=8 << 20)
+    p.add_argument("--window", type=int, default=4)
+    return p
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    anyio.run(serve, parser().parse_args(), backend="asyncio")

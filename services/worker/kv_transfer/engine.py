@@ -1,0 +1,437 @@
+"""The KV transfer engine: the asyncio/ZMQ shell around ``TransferBook``.
+
+    sender engine                                    receiver engine
+    send(id, peer, blocks) ─▶ pump task ─DEALER(peer)──▶ ROUTER (bound, advertised)
+      gather chunk (thread) ─▶ [env, TransferChunk, payload] ─▶ check ─▶ scatter (thread)
+                         ◀── TransferCredit (acked, window) ◀──────┘
+    handle: state, bytes_moved, await wait()          expect(id, blocks) ─▶ handle
+
+One ROUTER per engine receives begins and chunks from every sender; a sender opens
+one DEALER per receiver it sends to, shared by its transfers there. Each socket
+has exactly one receiving task. Chunks are staged and written in a worker thread
+(staging.py), so neither the event loop nor the model's step waits on a copy.
+
+Payloads leave zero-copy (``copy=False``): ZMQ holds the staging tensor until its
+frame is on the wire, which the message tracker reports; ``staging_bytes`` counts
+the staged chunks not yet released. A receiver's credit window bounds how many
+chunks one transfer has in flight, so memory stays bounded whatever its size.
+
+Failure: every transfer has a deadline on each side; past it the transfer FAILS,
+the peer is told (best effort), and a sender drops its connection to that peer
+(closing it releases the chunks queued for a dead peer). A transfer is DONE only
+when every chunk is written (receiver) or acknowledged (sender).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import torch
+import zmq
+import zmq.asyncio
+from anyio.abc import TaskGroup, TaskStatus
+
+from services.worker.kv_transfer.staging import BlockStager
+from services.worker.kv_transfer.state import (
+    Role,
+    Transfer,
+    TransferBook,
+    TransferError,
+    TransferState,
+)
+from shared.frames import FrameWriter, decode_frames
+from shared.logs import get_logger
+from shared.mesh import RejectionLog, bind_address
+from shared.protocol.common import Rejected
+from shared.protocol.transfer import (
+    ToTransferReceiver,
+    ToTransferSender,
+    TransferAbort,
+    TransferBegin,
+    TransferChunk,
+    TransferCredit,
+)
+
+if TYPE_CHECKING:
+    from shared.mesh_auth import MeshAuth
+
+log = get_logger("meshserve.kv_transfer")
+
+DEFAULT_CHUNK_BYTES = 8 << 20
+DEFAULT_WINDOW = 4
+# How often deadlines are checked: a dead peer is noticed within timeout + this.
+EXPIRY_TICK_S = 0.05
+# A dropped connection keeps trying to deliver queued frames this long.
+CLOSE_LINGER_MS = 200
+
+
+class TransferHandle:
+    """One side of one transfer, as its caller sees it: poll or await."""
+
+    def __init__(self, transfer: Transfer) -> None:
+        self.transfer = transfer
+        self._ended = anyio.Event()
+        self.changed = anyio.Event()  # replaced at each change (the sender's pump waits)
+
+    @property
+    def transfer_id(self) -> str:
+        return self.transfer.transfer_id
+
+    @property
+    def state(self) -> TransferState:
+        return self.transfer.state
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.transfer.bytes_moved
+
+    @property
+    def error(self) -> str:
+        return self.transfer.error
+
+    async def wait(self) -> Transfer:
+        """Until the transfer ended (done, failed or cancelled)."""
+        await self._ended.wait()
+        return self.transfer
+
+    def _notify(self) -> None:
+        changed, self.changed = self.changed, anyio.Event()
+        changed.set()
+        if self.transfer.state.ended:
+            self._ended.set()
+
+
+@dataclass(slots=True)
+class _PeerLink:
+    """A sender's DEALER to one receiver, with its receiving task's scope."""
+
+    socket: zmq.asyncio.Socket
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferStats:
+    in_flight: int
+    completed: int
+    failed: int
+    bytes_moved: int
+    staging_bytes: int
+
+
+class KvTransferEngine:
+    """Moves KV blocks between this cache (through ``stager``) and other engines.
+
+    ``address`` is where the ROUTER binds (what ``WorkerDetails.transfer_addr``
+    advertises); ``auth`` makes every socket CURVE, as the mesh's are."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, sender: str,
+                 stager: BlockStager, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 window: int = DEFAULT_WINDOW, auth: MeshAuth | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if window < 1:
+            raise ValueError(f"transfer window must be at least 1, got {window}")
+        self.address = address
+        self.stager = stager
+        self.chunk_blocks = max(1, chunk_bytes // stager.block_bytes)
+        self.book = TransferBook(stager.layout, window)
+        self.rejections = RejectionLog(f"{sender}@{address}")
+        self._ctx = ctx
+        self._auth = auth
+        self._clock = clock
+        self._writer = FrameWriter(sender)
+        self._router = ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._to_receiver = msgspec.msgpack.Decoder(ToTransferReceiver)
+        self._to_sender = msgspec.msgpack.Decoder(ToTransferSender | Rejected)
+        self._handles: dict[str, TransferHandle] = {}
+        self._links: dict[str, _PeerLink] = {}
+        self._tg: TaskGroup | None = None
+        self._staged: list[tuple[zmq.MessageTracker, int]] = []
+        self._gathering = 0
+        self.completed = 0
+        self.failed = 0
+        self.total_bytes = 0
+
+    # ---- the API -------------------------------------------------------------------
+
+    def send(self, transfer_id: str, peer_addr: str, blocks: list[int],
+             timeout_s: float) -> TransferHandle:
+        """Start sending ``blocks`` to the engine bound at ``peer_addr``. Raises
+        ``TransferError`` for a request it cannot start (the caller reports it)."""
+        tg = self._task_group()
+        if not peer_addr:
+            raise TransferError(f"transfer {transfer_id}: no peer address")
+        transfer, begin = self.book.start_send(transfer_id, peer_addr, blocks, self.chunk_blocks,
+                                               self._clock(), timeout_s)
+        handle = self._track(transfer)
+        tg.start_soon(self._pump, handle, self._link(peer_addr), begin)
+        return handle
+
+    def expect(self, transfer_id: str, blocks: list[int], timeout_s: float) -> TransferHandle:
+        """Receive transfer ``transfer_id`` into ``blocks``. Raises ``TransferError``."""
+        tg = self._task_group()
+        transfer, answer = self.book.expect(transfer_id, blocks, self._clock(), timeout_s)
+        handle = self._track(transfer)
+        if answer is not None:  # its begin was waiting
+            tg.start_soon(self._answer_sender, transfer.peer, answer)
+            self._settle(transfer)
+        return handle
+
+    async def cancel(self, transfer_id: str) -> bool:
+        """Cancel a live transfer on this side and tell the peer; False when there is
+        none (unknown or ended already)."""
+        transfer = self.book.cancel(transfer_id, self._clock())
+        if transfer is None:
+            return False
+        self._settle(transfer)
+        await self._tell_peer(transfer, TransferAbort(transfer_id, "cancelled", cancelled=True))
+        return True
+
+    def handle(self, transfer_id: str) -> TransferHandle | None:
+        return self._handles.get(transfer_id)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of staged chunks ZMQ still holds (or being staged now)."""
+        self._staged = [(tracker, n) for tracker, n in self._staged if not tracker.done]
+        return self._gathering + sum(n for _, n in self._staged)
+
+    def stats(self) -> TransferStats:
+        return TransferStats(len(self.book.live), self.completed, self.failed,
+                             self.total_bytes, self.staging_bytes)
+
+    # ---- running -------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report started, then serve until cancelled; live transfers fail
+        and every socket closes however it ends."""
+        try:
+            async with anyio.create_task_group() as tg:
+                if self._auth is not None:
+                    handshakes = self._auth.serve(self._router)
+                    tg.start_soon(self._auth.watch, self._router, handshakes,
+                                  self.rejections.endpoint)
+                try:
+                    self._router.bind(bind_address(self.address))
+                except zmq.ZMQError as e:
+                    raise OSError(f"cannot bind the KV transfer socket {self.address}: {e}") from e
+                self._tg = tg
+                tg.start_soon(self._expire_forever)
+                task_status.started()
+                await self._receive_as_receiver()
+        finally:
+            self._tg = None
+            now = self._clock()
+            for transfer in list(self.book.live.values()):
+                self.book.fail(transfer, "the transfer engine stopped", now)
+                self._settle(transfer)
+            for link in self._links.values():
+                link.socket.close(linger=0)
+            self._links.clear()
+            self._router.close(linger=0)
+
+    def _task_group(self) -> TaskGroup:
+        if self._tg is None:
+            raise TransferError("the transfer engine is not running")
+        return self._tg
+
+    def _track(self, transfer: Transfer) -> TransferHandle:
+        handle = TransferHandle(transfer)
+        self._handles[transfer.transfer_id] = handle
+        return handle
+
+    def _settle(self, transfer: Transfer) -> None:
+        """Wake whoever waits on the transfer; account for it once it ended."""
+        handle = self._handles.get(transfer.transfer_id)
+        if handle is None or handle.transfer is not transfer:
+            return
+        if transfer.state.ended:
+            del self._handles[transfer.transfer_id]
+            if transfer.state is TransferState.DONE:
+                self.completed += 1
+                self.total_bytes += transfer.bytes_moved
+            else:
+                self.failed += 1
+                log.info("kv transfer ended", transfer_id=transfer.transfer_id,
+                         role=transfer.role.value, state=transfer.state.name.lower(),
+                         error=transfer.error, bytes=transfer.bytes_moved)
+        handle._notify()
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await anyio.sleep(EXPIRY_TICK_S)
+            for transfer in self.book.expire(self._clock()):
+                self._settle(transfer)
+                await self._tell_peer(transfer, TransferAbort(transfer.transfer_id,
+                                                              transfer.error))
+                if transfer.role is Role.SEND:
+                    # A peer that let a transfer time out is dead or stuck: drop the
+                    # connection, releasing what is queued for it.
+                    self._drop_link(str(transfer.peer))
+
+    async def _tell_peer(self, transfer: Transfer, abort: TransferAbort) -> None:
+        if transfer.role is Role.SEND:
+            link = self._links.get(str(transfer.peer))
+            if link is not None:
+                await self._send_dealer(link, abort)
+        elif isinstance(transfer.peer, bytes) and transfer.peer:
+            await self._answer_sender(transfer.peer, abort)
+
+    # ---- receiver side ---------------------------------------------------------------
+
+    async def _receive_as_receiver(self) -> None:
+        while True:
+            frames = await self._router.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            # [identity, envelope, body] and, for a chunk, its payload.
+            payload = frames[3].buffer if len(frames) == 4 else None
+            if 3 <= len(frames) <= 4:
+                decoded = decode_frames([frames[1].bytes, frames[2].bytes], self._to_receiver)
+            else:
+                decoded = f"expected 2 or 3 frames, got {len(frames) - 1}"
+            if isinstance(decoded, str):
+                self.rejections.record(identity.hex(), decoded)
+                await self._answer_sender(identity, Rejected(reason=decoded))
+                continue
+            envelope, body = decoded
+            if isinstance(body, TransferChunk) != (payload is not None):
+                reason = f"{type(body).__name__} with {len(frames) - 1} frames"
+                self.rejections.record(envelope.sender, reason)
+                await self._answer_sender(identity, Rejected(reason, envelope.msg_id))
+                continue
+            await self._on_receiver_message(identity, body, payload)
+
+    async def _on_receiver_message(self, identity: bytes, body: Any,
+                                   payload: memoryview | None) -> None:
+        now = self._clock()
+        match body:
+            case TransferBegin():
+                answer = self.book.on_begin(identity, body, now)
+                transfer = self.book.live.get(body.transfer_id)
+                if transfer is not None:
+                    self._settle(transfer)
+                if answer is not None:
+                    await self._answer_sender(identity, answer)
+            case TransferChunk():
+                assert payload is not None
+                await self._write_chunk(identity, body, payload)
+            case TransferAbort():
+                transfer = self.book.on_abort(body, identity, now)
+                if transfer is not None:
+                    self._settle(transfer)
+
+    async def _write_chunk(self, identity: bytes, chunk: TransferChunk,
+                           payload: memoryview) -> None:
+        checked = self.book.check_chunk(identity, chunk, payload.nbytes,
+                                        self.stager.block_bytes, self._clock())
+        if isinstance(checked, TransferAbort):
+            self.rejections.record(identity.hex(), checked.reason)
+            transfer = self._handles.get(chunk.transfer_id)
+            if transfer is not None:
+                self._settle(transfer.transfer)
+            await self._answer_sender(identity, checked)
+            return
+        if checked is None:
+            return
+        blocks = checked.blocks[chunk.first:chunk.first + chunk.count]
+        await anyio.to_thread.run_sync(self.stager.scatter, blocks, payload)
+        credit = self.book.chunk_written(checked, payload.nbytes, self._clock())
+        self._settle(checked)
+        if credit is not None:
+            await self._answer_sender(identity, credit)
+
+    async def _answer_sender(self, identity: str | bytes, body: Any) -> None:
+        assert isinstance(identity, bytes)
+        try:
+            await self._router.send_multipart([identity, *self._writer.frames(body)])
+        except zmq.Again:
+            self.rejections.record(identity.hex(), f"{type(body).__name__} dropped: peer full")
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            # The sender is gone; its transfer fails by its deadline here.
+
+    # ---- sender side -------------------------------------------------------------------
+
+    def _link(self, peer_addr: str) -> _PeerLink:
+        link = self._links.get(peer_addr)
+        if link is not None:
+            return link
+        socket = self._ctx.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self._auth is not None:
+            self._auth.connect(socket)
+        socket.connect(peer_addr)
+        link = _PeerLink(socket)
+        self._links[peer_addr] = link
+        self._task_group().start_soon(self._receive_as_sender, link, peer_addr)
+        return link
+
+    def _drop_link(self, peer_addr: str) -> None:
+        if any(t.peer == peer_addr for t in self.book.live.values() if t.role is Role.SEND):
+            return
+        link = self._links.pop(peer_addr, None)
+        if link is not None:
+            # Cancelling its pending recv could lose a message: the socket closes
+            # right after, so there is nothing left to lose.
+            link.scope.cancel()
+            link.socket.close(linger=CLOSE_LINGER_MS)
+
+    async def _receive_as_sender(self, link: _PeerLink, peer_addr: str) -> None:
+        with link.scope:
+            while True:
+                frames = await link.socket.recv_multipart()
+                decoded = decode_frames(frames, self._to_sender)
+                if isinstance(decoded, str):
+                    self.rejections.record(peer_addr, decoded)
+                    continue
+                _, body = decoded
+                now = self._clock()
+                match body:
+                    case TransferCredit():
+                        transfer = self.book.on_credit(body, self.stager.block_bytes, now)
+                    case TransferAbort():
+                        transfer = self.book.on_abort(body, None, now)
+                    case Rejected():
+                        self.rejections.record(peer_addr, f"the receiver rejected: {body.reason}")
+                        transfer = None
+                if transfer is not None:
+                    self._settle(transfer)
+
+    async def _send_dealer(self, link: _PeerLink, body: Any, payload: Any = None) -> Any:
+        frames: list[Any] = self._writer.frames(body)
+        if payload is None:
+            return await link.socket.send_multipart(frames)
+        return await link.socket.send_multipart([*frames, payload], copy=False, track=True)
+
+    async def _pump(self, handle: TransferHandle, link: _PeerLink, begin: TransferBegin) -> None:
+        """Send the begin, then every chunk the receiver's credit allows, until the
+        transfer ends."""
+        transfer = handle.transfer
+        await self._send_dealer(link, begin)
+        while not transfer.state.ended:
+            changed = handle.changed
+            chunk = self.book.next_chunk(transfer)
+            if chunk is None:
+                await changed.wait()
+                continue
+            blocks = transfer.blocks[chunk.first:chunk.first + chunk.count]
+            nbytes = len(blocks) * self.stager.block_bytes
+            self._gathering += nbytes
+            try:
+                staged = await anyio.to_thread.run_sync(self.stager.gather, blocks)
+            finally:
+                self._gathering -= nbytes
+            if transfer.state.ended:
+                break
+            # Raw bytes of the staged tensor, handed to ZMQ without a copy.
+            raw = staged.view(-1).view(torch.uint8).numpy()
+            tracker = await self._send_dealer(link, chunk, raw)
+            self._staged.append((tracker, nbytes))
+
