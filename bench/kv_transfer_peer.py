@@ -12,7 +12,7 @@ it as the other worker. Commands (one JSON object a line):
     {"op": "cancel", "id": ...}
     {"op": "digest", "blocks": [...]}          the sha256 of those blocks' bytes
     {"op": "gate", "stage": "gather"|"scatter", "after": K, "hold_s": S}
-        fault injection: the chunk after K chunks staged (or written) waits S s
+        fault injection: the chunk after K more chunks staged (or written) waits S s
         (a peer stuck mid-transfer; the tests kill it there)
 
 Events out (one JSON object a line): ``ready`` (bound), ``ended`` (a transfer's
@@ -29,6 +29,7 @@ import threading
 from typing import Any
 
 import anyio
+import structlog
 import torch
 import zmq.asyncio
 
@@ -61,6 +62,13 @@ class GatedStager(BlockStager):
         super().__init__(cache)
         self.gate: tuple[str, int, float] | None = None
         self._counts = {"gather": 0, "scatter": 0}
+
+    def set_gate(self, stage: str, after: int, hold_s: float) -> None:
+        """Hold the chunk after ``after`` more chunks of ``stage`` for ``hold_s``."""
+        if stage not in self._counts:
+            raise ValueError(f"gate stage must be gather or scatter, got {stage!r}")
+        self._counts = dict.fromkeys(self._counts, 0)
+        self.gate = (stage, after, hold_s)
 
     def _maybe_hold(self, stage: str) -> None:
         count = self._counts[stage]
@@ -100,12 +108,13 @@ async def _command(engine: KvTransferEngine, stager: GatedStager, tg: Any,
         handle = engine.expect(command["id"], command["blocks"], command.get("timeout_s", 30.0))
         tg.start_soon(_report, handle)
     elif op == "cancel":
-        emit({"event": "cancelled", "id": command["id"], "live": await engine.cancel(command["id"])})
+        live = await engine.cancel(command["id"])
+        emit({"event": "cancelled", "id": command["id"], "live": live})
     elif op == "digest":
         digest = await anyio.to_thread.run_sync(blocks_digest, stager, command["blocks"])
         emit({"event": "digest", "sha256": digest, "staging_bytes": engine.staging_bytes})
     elif op == "gate":
-        stager.gate = (command["stage"], command["after"], command["hold_s"])
+        stager.set_gate(command["stage"], command["after"], command["hold_s"])
     else:
         raise TransferError(f"unknown op {op!r}")
 
@@ -148,5 +157,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    # stdout carries the events; the engine's logs go to stderr.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     torch.set_num_threads(1)
     anyio.run(serve, parser().parse_args(), backend="asyncio")
