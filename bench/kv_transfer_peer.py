@@ -17,6 +17,9 @@ it as the other worker. Commands (one JSON object a line):
 
 Events out (one JSON object a line): ``ready`` (bound), ``ended`` (a transfer's
 state, bytes, seconds, error), ``digest``, ``gated``, ``error`` (a refused command).
+
+``open_peer`` starts one (in its own process group, killed on the way out) and
+gives a ``PeerProcess`` to drive it.
 """
 
 from __future__ import annotations
@@ -24,14 +27,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import signal
 import sys
 import threading
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 import torch
 import zmq.asyncio
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from services.worker.kv_cache import PagedKVCache
 from services.worker.kv_transfer.engine import KvTransferEngine, TransferHandle
@@ -40,10 +51,11 @@ from services.worker.kv_transfer.state import TransferError
 
 
 def seeded_cache(layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, seed: int) -> PagedKVCache:
-    """A CPU cache whose every block holds seeded random values."""
+                 dtype: torch.dtype, seed: int, device: str = "cpu") -> PagedKVCache:
+    """A cache whose every block holds seeded random values (drawn on the CPU, so
+    every device gets the same ones)."""
     cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim,
-                         torch.device("cpu"), dtype)
+                         torch.device(device), dtype)
     generator = torch.Generator().manual_seed(seed)
     cache._k.copy_(torch.randn(cache._k.shape, generator=generator))
     cache._v.copy_(torch.randn(cache._v.shape, generator=generator))
@@ -122,7 +134,7 @@ async def _command(engine: KvTransferEngine, stager: GatedStager, tg: Any,
 async def serve(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     cache = seeded_cache(args.layers, args.num_blocks, args.block_size, args.kv_heads,
-                         args.head_dim, dtype, args.seed)
+                         args.head_dim, dtype, args.seed, args.device)
     stager = GatedStager(cache)
     ctx = zmq.asyncio.Context()
     engine = KvTransferEngine(ctx, args.addr, f"peer/{args.seed}", stager,
@@ -141,6 +153,55 @@ async def serve(args: argparse.Namespace) -> None:
         ctx.destroy(linger=0)
 
 
+@dataclass
+class PeerProcess:
+    """A running peer, seen from the process that drives it."""
+
+    process: Process
+    addr: str
+    _lines: BufferedByteReceiveStream
+
+    async def command(self, **command: Any) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send((json.dumps(command) + "\n").encode())
+
+    async def event(self, kind: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        """The next event of ``kind`` (earlier ones of other kinds are skipped; an
+        ``error`` event raises)."""
+        with anyio.fail_after(timeout_s):
+            while True:
+                event = json.loads(await self._lines.receive_until(b"\n", 1 << 20))
+                if event["event"] == kind:
+                    return event
+                if event["event"] == "error":
+                    raise RuntimeError(f"the peer refused a command: {event['error']}")
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@asynccontextmanager
+async def open_peer(addr: str, args: Sequence[str], log_path: Path,
+                    start_timeout_s: float = 120.0) -> AsyncIterator[PeerProcess]:
+    """A peer bound at ``addr`` (``args``: the other flags), until the block ends."""
+    with open(log_path, "wb") as log_file:
+        process = await anyio.open_process(
+            [sys.executable, "-m", "bench.kv_transfer_peer", "--addr", addr, *args],
+            stderr=log_file, start_new_session=True)
+        try:
+            assert process.stdout is not None
+            peer = PeerProcess(process, addr, BufferedByteReceiveStream(process.stdout))
+            await peer.event("ready", start_timeout_s)
+            yield peer
+        finally:
+            if process.returncode is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            with anyio.CancelScope(shield=True):
+                await process.wait()
+                await process.aclose()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--addr", required=True)
@@ -151,6 +212,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")  # cpu | cuda | cuda:N
     p.add_argument("--chunk-bytes", type=int, default=8 << 20)
     p.add_argument("--window", type=int, default=4)
     return p

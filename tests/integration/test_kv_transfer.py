@@ -12,16 +12,11 @@ group.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import msgspec
@@ -29,10 +24,8 @@ import pytest
 import torch
 import zmq
 import zmq.asyncio
-from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 
-from bench.kv_transfer_peer import blocks_digest, seeded_cache
+from bench.kv_transfer_peer import PeerProcess, blocks_digest, open_peer, seeded_cache
 from services.worker.kv_cache import PagedKVCache
 from services.worker.kv_transfer.engine import KvTransferEngine
 from services.worker.kv_transfer.staging import BlockStager
@@ -60,8 +53,8 @@ TIMEOUT_S = 2.0  # the transfers' own deadline in the failure tests
 SLACK_S = 5.0  # a loaded CI machine notices a deadline this late at worst
 
 
-def peer_args(addr: str) -> list[str]:
-    return ["--addr", addr, "--layers", str(LAYERS), "--num-blocks", str(NUM_BLOCKS),
+def peer_args() -> list[str]:
+    return ["--layers", str(LAYERS), "--num-blocks", str(NUM_BLOCKS),
             "--block-size", str(BLOCK_SIZE), "--kv-heads", str(KV_HEADS),
             "--head-dim", str(HEAD_DIM), "--seed", str(PEER_SEED),
             "--chunk-bytes", str(CHUNK_BYTES), "--window", str(WINDOW)]
@@ -79,49 +72,11 @@ def same_bytes(a: BlockStager, a_blocks: list[int], b: BlockStager, b_blocks: li
     return torch.equal(a.gather(a_blocks).view(torch.uint8), b.gather(b_blocks).view(torch.uint8))
 
 
-@dataclass
-class PeerProcess:
-    """The other worker's engine, in its own process group."""
-
-    process: Process
-    addr: str
-    _lines: BufferedByteReceiveStream
-
-    async def command(self, **command: Any) -> None:
-        assert self.process.stdin is not None
-        await self.process.stdin.send((json.dumps(command) + "\n").encode())
-
-    async def event(self, kind: str, timeout_s: float = EVENT_TIMEOUT_S) -> dict[str, Any]:
-        with anyio.fail_after(timeout_s):
-            while True:
-                line = await self._lines.receive_until(b"\n", 1 << 20)
-                event = json.loads(line)
-                if event["event"] == kind:
-                    return event
-                assert event["event"] != "error", event
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-
-
 @asynccontextmanager
 async def peer_process(ipc_dir: Path) -> AsyncIterator[PeerProcess]:
-    addr = f"ipc://{ipc_dir}/peer.sock"
-    with open(ipc_dir / "peer.log", "wb") as log_file:
-        process = await anyio.open_process(
-            [sys.executable, "-m", "bench.kv_transfer_peer", *peer_args(addr)],
-            stderr=log_file, start_new_session=True)
-        try:
-            assert process.stdout is not None
-            peer = PeerProcess(process, addr, BufferedByteReceiveStream(process.stdout))
-            await peer.event("ready", START_TIMEOUT_S)
-            yield peer
-        finally:
-            if process.returncode is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            with anyio.CancelScope(shield=True):
-                await process.wait()
-                await process.aclose()
+    async with open_peer(f"ipc://{ipc_dir}/peer.sock", peer_args(), ipc_dir / "peer.log",
+                         START_TIMEOUT_S) as peer:
+        yield peer
 
 
 @dataclass
