@@ -45,7 +45,9 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from services.worker.kv_cache import PagedKVCache
-from services.worker.kv_transfer.engine import KvTransferEngine, TransferHandle
+from services.worker.kv_transfer.engine import KvTransferEngine
+from services.worker.kv_transfer.handle import TransferHandle
+from services.worker.kv_transfer.nccl import NcclDataPath
 from services.worker.kv_transfer.staging import BlockStager
 from services.worker.kv_transfer.state import TransferError
 
@@ -136,9 +138,10 @@ async def serve(args: argparse.Namespace) -> None:
     cache = seeded_cache(args.layers, args.num_blocks, args.block_size, args.kv_heads,
                          args.head_dim, dtype, args.seed, args.device)
     stager = GatedStager(cache)
+    nccl = NcclDataPath(stager, args.nccl_store_dir) if args.nccl_store_dir else None
     ctx = zmq.asyncio.Context()
     engine = KvTransferEngine(ctx, args.addr, f"peer/{args.seed}", stager,
-                              chunk_bytes=args.chunk_bytes, window=args.window)
+                              chunk_bytes=args.chunk_bytes, window=args.window, nccl=nccl)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
@@ -213,6 +216,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")  # cpu | cuda | cuda:N
+    # The NCCL data path, its pair stores in this dir (empty: payload frames).
+    p.add_argument("--nccl-store-dir", default="")
     p.add_argument("--chunk-bytes", type=int, default=8 << 20)
     p.add_argument("--window", type=int, default=4)
     return p

@@ -35,5 +35,9 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     transfer_window: int = 4  # chunks in flight per transfer (the receiver's credit)
     # zmq: blocks through host staging over the transfer socket; nccl: the block
     # data over torch.distributed NCCL between GPUs (kv_transfer/nccl.py), for
-    # multi-GPU runs; it needs CUDA and NCCL and refuses to start without them.
+    # multi-GPU runs, both workers of a pair on one host; it needs CUDA and NCCL
+    # and the worker refuses to start without them.
     transfer_backend: str = "zmq"
+    # nccl: where a sender makes each worker pair's rendezvous file (FileStore),
+    # shared by both workers of a pair (one host). Empty: <tmp>/meshserve-nccl-<uid>.
+    transfer_nccl_store_dir: str = ""

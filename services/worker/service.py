@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -292,9 +293,16 @@ def _transfer_engine(runtime: ServiceRuntime, config: WorkerConfig,
     """The worker's KV transfer engine over its cache, when it has a transfer address."""
     if not config.transfer_addr:
         return None
-    if config.transfer_backend != "zmq":
-        raise ValueError(f"transfer_backend {config.transfer_backend!r}: only zmq is "
-                         "wired into the worker yet (nccl: kv_transfer/nccl.py)")
-    return KvTransferEngine(runtime.zmq, config.transfer_addr, runtime.identity.name,
-                            BlockStager(runner.kv_cache), chunk_bytes=config.transfer_chunk_bytes,
-                            window=config.transfer_window, auth=runtime.auth)
+    stager = BlockStager(runner.kv_cache)
+    if config.transfer_backend not in ("zmq", "nccl"):
+        raise ValueError(f"transfer_backend must be zmq or nccl, not {config.transfer_backend!r}")
+    nccl = None
+    if config.transfer_backend == "nccl":
+        # Imported only when asked for: it brings torch.distributed along.
+        from services.worker.kv_transfer.nccl import NcclDataPath
+
+        nccl = NcclDataPath(stager, config.transfer_nccl_store_dir
+                            or os.path.join(tempfile.gettempdir(), f"meshserve-nccl-{os.getuid()}"))
+    return KvTransferEngine(runtime.zmq, config.transfer_addr, runtime.identity.name, stager,
+                            chunk_bytes=config.transfer_chunk_bytes,
+                            window=config.transfer_window, auth=runtime.auth, nccl=nccl)

@@ -23,7 +23,8 @@ from anyio.abc import TaskGroup, TaskStatus
 from opentelemetry.context import Context
 from opentelemetry.trace import StatusCode
 
-from services.worker.kv_transfer.engine import KvTransferEngine, TransferHandle
+from services.worker.kv_transfer.engine import KvTransferEngine
+from services.worker.kv_transfer.handle import TransferHandle
 from services.worker.kv_transfer.state import TransferError, TransferState
 from shared.logs import get_logger
 from shared.mesh import RejectionLog

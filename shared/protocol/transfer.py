@@ -20,7 +20,9 @@ at ``WorkerDetails.transfer_addr``); the sender connects a DEALER to it:
 
 A chunk's payload is one extra frame after the envelope and body: the chunk's
 blocks, ``[2 (K, V), layers, count, block_size, kv_heads, head_dim]`` in the
-layout's dtype, sent zero-copy from a contiguous staging tensor.
+layout's dtype, sent zero-copy from a contiguous staging tensor. With the NCCL
+data path (``TransferBegin.nccl_store``) the same bytes go GPU to GPU instead, and
+the chunk message comes alone.
 
 Schema evolution: new fields get defaults and go last; a breaking change bumps
 ``PROTOCOL_VERSION`` (shared/protocol/envelope.py).
@@ -109,6 +111,10 @@ class TransferBegin(msgspec.Struct, frozen=True, tag=True):
     chunk_blocks: int
     layout: KvBlockLayout
     timeout_s: float = 30.0
+    # Non-empty: chunks carry no payload frame, their data goes over NCCL in the
+    # two-rank group rendezvousing at this FileStore path (services/worker/
+    # kv_transfer/nccl.py).
+    nccl_store: str = ""
 
 
 class TransferChunk(msgspec.Struct, frozen=True, tag=True, gc=False):

@@ -224,3 +224,31 @@ def test_an_id_in_progress_is_refused_and_reusable_once_ended() -> None:
     again, _ = book.expect("t", [2], 0.2, 1.0)
     assert again.state is TransferState.PENDING
     assert book.next_deadline() == pytest.approx(1.2)
+
+
+def test_an_nccl_transfer_needs_an_nccl_receiver_and_chunks_without_payload() -> None:
+    plain = TransferBook(LAYOUT, 2)
+    plain.expect("t", [1, 2], 0.0, 5.0)
+    refused = plain.on_begin(PEER, TransferBegin("t", 2, 1, LAYOUT, nccl_store="/tmp/s"), 0.0)
+    assert isinstance(refused, TransferAbort) and "NCCL" in refused.reason
+
+    sender, receiver = TransferBook(LAYOUT, 2, nccl=True), TransferBook(LAYOUT, 2, nccl=True)
+    out, begin = sender.start_send("t", "ipc://p", [1, 2, 3], 1, 0.0, 5.0, nccl_store="/tmp/s")
+    assert begin.nccl_store == "/tmp/s" and out.nccl_store == "/tmp/s"
+    into, _ = receiver.expect("t", [4, 5, 6], 0.0, 5.0)
+    assert receiver.on_begin(PEER, begin, 0.0) == TransferCredit("t", 0, 2)
+    assert into.nccl_store == "/tmp/s"
+    ok = receiver.check_chunk(PEER, TransferChunk("t", 0, 0, 1), None, BLOCK_BYTES, 1.0)
+    assert ok is into
+    receiver.chunk_written(into, BLOCK_BYTES, 1.0)
+    framed = receiver.check_chunk(PEER, TransferChunk("t", 1, 1, 1), BLOCK_BYTES, BLOCK_BYTES,
+                                  1.0)
+    assert isinstance(framed, TransferAbort) and "payload on an NCCL" in framed.reason
+
+
+def test_a_chunk_without_payload_fails_a_frame_transfer() -> None:
+    sender, receiver = make_books()
+    _, into = start(sender, receiver, 2)
+    answer = receiver.check_chunk(PEER, TransferChunk("t", 0, 0, 2), None, BLOCK_BYTES, 1.0)
+    assert isinstance(answer, TransferAbort) and "without a payload" in answer.reason
+    assert into.state is TransferState.FAILED

@@ -16,6 +16,10 @@ frame is on the wire, which the message tracker reports; ``staging_bytes`` count
 the staged chunks not yet released. A receiver's credit window bounds how many
 chunks one transfer has in flight, so memory stays bounded whatever its size.
 
+With an ``NcclDataPath`` (``transfer_backend=nccl``) the begins, chunk messages
+and credits still take this path, but each chunk's bytes go GPU to GPU over the
+pair's NCCL group (nccl.py), one chunk of a pair at a time.
+
 Failure: every transfer has a deadline on each side; past it the transfer FAILS,
 the peer is told (best effort), and a sender drops its connection to that peer
 (closing it releases the chunks queued for a dead peer). A transfer is DONE only
@@ -36,6 +40,7 @@ import zmq
 import zmq.asyncio
 from anyio.abc import TaskGroup, TaskStatus
 
+from services.worker.kv_transfer.handle import TransferHandle, TransferStats
 from services.worker.kv_transfer.staging import BlockStager
 from services.worker.kv_transfer.state import (
     Role,
@@ -58,6 +63,7 @@ from shared.protocol.transfer import (
 )
 
 if TYPE_CHECKING:
+    from services.worker.kv_transfer.nccl import NcclDataPath
     from shared.mesh_auth import MeshAuth
 
 log = get_logger("meshserve.kv_transfer")
@@ -70,57 +76,12 @@ EXPIRY_TICK_S = 0.05
 CLOSE_LINGER_MS = 200
 
 
-class TransferHandle:
-    """One side of one transfer, as its caller sees it: poll or await."""
-
-    def __init__(self, transfer: Transfer) -> None:
-        self.transfer = transfer
-        self._ended = anyio.Event()
-        self.changed = anyio.Event()  # replaced at each change (the sender's pump waits)
-
-    @property
-    def transfer_id(self) -> str:
-        return self.transfer.transfer_id
-
-    @property
-    def state(self) -> TransferState:
-        return self.transfer.state
-
-    @property
-    def bytes_moved(self) -> int:
-        return self.transfer.bytes_moved
-
-    @property
-    def error(self) -> str:
-        return self.transfer.error
-
-    async def wait(self) -> Transfer:
-        """Until the transfer ended (done, failed or cancelled)."""
-        await self._ended.wait()
-        return self.transfer
-
-    def _notify(self) -> None:
-        changed, self.changed = self.changed, anyio.Event()
-        changed.set()
-        if self.transfer.state.ended:
-            self._ended.set()
-
-
 @dataclass(slots=True)
 class _PeerLink:
     """A sender's DEALER to one receiver, with its receiving task's scope."""
 
     socket: zmq.asyncio.Socket
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-
-
-@dataclass(frozen=True, slots=True)
-class TransferStats:
-    in_flight: int
-    completed: int
-    failed: int
-    bytes_moved: int
-    staging_bytes: int
 
 
 class KvTransferEngine:
@@ -132,13 +93,16 @@ class KvTransferEngine:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, sender: str,
                  stager: BlockStager, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  window: int = DEFAULT_WINDOW, auth: MeshAuth | None = None,
+                 nccl: NcclDataPath | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if window < 1:
             raise ValueError(f"transfer window must be at least 1, got {window}")
         self.address = address
         self.stager = stager
         self.chunk_blocks = max(1, chunk_bytes // stager.block_bytes)
-        self.book = TransferBook(stager.layout, window)
+        self.book = TransferBook(stager.layout, window, nccl=nccl is not None)
+        self._nccl = nccl
+        self._pair_locks: dict[str, anyio.Lock] = {}  # NCCL: a pair's chunks in order
         self.rejections = RejectionLog(f"{sender}@{address}")
         self._ctx = ctx
         self._auth = auth
@@ -167,8 +131,9 @@ class KvTransferEngine:
         tg = self._task_group()
         if not peer_addr:
             raise TransferError(f"transfer {transfer_id}: no peer address")
+        nccl_store = self._nccl.store_for(peer_addr) if self._nccl is not None else ""
         transfer, begin = self.book.start_send(transfer_id, peer_addr, blocks, self.chunk_blocks,
-                                               self._clock(), timeout_s)
+                                               self._clock(), timeout_s, nccl_store)
         handle = self._track(transfer)
         tg.start_soon(self._pump, handle, self._link(peer_addr), begin)
         return handle
@@ -235,6 +200,8 @@ class KvTransferEngine:
                 link.socket.close(linger=0)
             self._links.clear()
             self._router.close(linger=0)
+            if self._nccl is not None:
+                self._nccl.close()
 
     def _task_group(self) -> TaskGroup:
         if self._tg is None:
@@ -300,7 +267,7 @@ class KvTransferEngine:
                 await self._answer_sender(identity, Rejected(reason=decoded))
                 continue
             envelope, body = decoded
-            if isinstance(body, TransferChunk) != (payload is not None):
+            if payload is not None and not isinstance(body, TransferChunk):
                 reason = f"{type(body).__name__} with {len(frames) - 1} frames"
                 self.rejections.record(envelope.sender, reason)
                 await self._answer_sender(identity, Rejected(reason, envelope.msg_id))
@@ -309,6 +276,7 @@ class KvTransferEngine:
 
     async def _on_receiver_message(self, identity: bytes, body: Any,
                                    payload: memoryview | None) -> None:
+        """``payload``: a chunk's frame (None: none came, as on an NCCL transfer)."""
         now = self._clock()
         match body:
             case TransferBegin():
@@ -319,7 +287,6 @@ class KvTransferEngine:
                 if answer is not None:
                     await self._answer_sender(identity, answer)
             case TransferChunk():
-                assert payload is not None
                 await self._write_chunk(identity, body, payload)
             case TransferAbort():
                 transfer = self.book.on_abort(body, identity, now)
@@ -327,8 +294,9 @@ class KvTransferEngine:
                     self._settle(transfer)
 
     async def _write_chunk(self, identity: bytes, chunk: TransferChunk,
-                           payload: memoryview) -> None:
-        checked = self.book.check_chunk(identity, chunk, payload.nbytes,
+                           payload: memoryview | None) -> None:
+        checked = self.book.check_chunk(identity, chunk,
+                                        None if payload is None else payload.nbytes,
                                         self.stager.block_bytes, self._clock())
         if isinstance(checked, TransferAbort):
             self.rejections.record(identity.hex(), checked.reason)
@@ -340,11 +308,55 @@ class KvTransferEngine:
         if checked is None:
             return
         blocks = checked.blocks[chunk.first:chunk.first + chunk.count]
+        if payload is None:
+            # NCCL: the receive waits for the sender's GPU, so it runs beside this
+            # loop (which keeps serving other transfers); the pair's lock keeps
+            # receives in the order their chunk messages came.
+            self._task_group().start_soon(self._receive_over_nccl, identity, checked, blocks)
+            return
         await anyio.to_thread.run_sync(self.stager.scatter, blocks, payload)
-        credit = self.book.chunk_written(checked, payload.nbytes, self._clock())
-        self._settle(checked)
+        await self._written(identity, checked, payload.nbytes)
+
+    async def _written(self, identity: bytes, transfer: Transfer, nbytes: int) -> None:
+        credit = self.book.chunk_written(transfer, nbytes, self._clock())
+        self._settle(transfer)
         if credit is not None:
             await self._answer_sender(identity, credit)
+
+    async def _receive_over_nccl(self, identity: bytes, transfer: Transfer,
+                                 blocks: list[int]) -> None:
+        assert self._nccl is not None
+        async with self._pair_lock(transfer.nccl_store):
+            if await self._until_ended(transfer, self._nccl.recv_chunk, transfer.nccl_store,
+                                       blocks):
+                await self._written(identity, transfer, len(blocks) * self.stager.block_bytes)
+
+    def _pair_lock(self, store: str) -> anyio.Lock:
+        return self._pair_locks.setdefault(store, anyio.Lock())
+
+    async def _until_ended(self, transfer: Transfer, call: Callable[..., None],
+                           *args: Any) -> bool:
+        """Run a blocking NCCL ``call`` in a thread unless the transfer ends first;
+        False then: the thread is abandoned (an NCCL operation whose peer died never
+        returns) and the pair is forgotten, its group aborted."""
+        handle = self._handles.get(transfer.transfer_id)
+        if handle is None or transfer.state.ended:
+            return False
+        finished = False
+        async with anyio.create_task_group() as tg:
+            async def run_call() -> None:
+                nonlocal finished
+                await anyio.to_thread.run_sync(call, *args, abandon_on_cancel=True)
+                finished = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(run_call)
+            await handle.wait()
+            tg.cancel_scope.cancel()
+        if not finished and transfer.state is not TransferState.DONE and self._nccl is not None:
+            self._nccl.forget(transfer.nccl_store)
+            self._pair_locks.pop(transfer.nccl_store, None)
+        return finished
 
     async def _answer_sender(self, identity: str | bytes, body: Any) -> None:
         assert isinstance(identity, bytes)
@@ -422,6 +434,12 @@ class KvTransferEngine:
                 await changed.wait()
                 continue
             blocks = transfer.blocks[chunk.first:chunk.first + chunk.count]
+            if self._nccl is not None:
+                async with self._pair_lock(transfer.nccl_store):
+                    await self._send_dealer(link, chunk)
+                    await self._until_ended(transfer, self._nccl.send_chunk,
+                                            transfer.nccl_store, blocks)
+                continue
             nbytes = len(blocks) * self.stager.block_bytes
             self._gathering += nbytes
             try:

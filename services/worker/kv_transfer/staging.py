@@ -22,7 +22,9 @@ steps keep launching while a chunk is staged.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -65,14 +67,10 @@ class BlockStager:
             torch.index_select(self._k, 1, index, out=staged[0])
             torch.index_select(self._v, 1, index, out=staged[1])
             return staged
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            index = self._index(blocks)
-            on_device = torch.stack((self._k.index_select(1, index),
-                                     self._v.index_select(1, index)))
-            staged.copy_(on_device, non_blocking=True)
+        with self.side_stream() as stream:
+            staged.copy_(self.gather_on_device(blocks), non_blocking=True)
             copied = torch.cuda.Event()
-            copied.record(self._stream)
+            copied.record(stream)
         copied.synchronize()  # this thread waits; the step stream does not
         return staged
 
@@ -87,11 +85,34 @@ class BlockStager:
             return
         pinned = torch.empty(received.shape, dtype=self.dtype, pin_memory=True)
         pinned.copy_(received)
-        with torch.cuda.stream(self._stream):
-            index = self._index(blocks)
-            on_device = pinned.to(self.device, non_blocking=True)
-            self._k.index_copy_(1, index, on_device[0])
-            self._v.index_copy_(1, index, on_device[1])
+        with self.side_stream() as stream:
+            self.write_on_device(blocks, pinned.to(self.device, non_blocking=True))
             written = torch.cuda.Event()
-            written.record(self._stream)
+            written.record(stream)
         written.synchronize()  # pinned may be freed only after the upload
+
+    # ---- CUDA only: what the host path and the NCCL path (nccl.py) share ----------
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[torch.cuda.Stream]:
+        """The stager's CUDA stream as the current one, after the work already
+        queued on the step stream (earlier steps' K/V writes land first)."""
+        assert self._stream is not None, "side_stream is for a CUDA cache"
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            yield self._stream
+
+    def gather_on_device(self, blocks: list[int]) -> torch.Tensor:
+        """The blocks as one contiguous device tensor (inside ``side_stream``)."""
+        index = self._index(blocks)
+        return torch.stack((self._k.index_select(1, index), self._v.index_select(1, index)))
+
+    def write_on_device(self, blocks: list[int], staged: torch.Tensor) -> None:
+        """Write a device tensor shaped as ``gather_on_device``'s into ``blocks``
+        (inside ``side_stream``)."""
+        index = self._index(blocks)
+        self._k.index_copy_(1, index, staged[0])
+        self._v.index_copy_(1, index, staged[1])
+
+    def empty_on_device(self, count: int) -> torch.Tensor:
+        return torch.empty(self._shape(count), dtype=self.dtype, device=self.device)

@@ -78,6 +78,7 @@ class Transfer:
     sent: int = 0  # sender: chunks sent
     window: int = 0  # sender: the receiver's credit window
     ended_at: float = 0.0
+    nccl_store: str = ""  # the data goes over NCCL (nccl.py); "": payload frames
 
     @property
     def num_chunks(self) -> int:
@@ -109,6 +110,7 @@ class TransferBook:
 
     layout: KvBlockLayout
     window: int
+    nccl: bool = False  # this engine has the NCCL data path
     live: dict[str, Transfer] = field(default_factory=dict)
     parked: dict[str, ParkedBegin] = field(default_factory=dict)
     ended: RecentIds[str] = field(default_factory=lambda: RecentIds(ENDED_IDS_REMEMBERED))
@@ -116,15 +118,17 @@ class TransferBook:
     # ---- starting ----------------------------------------------------------------
 
     def start_send(self, transfer_id: str, peer: str, blocks: list[int], chunk_blocks: int,
-                   now: float, timeout_s: float) -> tuple[Transfer, TransferBegin]:
+                   now: float, timeout_s: float,
+                   nccl_store: str = "") -> tuple[Transfer, TransferBegin]:
         """A new outgoing transfer and the begin to send its peer."""
         self._check_new(transfer_id, blocks, timeout_s)
         if chunk_blocks < 1:
             raise TransferError(f"chunk_blocks must be at least 1, got {chunk_blocks}")
         transfer = Transfer(transfer_id, Role.SEND, blocks, now, now + timeout_s,
-                            chunk_blocks=chunk_blocks, peer=peer)
+                            chunk_blocks=chunk_blocks, peer=peer, nccl_store=nccl_store)
         self.live[transfer_id] = transfer
-        begin = TransferBegin(transfer_id, len(blocks), chunk_blocks, self.layout, timeout_s)
+        begin = TransferBegin(transfer_id, len(blocks), chunk_blocks, self.layout, timeout_s,
+                              nccl_store)
         return transfer, begin
 
     def expect(self, transfer_id: str, blocks: list[int], now: float,
@@ -181,19 +185,24 @@ class TransferBook:
                        f"{len(transfer.blocks)}")
         elif begin.chunk_blocks < 1:
             problem = f"chunk_blocks {begin.chunk_blocks}"
+        elif begin.nccl_store and not self.nccl:
+            problem = "the sender uses NCCL, the receiver has no NCCL data path"
         if problem:
             self._end(transfer, TransferState.FAILED, problem, now)
             return TransferAbort(transfer.transfer_id, problem)
         transfer.peer = identity
         transfer.chunk_blocks = begin.chunk_blocks
+        transfer.nccl_store = begin.nccl_store
         transfer.state = TransferState.RUNNING
         return TransferCredit(transfer.transfer_id, 0, self.window)
 
-    def check_chunk(self, identity: bytes, chunk: TransferChunk, payload_bytes: int,
+    def check_chunk(self, identity: bytes, chunk: TransferChunk, payload_bytes: int | None,
                     block_bytes: int, now: float) -> Transfer | TransferAbort | None:
         """The transfer a chunk writes into, or the abort that answers it (and the
         transfer, when there is one, has FAILED). None: a chunk for a transfer
-        that ended here a moment ago (already answered), dropped."""
+        that ended here a moment ago (already answered), dropped.
+        ``payload_bytes`` None: the chunk came without a payload frame (which
+        only an NCCL transfer's may)."""
         transfer = self.live.get(chunk.transfer_id)
         if transfer is None or transfer.role is not Role.RECEIVE:
             if chunk.transfer_id in self.ended:
@@ -205,7 +214,10 @@ class TransferBook:
             problem = f"chunk {chunk.seq} out of order (expected {transfer.acked})"
         elif (chunk.first, chunk.count) != transfer.chunk(chunk.seq):
             problem = f"chunk {chunk.seq} covers blocks {chunk.first}+{chunk.count}"
-        elif payload_bytes != chunk.count * block_bytes:
+        elif (payload_bytes is None) != bool(transfer.nccl_store):
+            problem = (f"chunk {chunk.seq} " + ("without a payload frame" if payload_bytes is None
+                                                else "with a payload on an NCCL transfer"))
+        elif payload_bytes is not None and payload_bytes != chunk.count * block_bytes:
             problem = (f"chunk {chunk.seq} carries {payload_bytes} bytes, "
                        f"{chunk.count} blocks take {chunk.count * block_bytes}")
         else:
