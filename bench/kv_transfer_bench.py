@@ -2,6 +2,7 @@
 
     python -m bench.kv_transfer_bench                 # CPU: two engine processes
     python -m bench.kv_transfer_bench --device cuda   # GPU caches, plus host<->GPU staging
+    python -m bench.kv_transfer_bench --device cuda --backend nccl   # cuda:0 -> cuda:1, NCCL
 
 Two ``bench.kv_transfer_peer`` processes, each an engine over a cache of the 1B
 Llama's block shape (bench/make_model.py ``llama-3.2-1b``: 16 layers, 8 KV heads,
@@ -62,6 +63,11 @@ async def between_processes(args: argparse.Namespace, run_dir: Path) -> dict[str
     results: dict[str, Any] = {}
     peer_a = shape_args(args.device, 1, args.chunk_bytes, args.window)
     peer_b = shape_args(args.device, 2, args.chunk_bytes, args.window)
+    if args.backend == "nccl":
+        # NCCL wants one GPU per rank: the receiver on the next device.
+        peer_b = shape_args("cuda:1", 2, args.chunk_bytes, args.window)
+        for peer in (peer_a, peer_b):
+            peer += ["--nccl-store-dir", str(run_dir / "nccl")]
     async with open_peer(f"ipc://{run_dir}/a.sock", peer_a, run_dir / "a.log") as sender, \
             open_peer(f"ipc://{run_dir}/b.sock", peer_b, run_dir / "b.log") as receiver:
         for count in COUNTS:
@@ -134,8 +140,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunk-bytes", type=int, default=8 << 20)
     parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--backend", choices=("zmq", "nccl"), default="zmq",
+                        help="nccl: the blocks' bytes GPU to GPU (needs --device cuda, 2 GPUs)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
+    if args.backend == "nccl" and args.device != "cuda:0":
+        args.device = "cuda:0"
     run_dir = Path(tempfile.mkdtemp(prefix="kvxb-", dir="/tmp"))
     try:
         transfers = anyio.run(between_processes, args, run_dir, backend="asyncio")
@@ -148,13 +158,14 @@ def main() -> None:
         "block": {"layers": SHAPE.layers, "kv_heads": SHAPE.kv_heads,
                   "head_dim": SHAPE.head_dim, "block_size": BLOCK_SIZE, "dtype": DTYPE,
                   "bytes": BLOCK_BYTES},
-        "chunk_bytes": args.chunk_bytes, "window": args.window,
+        "chunk_bytes": args.chunk_bytes, "window": args.window, "backend": args.backend,
         "between_processes": transfers,
     }
     if args.device.startswith("cuda"):
         result["cuda_staging"] = cuda_staging(args)
     kind = "cpu" if args.device == "cpu" else (result["gpu"] or "cuda").split()[-1].lower()
-    path = Path(args.out) / f"{kind}-1b-kv_transfer_bench-{result['commit']}.json"
+    backend = "-nccl" if args.backend == "nccl" else ""
+    path = Path(args.out) / f"{kind}-1b-kv_transfer_bench{backend}-{result['commit']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {path}")
