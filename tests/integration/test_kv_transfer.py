@@ -30,7 +30,9 @@ from services.worker.kv_cache import PagedKVCache
 from services.worker.kv_transfer.engine import KvTransferEngine
 from services.worker.kv_transfer.staging import BlockStager
 from services.worker.kv_transfer.state import TransferState
+from shared.curve import create_keys
 from shared.frames import FrameWriter
+from shared.mesh_auth import MeshAuth
 from shared.protocol.common import Rejected
 from shared.protocol.transfer import (
     ToTransferSender,
@@ -262,3 +264,34 @@ async def test_malformed_frames_are_rejected_and_the_socket_keeps_serving(ipc_di
         assert (await handle.wait()).state is TransferState.DONE
         assert (await sent.wait()).state is TransferState.DONE
         assert same_bytes(sender.stager, [1, 2], local.stager, [9, 10])
+
+
+async def test_with_mesh_keys_transfers_use_curve_and_a_keyless_sender_gets_nothing_in(
+        ipc_dir: Path) -> None:
+    auth = MeshAuth(create_keys(ipc_dir / "keys"), "test")
+    ctx, plain_ctx = zmq.asyncio.Context(), zmq.asyncio.Context()
+    receiver = BlockStager(new_cache(None))
+    engines = [KvTransferEngine(ctx, f"ipc://{ipc_dir}/r.sock", "r", receiver, auth=auth),
+               KvTransferEngine(ctx, f"ipc://{ipc_dir}/s.sock", "s",
+                                BlockStager(new_cache(LOCAL_SEED)), auth=auth),
+               KvTransferEngine(plain_ctx, f"ipc://{ipc_dir}/p.sock", "p",
+                                BlockStager(new_cache(PEER_SEED)))]
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(auth.run_zap, ctx)
+            for engine in engines:
+                await tg.start(engine.run)
+            into, curve_sender, plain_sender = engines
+            handle = into.expect("curve", [1, 2], EVENT_TIMEOUT_S)
+            sent = curve_sender.send("curve", into.address, [3, 4], EVENT_TIMEOUT_S)
+            assert (await handle.wait()).state is TransferState.DONE
+            assert (await sent.wait()).state is TransferState.DONE
+            assert same_bytes(curve_sender.stager, [3, 4], receiver, [1, 2])
+            refused = plain_sender.send("plain", into.address, [5], 1.0)
+            ended = await refused.wait()
+            assert ended.state is TransferState.FAILED and "timed out" in ended.error
+            assert auth.failures >= 1 and into.handle("plain") is None
+            tg.cancel_scope.cancel()
+    finally:
+        ctx.destroy(linger=0)
+        plain_ctx.destroy(linger=0)
