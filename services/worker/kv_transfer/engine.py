@@ -28,6 +28,7 @@ when every chunk is written (receiver) or acknowledged (sender).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -243,10 +244,12 @@ class KvTransferEngine:
                     self._drop_link(str(transfer.peer))
 
     async def _tell_peer(self, transfer: Transfer, abort: TransferAbort) -> None:
+        """Best effort: a peer that cannot be told fails the transfer by its deadline."""
         if transfer.role is Role.SEND:
             link = self._links.get(str(transfer.peer))
             if link is not None:
-                await self._send_dealer(link, abort)
+                with contextlib.suppress(TransferError):
+                    await self._send_dealer(link, abort)
         elif isinstance(transfer.peer, bytes) and transfer.peer:
             await self._answer_sender(transfer.peer, abort)
 
@@ -417,14 +420,30 @@ class KvTransferEngine:
                     self._settle(transfer)
 
     async def _send_dealer(self, link: _PeerLink, body: Any, payload: Any = None) -> Any:
+        """Send without waiting for room: credit keeps a live peer's queue short, so
+        a full one means a peer that stopped reading, and a send that waited for it
+        would hang this task. Raises ``TransferError`` when it could not send; a
+        payload is sent zero-copy and its tracker returned."""
         frames: list[Any] = self._writer.frames(body)
-        if payload is None:
-            return await link.socket.send_multipart(frames)
-        return await link.socket.send_multipart([*frames, payload], copy=False, track=True)
+        try:
+            if payload is None:
+                return await link.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            return await link.socket.send_multipart([*frames, payload], flags=zmq.NOBLOCK,
+                                                    copy=False, track=True)
+        except zmq.ZMQError as e:  # Again (queue full), or the link was dropped
+            raise TransferError(f"{type(body).__name__} not sent: {e}") from e
 
     async def _pump(self, handle: TransferHandle, link: _PeerLink, begin: TransferBegin) -> None:
         """Send the begin, then every chunk the receiver's credit allows, until the
-        transfer ends."""
+        transfer ends; a send that fails fails the transfer."""
+        try:
+            await self._send_all(handle, link, begin)
+        except TransferError as e:
+            self.book.fail(handle.transfer, str(e), self._clock())
+            self._settle(handle.transfer)
+
+    async def _send_all(self, handle: TransferHandle, link: _PeerLink,
+                        begin: TransferBegin) -> None:
         transfer = handle.transfer
         await self._send_dealer(link, begin)
         while not transfer.state.ended:
