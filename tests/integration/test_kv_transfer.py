@@ -51,7 +51,7 @@ WINDOW = 2
 PEER_SEED, LOCAL_SEED = 7, 3
 START_TIMEOUT_S = 120.0  # importing torch on a loaded machine
 EVENT_TIMEOUT_S = 30.0
-TIMEOUT_S = 2.0  # the transfers' own deadline in the failure tests
+TIMEOUT_S = 1.0  # the transfers' own deadline in the failure tests
 SLACK_S = 5.0  # a loaded CI machine notices a deadline this late at worst
 
 

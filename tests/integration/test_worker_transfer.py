@@ -23,6 +23,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from bench.kv_transfer_peer import GatedStager
 from services.worker.kv_cache import PagedKVCache
 from services.worker.kv_transfer.engine import KvTransferEngine
 from services.worker.kv_transfer.staging import BlockStager
@@ -113,15 +114,15 @@ class Scheduler:
 
 
 @asynccontextmanager
-async def mesh(worker_dir: Path, model_dir: Path) -> AsyncIterator[tuple[Scheduler,
-                                                                         KvTransferEngine]]:
-    """The scheduler's router, and the other worker's engine."""
+async def mesh(worker_dir: Path, model_dir: Path, stager: BlockStager | None = None,
+               ) -> AsyncIterator[tuple[Scheduler, KvTransferEngine]]:
+    """The scheduler's router, and the other worker's engine (over ``stager``)."""
     ctx = zmq.asyncio.Context()
     router: RouterEndpoint[StepResult | KvTransferDone] = RouterEndpoint(
         ctx, mesh_addresses(worker_dir).scheduler_addr, Identity("scheduler", 0),
         StepResult | KvTransferDone, heartbeat_s=0.1)
     engine = KvTransferEngine(ctx, f"ipc://{worker_dir}/other.sock", "worker/9",
-                              BlockStager(worker_cache(model_dir)), chunk_bytes=4096)
+                              stager or BlockStager(worker_cache(model_dir)), chunk_bytes=4096)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(router.run)
@@ -177,14 +178,25 @@ async def test_blocks_leave_and_return_byte_exact_and_serve_a_request(
         assert handed.token_ids == first.token_ids
 
 
-async def test_steps_run_while_a_transfer_waits_and_cancel_reports(
+async def test_steps_run_while_transfers_are_in_flight_and_cancel_reports(
         worker_dir: Path, model_dir: Path) -> None:
-    async with mesh(worker_dir, model_dir) as (scheduler, _):
+    # The other engine holds the second chunk it receives for 3 s: the worker's
+    # outgoing transfer is mid-way while the steps run.
+    receiving = GatedStager(worker_cache(model_dir))
+    receiving.set_gate("scatter", 1, 3.0)
+    async with mesh(worker_dir, model_dir, receiving) as (scheduler, other):
+        arriving = other.expect("busy", [1, 2, 3, 4], EVENT_TIMEOUT_S)
+        await scheduler.send(KvTransferOut.of("busy", other.address, [1, 2, 3, 4]))
         await scheduler.send(KvTransferIn.of("slow", [40, 41], EVENT_TIMEOUT_S))
+        with anyio.fail_after(EVENT_TIMEOUT_S):
+            while arriving.bytes_moved == 0:
+                await arriving.changed.wait()
         for step_id in range(1, 4):
-            result = await scheduler.step(prefill(step_id, f"r{step_id}", [1, 2, 6]))
+            result = await scheduler.step(prefill(step_id, f"r{step_id}", [5, 6, 7]))
             assert result.request_ids == [f"r{step_id}"]
             await scheduler.step(StepPlan(100 + step_id, finished=[f"r{step_id}"]))
+        assert arriving.state is TransferState.RUNNING  # the steps did not wait for it
+        assert (await scheduler.done("busy")).ok
         await scheduler.send(KvTransferCancel("slow"))
         report = await scheduler.done("slow")
         assert (report.ok, report.state, report.bytes) == (False, "cancelled", 0)
