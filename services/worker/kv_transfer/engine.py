@@ -408,6 +408,7 @@ class KvTransferEngine:
                     continue
                 _, body = decoded
                 now = self._clock()
+                transfer: Transfer | None = None
                 match body:
                     case TransferCredit():
                         transfer = self.book.on_credit(body, self.stager.block_bytes, now)
@@ -415,7 +416,6 @@ class KvTransferEngine:
                         transfer = self.book.on_abort(body, None, now)
                     case Rejected():
                         self.rejections.record(peer_addr, f"the receiver rejected: {body.reason}")
-                        transfer = None
                 if transfer is not None:
                     self._settle(transfer)
 
@@ -468,7 +468,7 @@ class KvTransferEngine:
             if transfer.state.ended:
                 break
             # Raw bytes of the staged tensor, handed to ZMQ without a copy.
-            raw = staged.view(-1).view(torch.uint8).numpy()
+            raw = memoryview(staged.view(-1).view(torch.uint8).numpy())
             tracker = await self._send_dealer(link, chunk, raw)
             self._staged.append((tracker, nbytes))
 
