@@ -12,6 +12,7 @@ group.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,12 +25,13 @@ import pytest
 import torch
 import zmq
 import zmq.asyncio
+from hypothesis import HealthCheck, Phase, given, settings
 
 from bench.kv_transfer_peer import PeerProcess, blocks_digest, open_peer, seeded_cache
 from services.worker.kv_cache import PagedKVCache
-from services.worker.kv_transfer.engine import KvTransferEngine
+from services.worker.kv_transfer.engine import MAX_PEER_LINKS, KvTransferEngine
 from services.worker.kv_transfer.staging import BlockStager
-from services.worker.kv_transfer.state import TransferState
+from services.worker.kv_transfer.state import TransferError, TransferState
 from shared.curve import create_keys
 from shared.frames import FrameWriter
 from shared.mesh_auth import MeshAuth
@@ -40,6 +42,7 @@ from shared.protocol.transfer import (
     TransferBegin,
     TransferChunk,
 )
+from tests.wire_fuzz import FAMILIES, fuzz_batch
 
 pytestmark = pytest.mark.anyio
 
@@ -295,3 +298,53 @@ async def test_with_mesh_keys_transfers_use_curve_and_a_keyless_sender_gets_noth
     finally:
         ctx.destroy(linger=0)
         plain_ctx.destroy(linger=0)
+
+
+async def test_a_fuzzed_transfer_socket_keeps_its_process_serving(ipc_dir: Path) -> None:
+    """1,000 fuzzed frames (tests/wire_fuzz.py, derandomized) at the peer's transfer
+    socket; then a real transfer through it still completes."""
+    ctx = zmq.Context()
+    fuzzer = ctx.socket(zmq.DEALER)
+    fuzzer.setsockopt(zmq.LINGER, 0)
+    answered = 0
+
+    @settings(max_examples=5, derandomize=True, database=None, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(fuzz_batch(FAMILIES["transfer"], 20, 10))
+    def fuzz(batch: list[list[bytes]]) -> None:
+        nonlocal answered
+        for frames in batch:
+            with contextlib.suppress(zmq.Again):
+                fuzzer.send_multipart(frames, flags=zmq.NOBLOCK)
+        while fuzzer.poll(100):
+            fuzzer.recv_multipart()
+            answered += 1
+
+    try:
+        async with peer_process(ipc_dir) as peer, \
+                local_engine(ipc_dir, LOCAL_SEED, "sender") as sender:
+            fuzzer.connect(peer.addr)
+            fuzz()
+            assert answered > 0  # garbage is answered, not ignored
+            await peer.command(op="expect", id="after", blocks=[5, 6], timeout_s=EVENT_TIMEOUT_S)
+            handle = sender.engine.send("after", peer.addr, [1, 2], EVENT_TIMEOUT_S)
+            assert (await handle.wait()).state is TransferState.DONE
+            assert (await peer.event("ended"))["state"] == "done"
+            assert peer.process.returncode is None
+    finally:
+        fuzzer.close(linger=0)
+        ctx.term()
+
+
+async def test_connections_to_peers_are_bounded(ipc_dir: Path) -> None:
+    async with local_engine(ipc_dir, LOCAL_SEED) as local:
+        handles = [local.engine.send(f"t{i}", f"ipc://{ipc_dir}/gone-{i}.sock", [1], 0.3)
+                   for i in range(MAX_PEER_LINKS)]
+        with pytest.raises(TransferError, match="peers have transfers in flight"):
+            local.engine.send("one-more", f"ipc://{ipc_dir}/gone-x.sock", [1], 0.3)
+        for handle in handles:
+            assert (await handle.wait()).state is TransferState.FAILED
+        # Idle connections make room for new peers.
+        later = local.engine.send("later", f"ipc://{ipc_dir}/gone-y.sock", [1], 0.3)
+        assert (await later.wait()).state is TransferState.FAILED
+        await staging_released(local.engine)

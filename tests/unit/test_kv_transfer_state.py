@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from services.worker.kv_transfer.state import (
+    MAX_PARK_S,
     MAX_PARKED_BEGINS,
     Role,
     Transfer,
@@ -100,6 +101,14 @@ def test_parked_begins_are_bounded_and_expire() -> None:
     refused = receiver.on_begin(PEER, TransferBegin("one-more", 1, 1, LAYOUT, 1.0), 0.0)
     assert isinstance(refused, TransferAbort) and "busy" in refused.reason
     receiver.expire(2.0)
+    assert not receiver.parked
+
+
+@pytest.mark.parametrize("timeout_s", [float("inf"), 1e300, float("nan"), -1.0])
+def test_a_begin_parks_at_most_max_park_s_whatever_its_timeout(timeout_s: float) -> None:
+    _, receiver = make_books()
+    receiver.on_begin(PEER, TransferBegin("t", 1, 1, LAYOUT, timeout_s), 0.0)
+    receiver.expire(MAX_PARK_S)
     assert not receiver.parked
 
 

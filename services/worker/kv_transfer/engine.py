@@ -75,6 +75,9 @@ DEFAULT_WINDOW = 4
 EXPIRY_TICK_S = 0.05
 # A dropped connection keeps trying to deliver queued frames this long.
 CLOSE_LINGER_MS = 200
+# Connections to receivers kept open; past this, idle ones are closed first and a
+# new peer beyond it is refused (each costs a socket and a receiving task).
+MAX_PEER_LINKS = 64
 
 
 @dataclass(slots=True)
@@ -132,11 +135,12 @@ class KvTransferEngine:
         tg = self._task_group()
         if not peer_addr:
             raise TransferError(f"transfer {transfer_id}: no peer address")
+        link = self._link(peer_addr)
         nccl_store = self._nccl.store_for(peer_addr) if self._nccl is not None else ""
         transfer, begin = self.book.start_send(transfer_id, peer_addr, blocks, self.chunk_blocks,
                                                self._clock(), timeout_s, nccl_store)
         handle = self._track(transfer)
-        tg.start_soon(self._pump, handle, self._link(peer_addr), begin)
+        tg.start_soon(self._pump, handle, link, begin)
         return handle
 
     def expect(self, transfer_id: str, blocks: list[int], timeout_s: float) -> TransferHandle:
@@ -378,17 +382,27 @@ class KvTransferEngine:
         link = self._links.get(peer_addr)
         if link is not None:
             return link
+        if len(self._links) >= MAX_PEER_LINKS:
+            for idle in list(self._links):
+                self._drop_link(idle)
+            if len(self._links) >= MAX_PEER_LINKS:
+                raise TransferError(f"{MAX_PEER_LINKS} peers have transfers in flight already")
         socket = self._ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         if self._auth is not None:
             self._auth.connect(socket)
-        socket.connect(peer_addr)
+        try:
+            socket.connect(peer_addr)
+        except zmq.ZMQError as e:
+            socket.close(linger=0)
+            raise TransferError(f"cannot connect to the peer at {peer_addr!r}: {e}") from e
         link = _PeerLink(socket)
         self._links[peer_addr] = link
         self._task_group().start_soon(self._receive_as_sender, link, peer_addr)
         return link
 
     def _drop_link(self, peer_addr: str) -> None:
+        """Close the connection to ``peer_addr`` unless a live transfer uses it."""
         if any(t.peer == peer_addr for t in self.book.live.values() if t.role is Role.SEND):
             return
         link = self._links.pop(peer_addr, None)

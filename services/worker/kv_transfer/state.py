@@ -30,8 +30,10 @@ from shared.protocol.transfer import (
 )
 from shared.recent_ids import RecentIds
 
-# Begins for ids not expected yet (the scheduler's two commands race): how many wait.
+# Begins for ids not expected yet (the scheduler's two commands race): how many
+# wait, and for at most how long (a begin's own timeout when shorter).
 MAX_PARKED_BEGINS = 256
+MAX_PARK_S = 60.0
 # Ended ids remembered, so late chunks and begins for them get a clear abort.
 ENDED_IDS_REMEMBERED = 4096
 
@@ -168,8 +170,9 @@ class TransferBook:
             if len(self.parked) >= MAX_PARKED_BEGINS and begin.transfer_id not in self.parked:
                 return TransferAbort(begin.transfer_id,
                                      f"receiver busy: {MAX_PARKED_BEGINS} unexpected transfers")
-            timeout_s = begin.timeout_s if begin.timeout_s > 0 else 0.0
-            self.parked[begin.transfer_id] = ParkedBegin(identity, begin, now + timeout_s)
+            # (NaN compares false: such a begin is dropped at the next expiry.)
+            park_s = min(begin.timeout_s, MAX_PARK_S) if begin.timeout_s > 0 else 0.0
+            self.parked[begin.transfer_id] = ParkedBegin(identity, begin, now + park_s)
             return None
         if transfer.role is not Role.RECEIVE or transfer.state is not TransferState.PENDING:
             return TransferAbort(begin.transfer_id, "transfer already begun here")
