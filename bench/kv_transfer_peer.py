@@ -14,6 +14,7 @@ it as the other worker. Commands (one JSON object a line):
     {"op": "gate", "stage": "gather"|"scatter", "after": K, "hold_s": S}
         fault injection: the chunk after K more chunks staged (or written) waits S s
         (a peer stuck mid-transfer; the tests kill it there)
+    {"op": "ungate"}
 
 Events out (one JSON object a line): ``ready`` (bound), ``ended`` (a transfer's
 state, bytes, seconds, error), ``digest``, ``gated``, ``error`` (a refused command).
@@ -129,6 +130,8 @@ async def _command(engine: KvTransferEngine, stager: GatedStager, tg: Any,
         emit({"event": "digest", "sha256": digest, "staging_bytes": engine.staging_bytes})
     elif op == "gate":
         stager.set_gate(command["stage"], command["after"], command["hold_s"])
+    elif op == "ungate":
+        stager.gate = None
     else:
         raise TransferError(f"unknown op {op!r}")
 

@@ -13,6 +13,8 @@ group.
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -84,6 +86,24 @@ async def peer_process(ipc_dir: Path) -> AsyncIterator[PeerProcess]:
         yield peer
 
 
+# One peer serves the tests that do not kill it (a process start is most of a
+# test's time): the async fixture and the backend live as long as the module.
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def peer() -> AsyncIterator[PeerProcess]:
+    path = Path(tempfile.mkdtemp(prefix="kvp-", dir="/tmp"))
+    try:
+        async with peer_process(path) as process:
+            yield process
+            assert process.process.returncode is None, (path / "peer.log").read_text()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass
 class LocalEngine:
     engine: KvTransferEngine
@@ -113,8 +133,8 @@ async def staging_released(engine: KvTransferEngine) -> None:
             await anyio.sleep(0.01)
 
 
-async def test_blocks_arrive_byte_exact_both_ways(ipc_dir: Path) -> None:
-    async with local_engine(ipc_dir, None) as local, peer_process(ipc_dir) as peer:
+async def test_blocks_arrive_byte_exact_both_ways(ipc_dir: Path, peer: PeerProcess) -> None:
+    async with local_engine(ipc_dir, None) as local:
         expected = BlockStager(new_cache(PEER_SEED))
         for count in (1, 16, 256):
             src = list(range(count))
@@ -146,8 +166,8 @@ async def test_blocks_arrive_byte_exact_both_ways(ipc_dir: Path) -> None:
         assert local.engine.stats().completed == 3
 
 
-async def test_cancel_mid_transfer_from_either_side(ipc_dir: Path) -> None:
-    async with peer_process(ipc_dir) as peer:
+async def test_cancel_mid_transfer_from_either_side(ipc_dir: Path, peer: PeerProcess) -> None:
+    try:
         # The receiver (here) cancels while the peer is staging chunk 1.
         async with local_engine(ipc_dir, None) as local:
             handle = local.engine.expect("a", list(range(64)), EVENT_TIMEOUT_S)
@@ -175,27 +195,29 @@ async def test_cancel_mid_transfer_from_either_side(ipc_dir: Path) -> None:
             assert ended["state"] == "cancelled", ended
             assert ended["bytes"] < 64 * BLOCK_BYTES
             await staging_released(sender.engine)
+    finally:
+        await peer.command(op="ungate")
 
 
 @pytest.mark.parametrize("dies", ["sender", "receiver"])
 async def test_a_peer_killed_mid_transfer_fails_the_other_side_within_its_timeout(
         ipc_dir: Path, dies: str) -> None:
     total = 128
-    async with peer_process(ipc_dir) as peer:
+    async with peer_process(ipc_dir) as doomed:
         local_seed = None if dies == "sender" else LOCAL_SEED
         async with local_engine(ipc_dir, local_seed) as local:
             if dies == "sender":
                 handle = local.engine.expect("x", list(range(total)), TIMEOUT_S)
-                await peer.command(op="gate", stage="gather", after=2, hold_s=600)
-                await peer.command(op="send", id="x", peer=local.engine.address,
+                await doomed.command(op="gate", stage="gather", after=2, hold_s=600)
+                await doomed.command(op="send", id="x", peer=local.engine.address,
                                    blocks=list(range(total)), timeout_s=600)
             else:
-                await peer.command(op="expect", id="x", blocks=list(range(total)),
+                await doomed.command(op="expect", id="x", blocks=list(range(total)),
                                    timeout_s=600)
-                await peer.command(op="gate", stage="scatter", after=2, hold_s=600)
-                handle = local.engine.send("x", peer.addr, list(range(total)), TIMEOUT_S)
-            await peer.event("gated")
-            peer.kill()
+                await doomed.command(op="gate", stage="scatter", after=2, hold_s=600)
+                handle = local.engine.send("x", doomed.addr, list(range(total)), TIMEOUT_S)
+            await doomed.event("gated")
+            doomed.kill()
             started = time.monotonic()
             with anyio.fail_after(TIMEOUT_S + SLACK_S):
                 ended = await handle.wait()
@@ -300,7 +322,8 @@ async def test_with_mesh_keys_transfers_use_curve_and_a_keyless_sender_gets_noth
         plain_ctx.destroy(linger=0)
 
 
-async def test_a_fuzzed_transfer_socket_keeps_its_process_serving(ipc_dir: Path) -> None:
+async def test_a_fuzzed_transfer_socket_keeps_its_process_serving(
+        ipc_dir: Path, peer: PeerProcess) -> None:
     """1,000 fuzzed frames (tests/wire_fuzz.py, derandomized) at the peer's transfer
     socket; then a real transfer through it still completes."""
     ctx = zmq.Context()
@@ -321,8 +344,7 @@ async def test_a_fuzzed_transfer_socket_keeps_its_process_serving(ipc_dir: Path)
             answered += 1
 
     try:
-        async with peer_process(ipc_dir) as peer, \
-                local_engine(ipc_dir, LOCAL_SEED, "sender") as sender:
+        async with local_engine(ipc_dir, LOCAL_SEED, "sender") as sender:
             fuzzer.connect(peer.addr)
             fuzz()
             assert answered > 0  # garbage is answered, not ignored
