@@ -68,7 +68,9 @@ class KvTransferIn(msgspec.Struct, frozen=True, tag=True, gc=False):
 
 
 class KvTransferCancel(msgspec.Struct, frozen=True, tag=True):
-    """Stop transfer ``transfer_id`` on this side (idempotent; the peer is told)."""
+    """Stop transfer ``transfer_id`` on this side; the peer is told. Idempotent: the
+    transfer's own ``KvTransferDone`` says it was cancelled, and an id that is not
+    live (unknown, or ended already) gets no answer."""
 
     transfer_id: str
 

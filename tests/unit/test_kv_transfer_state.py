@@ -261,3 +261,12 @@ def test_a_chunk_without_payload_fails_a_frame_transfer() -> None:
     answer = receiver.check_chunk(PEER, TransferChunk("t", 0, 0, 2), None, BLOCK_BYTES, 1.0)
     assert isinstance(answer, TransferAbort) and "without a payload" in answer.reason
     assert into.state is TransferState.FAILED
+
+
+def test_a_parked_begin_refused_at_expect_is_answered_to_its_sender() -> None:
+    _, receiver = make_books()
+    wrong = TransferBegin("t", 5, 1, LAYOUT)  # 5 blocks; the receiver will expect 2
+    assert receiver.on_begin(PEER, wrong, 0.0) is None
+    into, answer = receiver.expect("t", [1, 2], 0.1, 5.0)
+    assert isinstance(answer, TransferAbort) and "expects 2" in answer.reason
+    assert into.state is TransferState.FAILED and into.peer == PEER

@@ -368,7 +368,8 @@ class KvTransferEngine:
     async def _answer_sender(self, identity: str | bytes, body: Any) -> None:
         assert isinstance(identity, bytes)
         try:
-            await self._router.send_multipart([identity, *self._writer.frames(body)])
+            await self._router.send_multipart([identity, *self._writer.frames(body)],
+                                              flags=zmq.NOBLOCK)
         except zmq.Again:
             self.rejections.record(identity.hex(), f"{type(body).__name__} dropped: peer full")
         except zmq.ZMQError as e:

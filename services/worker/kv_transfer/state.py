@@ -180,6 +180,7 @@ class TransferBook:
 
     def _accept(self, transfer: Transfer, identity: bytes, begin: TransferBegin,
                 now: float) -> TransferCredit | TransferAbort:
+        transfer.peer = identity  # whatever the answer, it goes to this sender
         problem = ""
         if begin.layout != self.layout:
             problem = f"block layout {begin.layout} differs from the receiver's {self.layout}"
@@ -193,7 +194,6 @@ class TransferBook:
         if problem:
             self._end(transfer, TransferState.FAILED, problem, now)
             return TransferAbort(transfer.transfer_id, problem)
-        transfer.peer = identity
         transfer.chunk_blocks = begin.chunk_blocks
         transfer.nccl_store = begin.nccl_store
         transfer.state = TransferState.RUNNING
