@@ -260,6 +260,9 @@ class KvTransferEngine:
     # ---- receiver side ---------------------------------------------------------------
 
     async def _receive_as_receiver(self) -> None:
+        """The ROUTER's one receiving task. It handles each message itself instead of
+        feeding an inbox: chunks must be written in order anyway, and while one is
+        written the next waits in ZMQ's queue, which the credit window bounds."""
         while True:
             frames = await self._router.recv_multipart(copy=False)
             identity = frames[0].bytes
