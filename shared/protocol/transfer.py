@@ -12,11 +12,19 @@ at ``WorkerDetails.transfer_addr``); the sender connects a DEALER to it:
 
     sender                                     receiver (expected the id)
     TransferBegin(id, blocks, layout) ──────▶  checks layout and block count
-                                      ◀──────  TransferCredit(id, acked=0, window)
     TransferChunk(id, seq=0) + [payload] ───▶  writes into its destination blocks
+    ...  (the first ``window`` chunks go at once, without waiting for credit)
+                                      ◀──────  TransferCredit(id, acked=0, window)
     ...  (at most ``window`` chunks unacknowledged)
                                       ◀──────  TransferCredit(id, acked=n)  (n = all: done)
     TransferAbort(id, reason)  ◀─────────────▶  either way: cancel, timeout, bad data
+
+Eager chunks save a round trip when the receiver expected the id before the begin
+came (the scheduler's usual order). When it had not, it parks the begin, drops the
+chunks that follow, and once the id is expected answers a credit of ``epoch`` 1:
+the sender sends again from chunk 0 stamped with epoch 1, and chunks of an older
+epoch still in the pipe are dropped. (The NCCL data path sends nothing eagerly: a
+dropped chunk there would be a send no receive ever matches.)
 
 A chunk's payload is one extra frame after the envelope and body: the chunk's
 blocks, ``[2 (K, V), layers, count, block_size, kv_heads, head_dim]`` in the
@@ -128,6 +136,7 @@ class TransferChunk(msgspec.Struct, frozen=True, tag=True, gc=False):
     seq: int
     first: int
     count: int
+    epoch: int = 0  # the sender's epoch when it sent this (see the module docstring)
 
 
 class TransferCredit(msgspec.Struct, frozen=True, tag=True, gc=False):
@@ -137,6 +146,9 @@ class TransferCredit(msgspec.Struct, frozen=True, tag=True, gc=False):
     transfer_id: str
     acked: int
     window: int
+    # 1: the receiver dropped the chunks sent before this credit; send again from
+    # ``acked`` (0), stamped with this epoch.
+    epoch: int = 0
 
 
 class TransferAbort(msgspec.Struct, frozen=True, tag=True):

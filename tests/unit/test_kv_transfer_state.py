@@ -90,8 +90,58 @@ def test_a_begin_before_expect_is_parked_and_answered_by_expect() -> None:
     _, begin = sender.start_send("t", "ipc://peer", [1, 2, 3], 2, 0.0, 5.0)
     assert receiver.on_begin(PEER, begin, 0.0) is None
     into, answer = receiver.expect("t", [7, 8, 9], 0.1, 5.0)
-    assert answer == TransferCredit("t", 0, 2)
+    assert answer == TransferCredit("t", 0, 2, epoch=1)
     assert into.state is TransferState.RUNNING and into.peer == PEER
+
+
+def test_eager_chunks_are_written_when_the_receiver_expected_the_id() -> None:
+    sender, receiver = make_books()
+    out, begin = sender.start_send("t", "ipc://peer", list(range(8)), 2, 0.0, 5.0, eager=2)
+    into, _ = receiver.expect("t", list(range(10, 18)), 0.0, 5.0)
+    eager = [sender.next_chunk(out), sender.next_chunk(out)]
+    assert sender.next_chunk(out) is None and out.state is TransferState.PENDING
+    credit = receiver.on_begin(PEER, begin, 0.0)
+    assert credit == TransferCredit("t", 0, 2, epoch=0)
+    credits = [credit]
+    for chunk in eager:  # they follow the begin in the pipe
+        assert chunk is not None
+        assert receiver.check_chunk(PEER, chunk, 2 * BLOCK_BYTES, BLOCK_BYTES, 0.1) is into
+        credits.append(receiver.chunk_written(into, 2 * BLOCK_BYTES, 0.1))
+    sender.on_credit(credits[0], BLOCK_BYTES, 0.2)
+    assert out.sent == 2 and out.epoch == 0  # nothing to send again
+    for later in credits[1:]:
+        assert later is not None
+        sender.on_credit(later, BLOCK_BYTES, 0.2)
+    assert out.acked == 2
+    while not out.state.ended:
+        deliver(sender, receiver, out)
+    assert out.state is into.state is TransferState.DONE
+
+
+def test_eager_chunks_of_a_parked_begin_are_dropped_and_sent_again() -> None:
+    sender, receiver = make_books()
+    out, begin = sender.start_send("t", "ipc://peer", list(range(6)), 2, 0.0, 5.0, eager=2)
+    stale = [sender.next_chunk(out), sender.next_chunk(out)]
+    assert receiver.on_begin(PEER, begin, 0.0) is None  # parked
+    assert stale[0] is not None and stale[1] is not None
+    assert receiver.check_chunk(PEER, stale[0], 2 * BLOCK_BYTES, BLOCK_BYTES, 0.0) is None
+    into, credit = receiver.expect("t", list(range(10, 16)), 0.1, 5.0)
+    assert isinstance(credit, TransferCredit) and credit.epoch == 1
+    # The second eager chunk was still in the pipe: dropped, not a failure.
+    assert receiver.check_chunk(PEER, stale[1], 2 * BLOCK_BYTES, BLOCK_BYTES, 0.1) is None
+    assert into.state is TransferState.RUNNING
+    sender.on_credit(credit, BLOCK_BYTES, 0.2)
+    assert (out.sent, out.epoch) == (0, 1)
+    again = sender.next_chunk(out)
+    assert again == TransferChunk("t", 0, 0, 2, epoch=1)
+    assert receiver.check_chunk(PEER, again, 2 * BLOCK_BYTES, BLOCK_BYTES, 0.3) is into
+    first = receiver.chunk_written(into, 2 * BLOCK_BYTES, 0.3)
+    assert first is not None
+    sender.on_credit(first, BLOCK_BYTES, 0.3)
+    while not out.state.ended:
+        deliver(sender, receiver, out)
+    assert out.state is into.state is TransferState.DONE
+    assert into.bytes_moved == out.bytes_moved == 6 * BLOCK_BYTES
 
 
 def test_parked_begins_are_bounded_and_expire() -> None:
@@ -156,7 +206,18 @@ def test_a_chunk_for_an_unknown_transfer_is_answered_and_one_for_an_ended_is_dro
     assert receiver.check_chunk(PEER, TransferChunk("t", 0, 0, 2), 2 * BLOCK_BYTES,
                                 BLOCK_BYTES, 1.0) is None
     late = receiver.on_begin(PEER, TransferBegin("t", 4, 2, LAYOUT), 1.0)
-    assert isinstance(late, TransferAbort)
+    assert isinstance(late, TransferAbort) and late.cancelled
+
+
+def test_a_begin_after_the_receiver_cancelled_learns_it_was_a_cancel() -> None:
+    sender, receiver = make_books()
+    out, begin = sender.start_send("t", "ipc://peer", [1, 2], 1, 0.0, 5.0, eager=2)
+    receiver.expect("t", [3, 4], 0.0, 5.0)
+    receiver.cancel("t", 0.1)  # before its begin came
+    answer = receiver.on_begin(PEER, begin, 0.2)
+    assert isinstance(answer, TransferAbort) and answer.cancelled
+    sender.on_abort(answer, None, 0.3)
+    assert out.state is TransferState.CANCELLED
 
 
 def test_a_timeout_fails_either_side_mid_transfer_but_not_before_its_deadline() -> None:

@@ -137,8 +137,11 @@ class KvTransferEngine:
             raise TransferError(f"transfer {transfer_id}: no peer address")
         link = self._link(peer_addr)
         nccl_store = self._nccl.store_for(peer_addr) if self._nccl is not None else ""
+        # A window's worth of chunks follows the begin at once; none over NCCL,
+        # where a dropped chunk would be a send that no receive matches.
+        eager = 0 if self._nccl is not None else self.book.window
         transfer, begin = self.book.start_send(transfer_id, peer_addr, blocks, self.chunk_blocks,
-                                               self._clock(), timeout_s, nccl_store)
+                                               self._clock(), timeout_s, nccl_store, eager)
         handle = self._track(transfer)
         tg.start_soon(self._pump, handle, link, begin)
         return handle

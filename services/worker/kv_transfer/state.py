@@ -7,7 +7,11 @@ A transfer's life, on either side:
 
 A sender's data is flow-controlled by the receiver's credits: it may have at most
 ``acked + window`` chunks sent, where ``acked`` counts chunks the receiver has
-written. A receiver accepts chunks only in order, only from the peer whose begin it
+written; before the first credit it assumes a window of ``eager`` chunks. A
+receiver that had not expected the id drops those and its first credit starts a
+new epoch: the sender sends again from chunk 0 (shared/protocol/transfer.py).
+
+A receiver accepts chunks only in order, only from the peer whose begin it
 accepted, and reports DONE only once every chunk is written: a transfer that ends
 any other way never looks complete.
 
@@ -80,6 +84,7 @@ class Transfer:
     sent: int = 0  # sender: chunks sent
     window: int = 0  # sender: the receiver's credit window
     ended_at: float = 0.0
+    epoch: int = 0  # 1 once the receiver dropped the eager chunks (a parked begin)
     nccl_store: str = ""  # the data goes over NCCL (nccl.py); "": payload frames
 
     @property
@@ -116,18 +121,22 @@ class TransferBook:
     live: dict[str, Transfer] = field(default_factory=dict)
     parked: dict[str, ParkedBegin] = field(default_factory=dict)
     ended: RecentIds[str] = field(default_factory=lambda: RecentIds(ENDED_IDS_REMEMBERED))
+    # Those of them that were cancelled: a late begin learns it was a cancel.
+    cancelled: RecentIds[str] = field(default_factory=lambda: RecentIds(ENDED_IDS_REMEMBERED))
 
     # ---- starting ----------------------------------------------------------------
 
     def start_send(self, transfer_id: str, peer: str, blocks: list[int], chunk_blocks: int,
-                   now: float, timeout_s: float,
-                   nccl_store: str = "") -> tuple[Transfer, TransferBegin]:
-        """A new outgoing transfer and the begin to send its peer."""
+                   now: float, timeout_s: float, nccl_store: str = "",
+                   eager: int = 0) -> tuple[Transfer, TransferBegin]:
+        """A new outgoing transfer and the begin to send its peer; ``eager`` chunks
+        may follow the begin before any credit."""
         self._check_new(transfer_id, blocks, timeout_s)
         if chunk_blocks < 1:
             raise TransferError(f"chunk_blocks must be at least 1, got {chunk_blocks}")
         transfer = Transfer(transfer_id, Role.SEND, blocks, now, now + timeout_s,
-                            chunk_blocks=chunk_blocks, peer=peer, nccl_store=nccl_store)
+                            chunk_blocks=chunk_blocks, peer=peer, nccl_store=nccl_store,
+                            window=max(0, eager))
         self.live[transfer_id] = transfer
         begin = TransferBegin(transfer_id, len(blocks), chunk_blocks, self.layout, timeout_s,
                               nccl_store)
@@ -142,6 +151,8 @@ class TransferBook:
         parked = self.parked.pop(transfer_id, None)
         if parked is None:
             return transfer, None
+        # The chunks sent with the begin were dropped while it waited: a new epoch.
+        transfer.epoch = 1
         return transfer, self._accept(transfer, parked.identity, parked.begin, now)
 
     def _check_new(self, transfer_id: str, blocks: list[int], timeout_s: float) -> None:
@@ -156,6 +167,7 @@ class TransferBook:
         if not timeout_s > 0:
             raise TransferError(f"transfer {transfer_id}: timeout must be positive")
         self.ended.discard(transfer_id)  # an id may be reused once its transfer ended
+        self.cancelled.discard(transfer_id)
 
     # ---- receiver ------------------------------------------------------------------
 
@@ -166,7 +178,9 @@ class TransferBook:
         transfer = self.live.get(begin.transfer_id)
         if transfer is None:
             if begin.transfer_id in self.ended:
-                return TransferAbort(begin.transfer_id, "the receiver ended this transfer")
+                cancelled = begin.transfer_id in self.cancelled
+                return TransferAbort(begin.transfer_id, "the receiver ended this transfer",
+                                     cancelled=cancelled)
             if len(self.parked) >= MAX_PARKED_BEGINS and begin.transfer_id not in self.parked:
                 return TransferAbort(begin.transfer_id,
                                      f"receiver busy: {MAX_PARKED_BEGINS} unexpected transfers")
@@ -197,7 +211,7 @@ class TransferBook:
         transfer.chunk_blocks = begin.chunk_blocks
         transfer.nccl_store = begin.nccl_store
         transfer.state = TransferState.RUNNING
-        return TransferCredit(transfer.transfer_id, 0, self.window)
+        return TransferCredit(transfer.transfer_id, 0, self.window, transfer.epoch)
 
     def check_chunk(self, identity: bytes, chunk: TransferChunk, payload_bytes: int | None,
                     block_bytes: int, now: float) -> Transfer | TransferAbort | None:
@@ -208,11 +222,17 @@ class TransferBook:
         only an NCCL transfer's may)."""
         transfer = self.live.get(chunk.transfer_id)
         if transfer is None or transfer.role is not Role.RECEIVE:
-            if chunk.transfer_id in self.ended:
-                return None
+            parked = self.parked.get(chunk.transfer_id)
+            if chunk.transfer_id in self.ended or (parked and parked.identity == identity):
+                return None  # (an eager chunk of a parked begin: sent again later)
             return TransferAbort(chunk.transfer_id, "no such transfer at the receiver")
+        if transfer.state is TransferState.RUNNING and transfer.peer == identity \
+                and chunk.epoch < transfer.epoch:
+            return None  # sent before the sender learnt its eager chunks were dropped
         if transfer.state is not TransferState.RUNNING or transfer.peer != identity:
             problem = "chunk from a peer whose begin was not accepted"
+        elif chunk.epoch != transfer.epoch:
+            problem = f"chunk {chunk.seq} of epoch {chunk.epoch}, expected {transfer.epoch}"
         elif chunk.seq != transfer.acked:
             problem = f"chunk {chunk.seq} out of order (expected {transfer.acked})"
         elif (chunk.first, chunk.count) != transfer.chunk(chunk.seq):
@@ -237,7 +257,7 @@ class TransferBook:
         transfer.bytes_moved += nbytes
         if transfer.acked == transfer.num_chunks:
             self._end(transfer, TransferState.DONE, "", now)
-        return TransferCredit(transfer.transfer_id, transfer.acked, self.window)
+        return TransferCredit(transfer.transfer_id, transfer.acked, self.window, transfer.epoch)
 
     # ---- sender --------------------------------------------------------------------
 
@@ -246,11 +266,15 @@ class TransferBook:
         transfer = self.live.get(credit.transfer_id)
         if transfer is None or transfer.role is not Role.SEND or transfer.state.ended:
             return None
-        if credit.window < 1 or not transfer.acked <= credit.acked <= transfer.sent:
+        if (credit.window < 1 or not transfer.acked <= credit.acked <= transfer.sent
+                or credit.epoch not in (transfer.epoch, transfer.epoch + 1)):
             self._end(transfer, TransferState.FAILED,
-                      f"bad credit {credit.acked}/{credit.window} after "
-                      f"{transfer.sent} chunks sent", now)
+                      f"bad credit {credit.acked}/{credit.window} (epoch {credit.epoch}) "
+                      f"after {transfer.sent} chunks sent", now)
             return transfer
+        if credit.epoch > transfer.epoch:  # the receiver dropped what was sent so far
+            transfer.epoch = credit.epoch
+            transfer.sent = credit.acked
         for seq in range(transfer.acked, credit.acked):
             transfer.bytes_moved += transfer.chunk(seq)[1] * block_bytes
         transfer.acked = credit.acked
@@ -261,15 +285,16 @@ class TransferBook:
         return transfer
 
     def next_chunk(self, transfer: Transfer) -> TransferChunk | None:
-        """The next chunk the credit allows (and counts it sent), or None."""
-        if transfer.state is not TransferState.RUNNING:
+        """The next chunk the credit (or, before the first, the eager window)
+        allows, counted sent; or None."""
+        if transfer.state.ended:
             return None
         if transfer.sent >= min(transfer.acked + transfer.window, transfer.num_chunks):
             return None
         seq = transfer.sent
         first, count = transfer.chunk(seq)
         transfer.sent += 1
-        return TransferChunk(transfer.transfer_id, seq, first, count)
+        return TransferChunk(transfer.transfer_id, seq, first, count, transfer.epoch)
 
     # ---- either side ---------------------------------------------------------------
 
@@ -331,3 +356,5 @@ class TransferBook:
         if self.live.get(transfer.transfer_id) is transfer:
             del self.live[transfer.transfer_id]
         self.ended.add(transfer.transfer_id)
+        if state is TransferState.CANCELLED:
+            self.cancelled.add(transfer.transfer_id)
