@@ -7,8 +7,9 @@
 Two ``bench.kv_transfer_peer`` processes, each an engine over a cache of the 1B
 Llama's block shape (bench/make_model.py ``llama-3.2-1b``: 16 layers, 8 KV heads,
 head_dim 64; block 16; bf16: 512 KiB a block), move 1, 16 and 256 blocks from one
-to the other over the real transfer socket (ipc), again and again. Latency is the
-sender's: from ``send`` to the last chunk acknowledged (begin handshake included);
+to the other over the real transfer socket (ipc), again and again; each transfer
+is sent once the receiver expects it (the scheduler's order; ``--race``: at once).
+Latency is the sender's: from ``send`` to the last chunk acknowledged;
 bytes/s is the blocks' bytes over that. On CUDA the staging copies are timed on
 their own too: ``gather`` (GPU blocks -> pinned host) and ``scatter`` (host -> GPU
 blocks), the part of a transfer the GPU does.
@@ -77,6 +78,8 @@ async def between_processes(args: argparse.Namespace, run_dir: Path) -> dict[str
                 src = list(range(count))
                 dst = list(range(NUM_BLOCKS - count, NUM_BLOCKS))
                 await receiver.command(op="expect", id=transfer_id, blocks=dst, timeout_s=60)
+                if not args.race:
+                    await receiver.event("expecting")
                 await sender.command(op="send", id=transfer_id, peer=receiver.addr,
                                      blocks=src, timeout_s=60)
                 sent, arrived = await sender.event("ended"), await receiver.event("ended")
@@ -140,6 +143,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunk-bytes", type=int, default=8 << 20)
     parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--race", action="store_true",
+                        help="send without waiting for the receiver's expect to take effect "
+                             "(the begin may wait, and eager chunks be sent again)")
     parser.add_argument("--backend", choices=("zmq", "nccl"), default="zmq",
                         help="nccl: the blocks' bytes GPU to GPU (needs --device cuda, 2 GPUs)")
     parser.add_argument("--out", default="bench/results")
@@ -159,6 +165,7 @@ def main() -> None:
                   "head_dim": SHAPE.head_dim, "block_size": BLOCK_SIZE, "dtype": DTYPE,
                   "bytes": BLOCK_BYTES},
         "chunk_bytes": args.chunk_bytes, "window": args.window, "backend": args.backend,
+        "race": args.race,
         "between_processes": transfers,
     }
     if args.device.startswith("cuda"):

@@ -16,8 +16,9 @@ it as the other worker. Commands (one JSON object a line):
         (a peer stuck mid-transfer; the tests kill it there)
     {"op": "ungate"}
 
-Events out (one JSON object a line): ``ready`` (bound), ``ended`` (a transfer's
-state, bytes, seconds, error), ``digest``, ``gated``, ``error`` (a refused command).
+Events out (one JSON object a line): ``ready`` (bound), ``expecting`` (an expect
+took effect), ``ended`` (a transfer's state, bytes, seconds, error), ``digest``,
+``gated``, ``error`` (a refused command).
 
 ``open_peer`` starts one (in its own process group, killed on the way out) and
 gives a ``PeerProcess`` to drive it.
@@ -121,6 +122,7 @@ async def _command(engine: KvTransferEngine, stager: GatedStager, tg: Any,
         tg.start_soon(_report, handle)
     elif op == "expect":
         handle = engine.expect(command["id"], command["blocks"], command.get("timeout_s", 30.0))
+        emit({"event": "expecting", "id": command["id"]})
         tg.start_soon(_report, handle)
     elif op == "cancel":
         live = await engine.cancel(command["id"])
