@@ -11,8 +11,6 @@ did; steps run while a transfer waits; bad commands fail cleanly.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,7 +27,7 @@ from services.worker.kv_transfer.engine import KvTransferEngine
 from services.worker.kv_transfer.staging import BlockStager
 from services.worker.kv_transfer.state import TransferState
 from shared.embedded_model import ensure_embedded_model
-from shared.mesh import Identity, Peer, PeerJoined, Received, RouterEndpoint
+from shared.mesh import Peer, Received, RouterEndpoint
 from shared.protocol.envelope import pack_i32
 from shared.protocol.generation import SamplingParams
 from shared.protocol.step import NewRequest, StepBatch, StepPlan, StepResult
@@ -39,13 +37,12 @@ from shared.protocol.transfer import (
     KvTransferIn,
     KvTransferOut,
 )
-from tests.integration.procs import mesh_addresses, read_log, running_service
+from tests.integration.worker_procs import running_worker, scheduler_router
 
 pytestmark = pytest.mark.anyio
 
 NUM_KV_BLOCKS = 64
 BLOCK_SIZE = 16
-START_TIMEOUT_S = 180.0
 EVENT_TIMEOUT_S = 60.0
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = list(range(200, 240))  # 40 tokens: 3 blocks, the first 2 full
@@ -58,22 +55,12 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def worker_dir(model_dir: Path) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="msx-", dir="/tmp"))
-    env = {
-        "MESHSERVE_MODEL": str(model_dir),
-        "MESHSERVE_DEVICE": "cpu",
-        "MESHSERVE_NUM_KV_BLOCKS": str(NUM_KV_BLOCKS),
-        "MESHSERVE_BLOCK_SIZE": str(BLOCK_SIZE),
-        "MESHSERVE_TORCH_THREADS": "1",
-        "MESHSERVE_TRANSFER_ADDR": f"ipc://{path}/xfer-0.sock",
-        "MESHSERVE_TRANSFER_CHUNK_BYTES": "4096",  # several chunks even for 3 blocks
-    }
-    try:
-        with running_service("worker", path, env) as proc:
-            yield path
-            assert proc.poll() is None, read_log(path, "worker")[-4000:]
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    def env(path: Path) -> dict[str, str]:
+        return {"MESHSERVE_TRANSFER_ADDR": f"ipc://{path}/xfer-0.sock",
+                "MESHSERVE_TRANSFER_CHUNK_BYTES": "4096"}  # several chunks even for 3 blocks
+
+    with running_worker(model_dir, NUM_KV_BLOCKS, BLOCK_SIZE, "msx-", env) as path:
+        yield path
 
 
 def worker_cache(model_dir: Path) -> PagedKVCache:
@@ -118,24 +105,15 @@ async def mesh(worker_dir: Path, model_dir: Path, stager: BlockStager | None = N
                ) -> AsyncIterator[tuple[Scheduler, KvTransferEngine]]:
     """The scheduler's router, and the other worker's engine (over ``stager``)."""
     ctx = zmq.asyncio.Context()
-    router: RouterEndpoint[StepResult | KvTransferDone] = RouterEndpoint(
-        ctx, mesh_addresses(worker_dir).scheduler_addr, Identity("scheduler", 0),
-        StepResult | KvTransferDone, heartbeat_s=0.1)
     engine = KvTransferEngine(ctx, f"ipc://{worker_dir}/other.sock", "worker/9",
                               stager or BlockStager(worker_cache(model_dir)), chunk_bytes=4096)
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(router.run)
+        async with scheduler_router(worker_dir, StepResult | KvTransferDone) as (router, peer), \
+                anyio.create_task_group() as tg:
             await tg.start(engine.run)
-            with anyio.fail_after(START_TIMEOUT_S):
-                async for event in router.inbox:
-                    if isinstance(event, PeerJoined):
-                        break
-            await anyio.wait_all_tasks_blocked()
-            yield Scheduler(router, event.peer), engine
+            yield Scheduler(router, peer), engine
             tg.cancel_scope.cancel()
     finally:
-        router.close()
         ctx.destroy(linger=0)
 
 
