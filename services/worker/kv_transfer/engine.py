@@ -14,7 +14,8 @@ has exactly one receiving task. Chunks are staged and written in a worker thread
 Payloads leave zero-copy (``copy=False``): ZMQ holds the staging tensor until its
 frame is on the wire, which the message tracker reports; ``staging_bytes`` counts
 the staged chunks not yet released. A receiver's credit window bounds how many
-chunks one transfer has in flight, so memory stays bounded whatever its size.
+chunks one transfer has in flight, so memory stays bounded whatever its size; the
+first window follows the begin without waiting (state.py: eager chunks, epochs).
 
 With an ``NcclDataPath`` (``transfer_backend=nccl``) the begins, chunk messages
 and credits still take this path, but each chunk's bytes go GPU to GPU over the
