@@ -77,6 +77,15 @@ from shared.protocol.tables import (
     BlockReplaces,
     RequestBlocks,
 )
+from shared.protocol.transfer import (
+    KvBlockLayout,
+    KvTransferCancel,
+    KvTransferIn,
+    KvTransferOut,
+    TransferAbort,
+    TransferBegin,
+    TransferChunk,
+)
 
 INT32 = (-(2**31), 2**31 - 1)
 # Values that break code which assumes "small and positive": every width's edges.
@@ -162,7 +171,13 @@ _TO_TOKENIZER_FROM_SCHEDULER = [
     RequestFailed("fz-1", 400, "invalid_request_error", "no"),
     Abort(["fz-1"]),
 ]
-_TO_WORKER = [_step_plan(), StepPlan(step_id=2, finished=["fz-1"])]
+_TO_WORKER = [_step_plan(), StepPlan(step_id=2, finished=["fz-1"]),
+              KvTransferOut.of("fz-t", "ipc:///tmp/fz-nowhere.sock", [1, 2]),
+              KvTransferIn.of("fz-t", [3, 4], 1.0), KvTransferCancel("fz-t")]
+_LAYOUT = KvBlockLayout(2, 16, 2, 8, "float32")
+# The KV transfer socket (a worker's ROUTER; senders connect without a hello).
+_TO_TRANSFER_RECEIVER = [TransferBegin("fz-t", 2, 1, _LAYOUT, 1.0),
+                         TransferChunk("fz-t", 0, 0, 1), TransferAbort("fz-t", "x", True)]
 _TO_TTS = [
     SpeechRequest("fz-1", "hello there", "alloy", 1.0, 16000),
     SpeechCancel(["fz-1"]),
@@ -203,6 +218,7 @@ FAMILIES: dict[str, Family] = {
     "tokenizer-scheduler": Family("tokenizer-scheduler",
                                   (*_TO_TOKENIZER_FROM_SCHEDULER, *_FROM_SINGLETON)),
     "worker": Family("worker", (*_TO_WORKER, *_FROM_SINGLETON)),
+    "transfer": Family("transfer", tuple(_TO_TRANSFER_RECEIVER)),
     "tts": Family("tts", (*_TO_TTS, *_FROM_SINGLETON)),
     # The singletons' own DEALERs: the scheduler's to the KV manager, the api's to
     # the scheduler.

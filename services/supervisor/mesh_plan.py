@@ -68,7 +68,8 @@ CONFIG_STRUCTS: dict[str, type[msgspec.Struct]] = {
 # (``replica_from_hostname`` and ``health_file`` are for containers, where every
 # replica shares one environment; here each child gets its replica id directly.)
 MANAGED_SETTINGS = frozenset(
-    {"replica", "replica_from_hostname", "health_file", "run_dir", *SOCKET_NAMES}
+    {"replica", "replica_from_hostname", "health_file", "run_dir", "transfer_addr",
+     *SOCKET_NAMES}
 )
 
 
@@ -200,6 +201,9 @@ class MeshSettings:
         env[env_name("heartbeat_s")] = str(self.process.heartbeat_s)
         for key in SOCKET_NAMES:
             env[env_name(key)] = getattr(self.addresses, key)
+        if service == "worker":
+            # Each worker binds its own KV transfer socket (services/worker/README.md).
+            env[env_name("transfer_addr")] = f"ipc://{self.run_dir / f'xfer-{replica}.sock'}"
         # Children log and trace under their own names; never inherit ours.
         env.pop("OTEL_SERVICE_NAME", None)
         return env

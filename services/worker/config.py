@@ -27,3 +27,17 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     # Testing the watchdog only: the first step to find this file removes it and
     # never completes, as a hung kernel would (empty: off).
     fault_stall_file: str = ""
+    # KV transfers between workers (services/worker/README.md): where this worker's
+    # transfer socket binds and is advertised (the supervisor hands out one per
+    # worker; empty: no transfer engine, transfer commands fail).
+    transfer_addr: str = ""
+    transfer_chunk_bytes: int = 8 << 20  # one chunk frame (K and V of whole blocks)
+    transfer_window: int = 4  # chunks in flight per transfer (the receiver's credit)
+    # zmq: blocks through host staging over the transfer socket; nccl: the block
+    # data over torch.distributed NCCL between GPUs (kv_transfer/nccl.py), for
+    # multi-GPU runs, both workers of a pair on one host; it needs CUDA and NCCL
+    # and the worker refuses to start without them.
+    transfer_backend: str = "zmq"
+    # nccl: where a sender makes each worker pair's rendezvous file (FileStore),
+    # shared by both workers of a pair (one host). Empty: <tmp>/meshserve-nccl-<uid>.
+    transfer_nccl_store_dir: str = ""

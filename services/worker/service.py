@@ -16,6 +16,10 @@ heartbeat to the supervisor says for how long (``Hello.busy_s``): a step that ne
 completes (a hung kernel) gets the worker killed and restarted by the supervisor
 even though the event loop keeps beating.
 
+KV transfers (``transfer_host.py``) run beside the executor in the same task
+group: their commands arrive on the scheduler socket and skip the plan queue, so a
+transfer in flight never holds a step back, nor a step a transfer.
+
 A scheduler restart voids every request the worker holds (the new scheduler never
 heard of them): each queued plan carries the scheduler incarnation it came from,
 and the executor resets the runner before the first plan of a new incarnation and
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,7 +46,10 @@ from opentelemetry.trace import Link, Span, StatusCode
 
 from services.worker.config import WorkerConfig
 from services.worker.device import resolve_device
+from services.worker.kv_transfer.engine import KvTransferEngine
+from services.worker.kv_transfer.staging import BlockStager
 from services.worker.runner import LaunchedStep, ModelRunner
+from services.worker.transfer_host import TransferHost
 from shared.config import load_config
 from shared.endpoints import connect_dealer
 from shared.logs import get_logger
@@ -50,6 +58,7 @@ from shared.model_source import resolve_model_dir
 from shared.protocol.common import Rejected
 from shared.protocol.envelope import unpack_i32
 from shared.protocol.step import StepPlan, StepResult
+from shared.protocol.transfer import KvTransferCancel, KvTransferIn, KvTransferOut
 from shared.service import ServiceRuntime
 from shared.telemetry import span_context_of, tracer
 
@@ -76,17 +85,22 @@ def _num_tokens(plan: StepPlan) -> int:
 
 class WorkerActor:
     def __init__(self, runtime: ServiceRuntime, runner: ModelRunner, overlap: bool = True,
-                 fault_stall_file: str = "") -> None:
+                 fault_stall_file: str = "", transfers: KvTransferEngine | None = None) -> None:
         self.runner = runner
         self._runtime = runtime
         self._fault_stall_file = fault_stall_file
         self.overlap = overlap and runner.launches_async
         details = runner.details()
+        if transfers is not None:
+            details = msgspec.structs.replace(details, transfer_addr=transfers.address)
         # The hello carries the KV geometry the scheduler plans with.
         self.endpoint: DealerEndpoint[StepPlan] = connect_dealer(
-            runtime, runtime.addresses.scheduler_addr, StepPlan,
+            runtime, runtime.addresses.scheduler_addr,
+            StepPlan | KvTransferOut | KvTransferIn | KvTransferCancel,
             hello=lambda: runtime.identity.hello(capacity=PLAN_QUEUE_SIZE, worker=details),
         )
+        self.transfers = TransferHost(transfers, runner.num_kv_blocks,
+                                      self.endpoint.rejections, self.endpoint.send)
         plans_in, plans_out = anyio.create_memory_object_stream[QueuedPlan](PLAN_QUEUE_SIZE)
         self._plans_in: MemoryObjectSendStream[QueuedPlan] = plans_in
         self._plans_out: MemoryObjectReceiveStream[QueuedPlan] = plans_out
@@ -96,6 +110,7 @@ class WorkerActor:
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(self.endpoint.run)
+            await tg.start(self.transfers.run)
             tg.start_soon(self._execute_plans)
             async for event in self.endpoint.inbox:
                 await self._on_event(event)
@@ -104,6 +119,8 @@ class WorkerActor:
         match event:
             case Received(body=StepPlan() as plan):
                 await self._enqueue(QueuedPlan(plan, event.context, self._epoch))
+            case Received(body=KvTransferOut() | KvTransferIn() | KvTransferCancel() as command):
+                await self.transfers.on_command(command, event.context)
             case Received(body=Rejected() as body):
                 log.warning("the scheduler rejected a message", reason=body.reason)
             case Received(body=body, envelope=envelope):
@@ -115,6 +132,7 @@ class WorkerActor:
                     self._epoch += 1
                     log.warning("scheduler restarted; dropping its requests",
                                 incarnation=welcome.incarnation)
+                    await self.transfers.cancel_all()
                 else:
                     log.info("scheduler reached", incarnation=welcome.incarnation)
             case UpstreamLost(reason=reason):
@@ -266,4 +284,25 @@ async def main(runtime: ServiceRuntime) -> None:
     runtime.capacity = PLAN_QUEUE_SIZE
     runtime.ready = True
     await WorkerActor(runtime, runner, overlap=config.overlap_steps,
-                      fault_stall_file=config.fault_stall_file).run()
+                      fault_stall_file=config.fault_stall_file,
+                      transfers=_transfer_engine(runtime, config, runner)).run()
+
+
+def _transfer_engine(runtime: ServiceRuntime, config: WorkerConfig,
+                     runner: ModelRunner) -> KvTransferEngine | None:
+    """The worker's KV transfer engine over its cache, when it has a transfer address."""
+    if not config.transfer_addr:
+        return None
+    stager = BlockStager(runner.kv_cache)
+    if config.transfer_backend not in ("zmq", "nccl"):
+        raise ValueError(f"transfer_backend must be zmq or nccl, not {config.transfer_backend!r}")
+    nccl = None
+    if config.transfer_backend == "nccl":
+        # Imported only when asked for: it brings torch.distributed along.
+        from services.worker.kv_transfer.nccl import NcclDataPath
+
+        nccl = NcclDataPath(stager, config.transfer_nccl_store_dir
+                            or os.path.join(tempfile.gettempdir(), f"meshserve-nccl-{os.getuid()}"))
+    return KvTransferEngine(runtime.zmq, config.transfer_addr, runtime.identity.name, stager,
+                            chunk_bytes=config.transfer_chunk_bytes,
+                            window=config.transfer_window, auth=runtime.auth, nccl=nccl)

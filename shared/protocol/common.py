@@ -18,6 +18,9 @@ class WorkerDetails(msgspec.Struct, frozen=True):
     # Bytes one KV block takes (all layers, K and V): the KV manager sizes the host
     # swap pool from it. 0: unknown (no host tier).
     kv_block_bytes: int = 0
+    # Where the worker's KV transfer socket listens (shared/protocol/transfer.py):
+    # the address another worker sends this one blocks at. "": no transfer engine.
+    transfer_addr: str = ""
 
 
 class Hello(msgspec.Struct, frozen=True, tag=True):

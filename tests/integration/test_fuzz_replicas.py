@@ -106,7 +106,9 @@ def test_a_tokenizer_survives_fuzzing_on_both_sockets(
 
 def test_a_worker_survives_fuzzing(ipc_dir: Path, zmq_ctx: zmq.Context[Any]) -> None:
     scheduler = _router(zmq_ctx, mesh_addresses(ipc_dir).scheduler_addr)
-    with running_service("worker", ipc_dir, {"MESHSERVE_MAX_MODEL_LEN": "64"}) as proc:
+    # With a transfer socket, so fuzzed transfer commands reach the KV transfer engine.
+    env = {"MESHSERVE_MAX_MODEL_LEN": "64", "MESHSERVE_TRANSFER_ADDR": f"ipc://{ipc_dir}/xfer.sock"}
+    with running_service("worker", ipc_dir, env) as proc:
         target = DealerTarget(scheduler, proc.pid)
         target.wait_hello("worker")
         step_ids = iter(range(10**9, 2 * 10**9))

@@ -10,8 +10,6 @@ test binds a fresh router, which the worker sees as a restarted scheduler.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,24 +17,22 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
-import zmq
-import zmq.asyncio
 
 from services.worker.runner import ModelRunner
 from services.worker.service import PLAN_QUEUE_SIZE
 from shared.embedded_model import ensure_embedded_model
-from shared.mesh import Identity, Peer, PeerJoined, Received, RouterEndpoint
+from shared.mesh import Peer, Received, RouterEndpoint
 from shared.protocol.envelope import PROTOCOL_VERSION, pack_i32
 from shared.protocol.generation import SamplingParams
 from shared.protocol.step import NewRequest, StepBatch, StepPlan, StepResult
-from tests.integration.procs import mesh_addresses, read_log, running_service
+from tests.integration.procs import read_log
+from tests.integration.worker_procs import running_worker, scheduler_router
 from tests.local_engine import LocalEngine
 
 pytestmark = pytest.mark.anyio
 
 NUM_KV_BLOCKS = 256
 BLOCK_SIZE = 16
-START_TIMEOUT_S = 180.0  # importing torch and loading the model on a busy machine
 STEP_TIMEOUT_S = 60.0
 
 
@@ -48,21 +44,9 @@ def model_dir() -> Path:
 @pytest.fixture(scope="module")
 def worker_dir(model_dir: Path) -> Iterator[Path]:
     """A running worker process (and the folder of its socket and log)."""
-    path = Path(tempfile.mkdtemp(prefix="msw-", dir="/tmp"))
-    env = {
-        "MESHSERVE_MODEL": str(model_dir),
-        "MESHSERVE_DEVICE": "cpu",
-        "MESHSERVE_NUM_KV_BLOCKS": str(NUM_KV_BLOCKS),
-        "MESHSERVE_BLOCK_SIZE": str(BLOCK_SIZE),
-        "MESHSERVE_TORCH_THREADS": "1",
-        "MESHSERVE_REPLICA": "3",
-    }
-    try:
-        with running_service("worker", path, env) as proc:
-            yield path
-            assert proc.poll() is None, read_log(path, "worker")[-4000:]
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    with running_worker(model_dir, NUM_KV_BLOCKS, BLOCK_SIZE, "msw-",
+                        lambda _: {"MESHSERVE_REPLICA": "3"}) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -96,27 +80,8 @@ class FakeScheduler:
 
 @asynccontextmanager
 async def scheduler(worker_dir: Path) -> AsyncIterator[FakeScheduler]:
-    ctx = zmq.asyncio.Context()
-    address = mesh_addresses(worker_dir).scheduler_addr
-    # A new Identity is a new incarnation: the worker treats it as a restart.
-    router: RouterEndpoint[StepResult] = RouterEndpoint(
-        ctx, address, Identity("scheduler", 0), StepResult, heartbeat_s=0.1
-    )
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(router.run)
-            with anyio.fail_after(START_TIMEOUT_S):
-                async for event in router.inbox:
-                    if isinstance(event, PeerJoined):
-                        break
-            # The router answers the hello with a Welcome right after reporting the
-            # join; let it go out before any plan, as a real scheduler would.
-            await anyio.wait_all_tasks_blocked()
-            yield FakeScheduler(router, event.peer)
-            tg.cancel_scope.cancel()
-    finally:
-        router.close()
-        ctx.destroy(linger=0)
+    async with scheduler_router(worker_dir, StepResult) as (router, peer):
+        yield FakeScheduler(router, peer)
 
 
 def plan(step_id: int, work: dict[str, int], *, new: list[NewRequest] | None = None,

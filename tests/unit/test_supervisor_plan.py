@@ -56,6 +56,9 @@ def test_child_env_carries_identity_addresses_and_the_caller_env() -> None:
     assert "MESHSERVE_HEALTH_FILE" not in child
     for name in ("api", "scheduler", "kvcache", "supervisor", "speech"):
         assert child[f"MESHSERVE_{name.upper()}_ADDR"] == f"ipc:///tmp/ms-t/{name}.sock"
+    # Each worker its own KV transfer socket; other services none.
+    assert child["MESHSERVE_TRANSFER_ADDR"] == "ipc:///tmp/ms-t/xfer-2.sock"
+    assert "MESHSERVE_TRANSFER_ADDR" not in settings.child_env("tokenizer", 0)
 
 
 def test_with_model_pins_the_folder_and_the_served_name() -> None:
