@@ -214,7 +214,14 @@ class KernelTuning:
 
 
 def default_tuning(head_dim: int, decode: bool) -> KernelTuning:
-    return KernelTuning(block_n=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
+    """Measured on an H200 (bf16, 32 query / 8 KV heads), median of 15 runs per layer:
+    head_dim 128 (8B shape) runs 64 keys per iteration three stages deep: a prefill
+    of 4 x 512 fresh tokens 100 -> 58 us, a decode of 256 x 576 178 -> 159 us (3.8
+    TB/s of K/V), a mixed step (4 x 512 + 252 decodes) 234 -> 232 us, against 32
+    keys two deep. head_dim 64 (1B shape) keeps 64 keys two deep, its best."""
+    if head_dim <= 64:
+        return KernelTuning(block_n=64, num_warps=4, num_stages=2)
+    return KernelTuning(block_n=64, num_warps=4, num_stages=3)
 
 
 def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
