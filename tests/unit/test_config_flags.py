@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Annotated, get_args, get_origin
 from pathlib import Path
 
 import msgspec
@@ -28,6 +29,8 @@ def _probe(name: str, kind: object, default: object) -> tuple[list[str], object]
     """Command-line words that set ``name`` to something other than its default,
     and the value the config struct must then hold."""
     flag = "--" + name.replace("_", "-")
+    if get_origin(kind) is Annotated:  # a bounded field: its default + 3 stays in bounds
+        kind = get_args(kind)[0]
     if kind is bool:
         return ([f"--no-{flag[2:]}"] if default else [flag]), not default
     if kind is int:
