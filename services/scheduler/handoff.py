@@ -73,6 +73,7 @@ class Transfer:
     bytes_moved: int = 0  # the receiver's count
     seconds: float = 0.0  # the receiver's
     span: Span | None = None  # the actor's span of this hand-off
+    completed: bool = False  # settled with the request running on the decode worker
 
     @property
     def done(self) -> bool:
@@ -222,6 +223,9 @@ class Handoffs:
             source.lease.release(request.request_id, transfer.source_blocks)
         dest = self._workers.get(transfer.dest)
         ok = transfer.succeeded and dest is not None and not request.status.finished
+        transfer.completed = ok
+        if not ok and not transfer.error:
+            transfer.error = "the decode worker is gone" if dest is None else "the request ended"
         for worker in transfer.settled:
             counters = self._stats.worker(worker)
             if ok:
