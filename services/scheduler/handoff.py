@@ -125,12 +125,18 @@ class Handoffs:
                 del self._ready[request_id]
 
     def _start(self, request: Request) -> bool | None:
-        """True: handed off; None: it stays (ended, or no decode worker: it decodes
-        where it is); False: try again later (the destination's lease is short)."""
-        source = self._workers.get(request.worker or "")
-        if (source is None or request.status != RequestStatus.RUNNING or not request.hands_off
-                or not request.prefill_done or request.num_sampling or request.inflight_steps):
+        """True: handed off; None: not any more (it ended, was reset to be recomputed,
+        which prefills it again, or no decode worker is up: it decodes where it is);
+        False: try again later (the destination's lease is short, or it was preempted
+        by swap meanwhile and waits to be swapped back in)."""
+        if request.status.finished or request.status == RequestStatus.WAITING:
             return None
+        if not request.hands_off:
+            return None
+        source = self._workers.get(request.worker or "")
+        if (source is None or request.status != RequestStatus.RUNNING
+                or not request.prefill_done or request.num_sampling or request.inflight_steps):
+            return False
         dests = [s for s in self._workers.values()
                  if s is not source and roles.decodes(s) and s.details.transfer_addr
                  and len(request.token_ids) < s.max_total_len]
