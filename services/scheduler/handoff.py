@@ -112,6 +112,18 @@ class Handoffs:
     def in_flight(self, worker: str) -> int:
         return sum(worker in t.settled for t in self.live.values())
 
+    def held(self, worker: str) -> dict[str, list[int]]:
+        """The blocks live hand-offs hold in ``worker``'s pool, by request (a new KV
+        manager must hear of them: the sender still reads its blocks, the receiver
+        writes its own)."""
+        held = {}
+        for t in self.live.values():
+            if t.source == worker:
+                held[t.request.request_id] = t.source_blocks
+            elif t.dest == worker:
+                held[t.request.request_id] = t.dest_blocks
+        return held
+
     # ------------------------------------------------------------- starting
 
     def on_prefilled(self, request: Request) -> None:

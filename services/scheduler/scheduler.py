@@ -32,9 +32,8 @@ has room; see host_swap.py) or its blocks are freed and it re-enters the waiting
 queue with its outputs as part of its prompt (recompute). A step in which a
 running request went short of blocks admits nobody: the blocks it frees go to the
 running requests first (otherwise a victim could be re-admitted onto its own
-cached blocks at once, and the preemption would free nothing).
-
-Prefix caching and copy-on-write: block_tables.py.
+cached blocks at once, and the preemption would free nothing). Prefix caching and
+copy-on-write: block_tables.py.
 """
 
 from __future__ import annotations
@@ -213,10 +212,11 @@ class Scheduler:
         return requeued + swapped
 
     def reopen_pools(self) -> list[KvPoolOpen]:
-        """The KV manager restarted: tell it everything each pool holds."""
+        """The KV manager restarted: tell it everything each pool holds (hand-offs too)."""
         return [
             slot.lease.open_message(
-                {r.request_id: r.block_ids for r in slot.running.values()},
+                {r.request_id: r.block_ids for r in slot.running.values()}
+                | self.handoffs.held(slot.name),
                 slot.details.kv_block_bytes,
                 {r.request_id: r.host_blocks for r in slot.swapped.values()})
             for slot in self.workers.values()

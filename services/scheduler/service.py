@@ -61,7 +61,7 @@ from shared.protocol.kv import (
     KvStatsRequest,
 )
 from shared.protocol.step import StepResult
-from shared.protocol.transfer import KvTransferDone
+from shared.protocol.transfer import KvTransferCancel, KvTransferDone
 from shared.service import ServiceRuntime
 from shared.telemetry import inject_context, tracer
 
@@ -288,9 +288,12 @@ class SchedulerActor:
                 peer = self.peers_by_name.get(c.worker)
                 span = c.transfer.span
                 ctx = set_span_in_context(span) if span is not None else None
-                if peer is None or not await self.router.send(peer, c.command, ctx=ctx):
-                    # Never delivered: that side will not report; it settles now (a
-                    # lost worker's settled already), which may queue a cancel.
+                delivered = peer is not None and await self.router.send(peer, c.command, ctx=ctx)
+                if not delivered and not isinstance(c.command, KvTransferCancel):
+                    # The worker never got it, so that side will not report: it settles
+                    # now (a lost worker's settled already), which may queue a cancel.
+                    # A lost cancel is different: the transfer still runs there and
+                    # ends at its own deadline, with a report.
                     handoffs.on_done(c.worker, KvTransferDone(
                         c.transfer.transfer_id, False, error="command not delivered"))
         ended, handoffs.ended = handoffs.ended, []

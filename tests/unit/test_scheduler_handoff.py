@@ -337,3 +337,20 @@ def test_a_short_decode_lease_makes_the_request_wait_not_decode_here() -> None:
     assert s.stats.worker(D).transfers_completed == 1
     assert run.computed_on[P] == 20
     run.assert_balanced()
+
+
+def test_a_kv_manager_restart_mid_transfer_hears_of_both_sides_blocks() -> None:
+    s, kv = mesh("prefill", "decode")
+    submit(s, "a", prompt=10, max_tokens=4)
+    run = Run.of(s, kv)
+    transfer_id = hold_mid_transfer(run)
+    transfer = s.handoffs.live[transfer_id]
+    run.kv = KvManager()
+    for message in s.reopen_pools():
+        s.on_lease(run.kv.open_pool(message))
+    # The new pools count the transfer's blocks as held: none can be leased away.
+    assert run.kv.usage(P).used_blocks == len(transfer.source_blocks)
+    assert run.kv.usage(D).used_blocks == len(transfer.dest_blocks)
+    run.player.hold = False
+    assert run.until_idle() == {"a": expected(4)}
+    run.assert_balanced()
