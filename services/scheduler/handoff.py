@@ -31,8 +31,10 @@ placed again to be recomputed with its outputs so far, like a recompute preempti
 it is then marked ``handoff_failed`` and decodes wherever it is recomputed.
 
 A request ready to hand off while no decode worker is up (or none has a transfer
-socket, or fits it) decodes on its prefill worker; while the chosen decode worker's
-lease is short it waits (retried at each result and each lease) without decoding.
+socket, or fits it) decodes on its prefill worker. While every decode worker's
+running seats (``max_num_seqs``, hand-offs on their way counted) are taken, or the
+chosen one's lease is short, it waits without decoding (retried at each result and
+each lease grant).
 """
 
 from __future__ import annotations
@@ -95,11 +97,13 @@ class Command:
 
 class Handoffs:
     def __init__(self, workers: dict[str, WorkerSlot], waiting: Dispatcher,
-                 stats: SchedulerStats, timeout_s: float = 30.0) -> None:
+                 stats: SchedulerStats, timeout_s: float = 30.0,
+                 max_num_seqs: int = 256) -> None:
         self._workers = workers  # the scheduler's own dict: joins and losses show here
         self._waiting = waiting
         self._stats = stats
         self.timeout_s = timeout_s
+        self.max_num_seqs = max_num_seqs
         self.live: dict[str, Transfer] = {}  # by transfer id
         self._by_request: dict[str, Transfer] = {}
         self._ready: dict[str, Request] = {}  # prefilled, waiting for a destination
@@ -111,6 +115,9 @@ class Handoffs:
 
     def in_flight(self, worker: str) -> int:
         return sum(worker in t.settled for t in self.live.values())
+
+    def _arriving(self, worker: str) -> int:
+        return sum(t.dest == worker for t in self.live.values())
 
     def held(self, worker: str) -> dict[str, list[int]]:
         """The blocks live hand-offs hold in ``worker``'s pool, by request (a new KV
@@ -152,10 +159,14 @@ class Handoffs:
         dests = [s for s in self._workers.values()
                  if s is not source and roles.decodes(s) and s.details.transfer_addr
                  and len(request.token_ids) < s.max_total_len]
-        dest = self._waiting.placement.choose(request, dests)
-        if dest is None:
+        if not dests:
             request.hands_off = False
             return None
+        # A running seat there, counting the hand-offs on their way to it.
+        seated = [d for d in dests if len(d.running) + self._arriving(d.name) < self.max_num_seqs]
+        dest = self._waiting.placement.choose(request, seated)
+        if dest is None:
+            return False
         dest_blocks = dest.lease.take(request.request_id, len(request.block_ids))
         if dest_blocks is None:
             return False

@@ -72,7 +72,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.waiting = Dispatcher(Placement.from_config(config), self.workers, self.stats)
         self.handoffs = handoff.Handoffs(self.workers, self.waiting, self.stats,
-                                         config.handoff_timeout_s)
+                                         config.handoff_timeout_s, config.max_num_seqs)
         self.outputs: list[RequestOutput] = []
         self.failures: list[RequestFailure] = []
         # Tombstones: an abort that overtakes its Submit wins.

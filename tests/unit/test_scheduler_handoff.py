@@ -354,3 +354,18 @@ def test_a_kv_manager_restart_mid_transfer_hears_of_both_sides_blocks() -> None:
     run.player.hold = False
     assert run.until_idle() == {"a": expected(4)}
     run.assert_balanced()
+
+
+def test_hand_offs_wait_for_a_running_seat_on_the_decode_worker() -> None:
+    s, kv = mesh("prefill", "decode", max_num_seqs=2)
+    for i in range(5):
+        submit(s, f"r{i}", prompt=6, max_tokens=6)
+    run = Run.of(s, kv)
+    most = 0
+    while run.round():
+        arriving = sum(t.dest == D for t in s.handoffs.live.values())
+        most = max(most, len(s.workers[D].running) + arriving)
+    assert most == 2
+    assert {r: t for r, t in run.produced.items()} == {f"r{i}": expected(6) for i in range(5)}
+    assert s.stats.worker(D).transfers_completed == 5
+    run.assert_balanced()
