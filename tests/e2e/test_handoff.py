@@ -3,10 +3,13 @@
 computed on the prefill worker, its K/V travel to the decode worker over the KV
 transfer engine, and the decode worker generates the rest: greedy output must stay
 token-exact with transformers, and `meshserve kv stats` and /metrics must show the
-hand-offs (transfers completed on both workers, bytes moved, none failed or left)."""
+hand-offs (transfers completed on both workers, bytes moved, none failed or left).
+Then the decode worker is restarted while a round runs: the answers stay exact (its
+requests are recomputed on the prefill worker) and no pool keeps a block."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +40,21 @@ def settled_stats(mesh: Mesh, deadline_s: float = 15.0) -> dict:
         time.sleep(0.5)
 
 
+def restart_decode_mid_round(mesh: Mesh) -> list[tuple[str, int, str]]:
+    """A round during which the decode worker is restarted (SIGTERM, start again)."""
+    answers: list[list[tuple[str, int, str]]] = []
+    client = threading.Thread(
+        target=lambda: answers.append(anyio.run(complete_all, mesh.base_url, PROMPTS)))
+    client.start()
+    try:
+        restarted = mesh.cli("restart", "worker/1", timeout=120)
+        assert restarted.returncode == 0, restarted.stderr
+    finally:
+        client.join(timeout=300)
+    assert answers, "the round did not finish"
+    return answers[0]
+
+
 def test_prefill_worker_hands_off_to_decode_worker_token_exact(tmp_path: Path) -> None:
     expected = oracle(ensure_embedded_model(), PROMPTS)
     mesh = start_mesh(tmp_path, extra_args=["--workers", "2", "--worker-roles",
@@ -44,6 +62,8 @@ def test_prefill_worker_hands_off_to_decode_worker_token_exact(tmp_path: Path) -
     try:
         first = anyio.run(complete_all, mesh.base_url, PROMPTS)
         again = anyio.run(complete_all, mesh.base_url, PROMPTS)
+        counts = settled_stats(mesh)
+        restarted = restart_decode_mid_round(mesh)
         stats = settled_stats(mesh)
         text = mesh.cli("kv", "stats")
         moved = metric(mesh.base_url, "meshserve:worker_kv_transfer_bytes_total", at_least=1)
@@ -51,7 +71,8 @@ def test_prefill_worker_hands_off_to_decode_worker_token_exact(tmp_path: Path) -
         mesh.stop()
     assert first == expected
     assert again == expected
-    workers = {w["worker"]: w for w in stats["workers"]}
+    assert restarted == expected
+    workers = {w["worker"]: w for w in counts["workers"]}
     assert {w["role"] for w in workers.values()} == {"prefill", "decode"}
     prefill = next(w for w in workers.values() if w["role"] == "prefill")
     decode = next(w for w in workers.values() if w["role"] == "decode")
@@ -63,7 +84,12 @@ def test_prefill_worker_hands_off_to_decode_worker_token_exact(tmp_path: Path) -
         assert w["transfers_failed"] == w["transfers_in_flight"] == 0, w
         assert w["transfer_bytes"] > 0, w
     assert prefill["transfer_bytes"] == decode["transfer_bytes"]
+    # The decode worker restarted while a round ran: its requests were recomputed on the
+    # prefill worker (and decoded there or handed off again), and no block leaked.
+    after = {w["worker"]: w for w in stats["workers"]}
+    assert len(after) == 2 and after["worker/0"]["transfers_in_flight"] == 0
     assert text.returncode == 0 and "XFER" in text.stdout and "decode" in text.stdout
     assert moved > 0
     # Nothing leaked: no pool holds blocks for a request once all of them ended.
+    assert [pool["requests"] for pool in counts["pools"]] == [0, 0], counts["pools"]
     assert [pool["requests"] for pool in stats["pools"]] == [0, 0], stats["pools"]
