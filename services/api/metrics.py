@@ -97,6 +97,14 @@ _WORKER_METRICS = (
      "Waiting requests this worker took from a backlogged worker's queue."),
     ("gauge", "meshserve:worker_kv_cache_usage_perc", "kv_usage",
      "This worker's KV-cache usage. 1 means 100 percent."),
+    ("gauge", "meshserve:worker_kv_transfers_in_flight", "transfers_in_flight",
+     "Prefill/decode hand-offs (KV transfers) this worker sends or receives now."),
+    ("counter", "meshserve:worker_kv_transfers_completed", "transfers_completed",
+     "Prefill/decode hand-offs this worker sent or received that completed."),
+    ("counter", "meshserve:worker_kv_transfers_failed", "transfers_failed",
+     "Prefill/decode hand-offs this worker sent or received that failed (recomputed)."),
+    ("counter", "meshserve:worker_kv_transfer_bytes", "transfer_bytes",
+     "KV bytes this worker sent or received in hand-offs."),
 )
 
 

@@ -38,6 +38,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     # prefix routing: once the most loaded worker is this many tokens of work ahead
     # of the least loaded one (and twice its load), new requests go least-loaded.
     routing_balance_tokens: int = 4096
+    # Prefill/decode hand-offs (handoff.py): each side's deadline for one transfer.
+    handoff_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("swap", "recompute"):
@@ -49,6 +51,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
         if not self.routing_prefix_weight >= 0:
             raise ValueError(
                 f"routing_prefix_weight must be >= 0, not {self.routing_prefix_weight!r}")
+        if not self.handoff_timeout_s > 0:
+            raise ValueError(f"handoff_timeout_s must be > 0, not {self.handoff_timeout_s!r}")
         if self.routing_balance_tokens < 0:
             raise ValueError(
                 f"routing_balance_tokens must be >= 0, not {self.routing_balance_tokens!r}")

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 from services.scheduler.placement import Placement
 from services.scheduler.request import Request, RequestStatus
+from services.scheduler.roles import admitting
 from services.scheduler.stats import SchedulerStats
 from services.scheduler.waiting_queue import WaitingQueue
 from services.scheduler.worker_slot import WorkerSlot
@@ -56,7 +57,8 @@ class Dispatcher:
     def place(self, request: Request) -> WorkerSlot | None:
         """Queue a request that is bound to no worker on the one placement picks
         (unplaced while there is none). Returns that worker."""
-        slots = list(self._workers.values())
+        # Roles (roles.py): prefill and both workers, or any while none of those is up.
+        slots = admitting(self._workers.values())
         fitting = [s for s in slots if len(request.token_ids) < s.max_total_len]
         # None fits: the worker that admits it fails it, with its own limit in the error.
         slot = self.placement.choose(request, fitting or slots)
@@ -102,7 +104,8 @@ class Dispatcher:
 
     def stealable(self, slot: WorkerSlot) -> bool:
         """Whether ``slot`` (its queue empty) would take requests from a peer now."""
-        return not len(slot.waiting) and self._donor(slot) is not None
+        return (not len(slot.waiting) and self._donor(slot) is not None
+                and slot in admitting(self._workers.values()))
 
     def _donor(self, slot: WorkerSlot) -> WorkerSlot | None:
         peers = [p for p in self._workers.values()
@@ -112,8 +115,8 @@ class Dispatcher:
     def rebalance(self, slot: WorkerSlot, free_seats: int) -> int:
         """``slot`` is about to admit: with an empty queue and free seats, it takes
         requests from the most backlogged peer. Returns how many moved."""
-        if len(slot.waiting) or free_seats <= 0:
-            return 0
+        if len(slot.waiting) or free_seats <= 0 or slot not in admitting(self._workers.values()):
+            return 0  # a decode worker takes no new requests, from a peer neither
         donor = self._donor(slot)
         if donor is None:
             return 0

@@ -2,8 +2,8 @@
 
 The scheduler places every new request on one worker's queue when it arrives
 (dispatch.py); ``Placement.choose`` picks that worker among ``candidates``, a list
-the caller filters (workers that fit the request today; a role filter, prefill or
-decode workers, later) without the policy changing. Modes (``routing``):
+the caller filters (dispatch.py: prefill and both workers that fit the request;
+handoff.py: decode and both workers) without the policy changing. Modes (``routing``):
 
 - ``round-robin``: the candidates in turn (by name), blind to load and prefixes.
 - ``least-loaded``: the smallest ``load``.

@@ -35,6 +35,9 @@ class RequestStatus(enum.IntEnum):
     # Preempted by swap: its K/V sit in host blocks of its worker, which keeps its
     # state; it waits in the queue to be swapped back in there.
     SWAPPED = 3
+    # Handed off (handoff.py): its K/V travel from its prefill worker to a decode
+    # worker; it runs on neither until the transfer settles.
+    TRANSFERRING = 4
     # Everything from here on is terminal ("finished").
     FINISHED_STOPPED = 10
     FINISHED_LENGTH = 11
@@ -92,6 +95,10 @@ class Request:
     host_blocks: list[int] = field(default_factory=list)  # swapped out: its table on host
     # Prompt logprobs of the chunks computed so far; they go with the first output.
     prompt_logprobs: list[Logprobs] = field(default_factory=list)
+    # Admitted on a prefill worker (roles.py): once its prompt is computed and its
+    # first token sampled it goes to a decode worker instead of decoding here.
+    hands_off: bool = False
+    handoff_failed: bool = False  # a hand-off of it failed: it decodes where it runs
 
     @property
     def num_outputs(self) -> int:
@@ -108,6 +115,8 @@ class Request:
 
     def can_decode(self) -> bool:
         """Another sample may be scheduled without overshooting a known limit."""
+        if self.hands_off:
+            return False  # its decode runs on the worker it is handed to
         promised = self.samples_promised
         return (
             promised < self.sampling.max_tokens

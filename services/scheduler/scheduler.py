@@ -11,11 +11,11 @@ and asks it for a ``StepPlan`` per worker; results for the tokenizers accumulate
     worker_slot.py    WorkerSlot: one worker's lease, host tier, running requests
     step_builder.py   StepBuilder: one step's lists, packed into the StepPlan
     forks.py          n > 1: choices, copy-on-write forks of the leader's table
+    roles.py, handoff.py  prefill/decode roles; a prefilled request's K/V handed off
     host_swap.py      preemption by swap to the worker's host tier
     block_lease.py    the KV lease and prefix-index mirror of one worker's pool
     block_tables.py   a request's table on that lease: growth, copy-on-write, prefixes
-    stats.py          SchedulerStats, the counters
-    outcomes.py       RequestOutput, RequestFailure, SubmitResult
+    stats.py, outcomes.py  the counters; RequestOutput, RequestFailure, SubmitResult
 
 Policy, per worker step, under ``max_num_batched_tokens``:
 1. running requests first, in admission order: a prefill chunk (at most
@@ -32,9 +32,8 @@ has room; see host_swap.py) or its blocks are freed and it re-enters the waiting
 queue with its outputs as part of its prompt (recompute). A step in which a
 running request went short of blocks admits nobody: the blocks it frees go to the
 running requests first (otherwise a victim could be re-admitted onto its own
-cached blocks at once, and the preemption would free nothing).
-
-Prefix caching and copy-on-write: block_tables.py.
+cached blocks at once, and the preemption would free nothing). Prefix caching and
+copy-on-write: block_tables.py.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ from array import array
 
 from opentelemetry.context import Context
 
-from services.scheduler import block_tables, forks, host_swap, submission
+from services.scheduler import block_tables, forks, handoff, host_swap, submission
 from services.scheduler.block_lease import BlockLease
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.dispatch import Dispatcher
@@ -72,6 +71,8 @@ class Scheduler:
         self.workers: dict[str, WorkerSlot] = {}
         self.stats = SchedulerStats()
         self.waiting = Dispatcher(Placement.from_config(config), self.workers, self.stats)
+        self.handoffs = handoff.Handoffs(self.workers, self.waiting, self.stats,
+                                         config.handoff_timeout_s, config.max_num_seqs)
         self.outputs: list[RequestOutput] = []
         self.failures: list[RequestFailure] = []
         # Tombstones: an abort that overtakes its Submit wins.
@@ -167,6 +168,7 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.waiting.discard(request)
+        self.handoffs.on_finished(request)
         request.status = status
         self.requests.pop(request.request_id, None)
         slot = self.workers.get(request.worker) if request.worker else None
@@ -201,6 +203,7 @@ class Scheduler:
         slot = self.workers.pop(name, None)
         if slot is None:
             return []
+        self.handoffs.on_worker_lost(name)
         requeued = [r for r in slot.running.values() if not r.status.finished]
         for request in requeued:
             request.reset_for_recompute()
@@ -209,10 +212,11 @@ class Scheduler:
         return requeued + swapped
 
     def reopen_pools(self) -> list[KvPoolOpen]:
-        """The KV manager restarted: tell it everything each pool holds."""
+        """The KV manager restarted: tell it everything each pool holds (hand-offs too)."""
         return [
             slot.lease.open_message(
-                {r.request_id: r.block_ids for r in slot.running.values()},
+                {r.request_id: r.block_ids for r in slot.running.values()}
+                | self.handoffs.held(slot.name),
                 slot.details.kv_block_bytes,
                 {r.request_id: r.host_blocks for r in slot.swapped.values()})
             for slot in self.workers.values()
@@ -222,6 +226,7 @@ class Scheduler:
         slot = self.workers.get(lease.pool_id)
         if slot is not None:
             slot.lease.on_lease(lease)
+            self.handoffs.start_ready()  # one may have waited for this lease
             if slot.lease.usage is not None:
                 self.resize_host(KvHostResize(lease.pool_id, slot.lease.usage.host_num_blocks))
 
@@ -257,6 +262,7 @@ class Scheduler:
             return None
         self._finish_preemptions(slot)
         builder = StepBuilder()
+        handoff.register_arrivals(slot, builder)
         budget = self.config.max_num_batched_tokens
         starved, budget = self._schedule_running(slot, builder, budget)
         if not starved:
@@ -447,6 +453,7 @@ class Scheduler:
                 continue  # finished (stop, abort) while this step was in flight
             self._on_token(slot, request, token, logprobs.get(k))
         self._finish_preemptions(slot)
+        self.handoffs.start_ready()
 
     def _on_token(self, slot: WorkerSlot, request: Request, token: int,
                   logprobs: Logprobs | None) -> None:
@@ -463,6 +470,8 @@ class Scheduler:
         status = request.finish_reason_after(token)
         if status is not None:
             self._finish(request, status)
+        elif request.hands_off:
+            self.handoffs.on_prefilled(request)
         self.outputs.append(RequestOutput(
             request, [token], prior, FINISH_REASONS.get(status) if status else None,
             [logprobs] if logprobs is not None else [], prompt_logprobs,

@@ -20,6 +20,7 @@ from opentelemetry.trace import Link, set_span_in_context
 
 from services.scheduler import ownership
 from services.scheduler.config import ROUTING_MODES, SchedulerConfig
+from services.scheduler.handoff import Transfer
 from services.scheduler.outcomes import RequestFailure, RequestOutput
 from services.scheduler.request import Request
 from services.scheduler.scheduler import Scheduler
@@ -60,6 +61,7 @@ from shared.protocol.kv import (
     KvStatsRequest,
 )
 from shared.protocol.step import StepResult
+from shared.protocol.transfer import KvTransferCancel, KvTransferDone
 from shared.service import ServiceRuntime
 from shared.telemetry import inject_context, tracer
 
@@ -72,7 +74,8 @@ MAX_EVENTS_PER_PLAN = 512
 
 # KvStatsRequest: `meshserve kv stats` asks for the counters this actor keeps.
 # SetRouting: `meshserve kv set routing MODE`.
-SchedulerInbound = Submit | Abort | StepResult | KvStatsRequest | SetRouting
+# KvTransferDone: a worker's side of a prefill/decode hand-off ended (handoff.py).
+SchedulerInbound = Submit | Abort | StepResult | KvStatsRequest | SetRouting | KvTransferDone
 KvInbound = KvLease | KvStats | KvHostResize
 
 
@@ -138,6 +141,11 @@ class SchedulerActor:
             case Received(peer=Peer() as peer, body=StepResult() as body):
                 self.step_log.result(peer.name, body.step_id)
                 self.scheduler.on_result(peer.name, body)
+                self._replan = True
+            case Received(peer=Peer() as peer, body=KvTransferDone() as body):
+                if not self.scheduler.handoffs.on_done(peer.name, body):
+                    log.info("transfer report for no live hand-off", peer=peer.name,
+                             transfer_id=body.transfer_id, ok=body.ok)
                 self._replan = True
             case Received(peer=Peer() as peer, body=body, envelope=envelope):
                 reason = f"{type(body).__name__} is not expected from {peer.name}"
@@ -257,6 +265,40 @@ class SchedulerActor:
                 await self.router.send(peer, TokenBatch(outputs=batch))
         for failure in failures:
             await self._send_failure(failure)
+        await self._send_transfers()
+
+    async def _send_transfers(self) -> None:
+        """The hand-offs' transfer commands, each under its hand-off's span (a child
+        of the request's span), which ends when the hand-off settles."""
+        handoffs = self.scheduler.handoffs
+        started, handoffs.started = handoffs.started, []
+        for transfer in started:
+            request = transfer.request
+            transfer.span = _tracer.start_span(
+                "scheduler.handoff",
+                context=set_span_in_context(request.span) if request.span else request.context,
+                attributes={"gen_ai.request.id": request.request_id,
+                            "meshserve.transfer.id": transfer.transfer_id,
+                            "meshserve.transfer.source": transfer.source,
+                            "meshserve.transfer.dest": transfer.dest,
+                            "meshserve.transfer.blocks": len(transfer.dest_blocks)})
+        while handoffs.commands:
+            commands, handoffs.commands = handoffs.commands, []
+            for c in commands:
+                peer = self.peers_by_name.get(c.worker)
+                span = c.transfer.span
+                ctx = set_span_in_context(span) if span is not None else None
+                delivered = peer is not None and await self.router.send(peer, c.command, ctx=ctx)
+                if not delivered and not isinstance(c.command, KvTransferCancel):
+                    # The worker never got it, so that side will not report: it settles
+                    # now (a lost worker's settled already), which may queue a cancel.
+                    # A lost cancel is different: the transfer still runs there and
+                    # ends at its own deadline, with a report.
+                    handoffs.on_done(c.worker, KvTransferDone(
+                        c.transfer.transfer_id, False, error="command not delivered"))
+        ended, handoffs.ended = handoffs.ended, []
+        for transfer in ended:
+            _end_handoff_span(transfer)
 
     async def _send_failure(self, failure: RequestFailure) -> None:
         peer = self.peers_by_name.get(failure.owner)
@@ -331,7 +373,8 @@ class SchedulerActor:
             swap_fallbacks=stats.swap_fallbacks,
             max_model_len=scheduler.max_model_len(),
             routing=scheduler.waiting.placement.mode,
-            per_worker=[_worker_status(slot, stats) for slot in scheduler.workers.values()],
+            per_worker=[_worker_status(slot, stats, scheduler.handoffs.in_flight(slot.name))
+                        for slot in scheduler.workers.values()],
         )
 
     async def _report_status(self) -> None:
@@ -347,6 +390,7 @@ class SchedulerActor:
             match event:
                 case Received(body=KvLease() as lease):
                     self.scheduler.on_lease(lease)
+                    await self._send_transfers()  # a hand-off may have waited for it
                     await self._pump(lease.pool_id)
                 case Received(body=KvHostResize() as resize):
                     log.info("host swap pool resized", pool=resize.pool_id,
@@ -366,7 +410,7 @@ class SchedulerActor:
                     log.warning("kv manager unreachable", reason=reason)
 
 
-def _worker_status(slot: WorkerSlot, stats: SchedulerStats) -> WorkerStatus:
+def _worker_status(slot: WorkerSlot, stats: SchedulerStats, transfers: int) -> WorkerStatus:
     counters = stats.worker(slot.name)
     usage = slot.lease.usage
     return WorkerStatus(
@@ -378,6 +422,11 @@ def _worker_status(slot: WorkerSlot, stats: SchedulerStats) -> WorkerStatus:
         requests_placed=counters.requests_placed,
         rebalanced_in=counters.rebalanced_in,
         kv_usage=usage.used_blocks / usage.num_blocks if usage and usage.num_blocks else 0.0,
+        role=slot.details.role,
+        transfers_in_flight=transfers,
+        transfers_completed=counters.transfers_completed,
+        transfers_failed=counters.transfers_failed,
+        transfer_bytes=counters.transfer_bytes,
     )
 
 
@@ -391,6 +440,18 @@ def _token_output(output: RequestOutput) -> TokenOutput:
         logprobs=output.logprobs,
         prompt_logprobs=output.prompt_logprobs,
     )
+
+
+def _end_handoff_span(transfer: Transfer) -> None:
+    span = transfer.span
+    if span is None:
+        return
+    span.set_attribute("meshserve.transfer.bytes", transfer.bytes_moved)
+    span.set_attribute("meshserve.transfer.seconds", transfer.seconds)
+    if not transfer.completed:
+        span.set_status(trace.StatusCode.ERROR, transfer.error or "failed")
+    span.end()
+    transfer.span = None
 
 
 def _end_span(output: RequestOutput) -> None:

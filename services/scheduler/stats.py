@@ -14,6 +14,11 @@ class WorkerCounters:
     prefix_cache_hits: int = 0  # of those, found in this worker's cache
     requests_placed: int = 0  # new requests placement put on this worker's queue
     rebalanced_in: int = 0  # waiting requests this worker took from a backlogged peer
+    # Prefill/decode hand-offs (handoff.py) this worker sent or received, by outcome,
+    # and the bytes its own side reported moved.
+    transfers_completed: int = 0
+    transfers_failed: int = 0
+    transfer_bytes: int = 0
 
 
 @dataclass(slots=True)

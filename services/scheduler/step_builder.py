@@ -27,7 +27,8 @@ class StepBuilder:
         return sum(self._num_tokens)
 
     def has_work(self) -> bool:
-        return bool(self.batch or self._swap_in)
+        # A registration alone is work too (a hand-off's arrival not scheduled yet).
+        return bool(self.batch or self._swap_in or self._new)
 
     def schedule(self, request: Request, count: int, blocks: list[int],
                  copies: list[tuple[int, int, int]]) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from services.scheduler.block_lease import BlockLease
 from services.scheduler.host_pool import HostPool
 from services.scheduler.request import Request, RequestStatus
+from services.scheduler.roles import hands_off
 from services.scheduler.waiting_queue import WorkerQueue
 from shared.protocol.common import WorkerDetails
 
@@ -65,6 +66,9 @@ class WorkerSlot:
     pending_swap_out: list[tuple[Request, list[int], list[int]]] = field(default_factory=list)
     host_freed_after_plan: list[int] = field(default_factory=list)  # swapped in this plan
     host_blocks_sent: int = -1  # host pool size the worker was last told
+    # Requests handed to this worker whose K/V arrived (handoff.py): running here
+    # already, registered with the worker in its next plan.
+    arrivals: list[Request] = field(default_factory=list)
 
     def note_prefill_owed(self) -> None:
         """Recount ``prefill_owed`` (after a plan: only planning schedules tokens)."""
@@ -85,6 +89,7 @@ class WorkerSlot:
         request.max_total_len = self.max_total_len
         request.eos_token_ids = frozenset(self.details.eos_token_ids)
         request.sent_to_worker = True
+        request.hands_off = hands_off(self, request)
         self.running[request.request_id] = request
 
     def host_num_blocks_news(self) -> int:

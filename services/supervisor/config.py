@@ -9,6 +9,10 @@ class SupervisorConfig(msgspec.Struct, frozen=True):
     run_dir: str = ""  # empty: /tmp/meshserve-<uid>; holds sockets, pid file, detached log
     tokenizers: int = 1  # tokenizer replicas
     workers: int = 1  # worker replicas
+    # Worker roles by replica index, comma-separated: prefill | decode | both
+    # (services/scheduler/README.md, Roles). A list shorter than the workers repeats
+    # its last entry (also for replicas `scale worker=N` adds); empty: every worker both.
+    worker_roles: str = ""
     tts_replicas: int = 1  # tts replicas (0: no speech)
     startup_timeout_s: float = 300.0  # every child healthy within this, or `up` fails
     hello_timeout_s: float = 120.0  # a started child says hello within this, or is killed

@@ -138,12 +138,16 @@ def _stats(run_dir: Path, as_json: bool) -> None:
                      str(p.requests), str(p.host_num_blocks), str(p.host_used_blocks)))
     _print_table(rows)
     print(f"routing {scheduler.routing or '-'}")
-    worker_rows = [("WORKER", "WAITING", "RUNNING", "HIT_RATE", "HIT_TOKENS", "PLACED",
-                    "REBALANCED_IN", "KV_USAGE")]
+    # XFER: prefill/decode hand-offs it sent or received, in flight/completed/failed.
+    worker_rows = [("WORKER", "ROLE", "WAITING", "RUNNING", "HIT_RATE", "HIT_TOKENS", "PLACED",
+                    "REBALANCED_IN", "KV_USAGE", "XFER", "XFER_BYTES")]
     for w in scheduler.per_worker:
-        worker_rows.append((w.worker, str(w.waiting), str(w.running), f"{_hit_rate(w):.1%}",
-                            f"{w.prefix_cache_hits}/{w.prefix_cache_queries}",
-                            str(w.requests_placed), str(w.rebalanced_in), f"{w.kv_usage:.1%}"))
+        hits = f"{w.prefix_cache_hits}/{w.prefix_cache_queries}"
+        worker_rows.append((w.worker, w.role, str(w.waiting), str(w.running),
+                            f"{_hit_rate(w):.1%}", hits,
+                            str(w.requests_placed), str(w.rebalanced_in), f"{w.kv_usage:.1%}",
+                            f"{w.transfers_in_flight}/{w.transfers_completed}/{w.transfers_failed}",
+                            str(w.transfer_bytes)))
     _print_table(worker_rows)
 
 

@@ -69,7 +69,7 @@ CONFIG_STRUCTS: dict[str, type[msgspec.Struct]] = {
 # replica shares one environment; here each child gets its replica id directly.)
 MANAGED_SETTINGS = frozenset(
     {"replica", "replica_from_hostname", "health_file", "run_dir", "transfer_addr",
-     *SOCKET_NAMES}
+     "worker_role", *SOCKET_NAMES}
 )
 
 
@@ -204,6 +204,7 @@ class MeshSettings:
         if service == "worker":
             # Each worker binds its own KV transfer socket (services/worker/README.md).
             env[env_name("transfer_addr")] = f"ipc://{self.run_dir / f'xfer-{replica}.sock'}"
+            env[env_name("worker_role")] = worker_role(self.supervisor.worker_roles, replica)
         # Children log and trace under their own names; never inherit ours.
         env.pop("OTEL_SERVICE_NAME", None)
         return env
@@ -223,6 +224,31 @@ class MeshSettings:
         env = self.child_env("api", 0)
         env[env_name("run_dir")] = str(self.run_dir)
         return {name: load_config(cls, environ=env) for name, cls in CONFIG_STRUCTS.items()}
+
+
+WORKER_ROLES = ("prefill", "decode", "both")
+
+
+def worker_roles(setting: str) -> list[str]:
+    """``--worker-roles`` as a list (empty: every worker ``both``); ValueError names
+    a bad entry."""
+    if not setting.strip():
+        return []
+    roles = [role.strip() for role in setting.split(",")]
+    for role in roles:
+        if role not in WORKER_ROLES:
+            raise ValueError(f"--worker-roles: {role!r} is not a role; each entry is one "
+                             f"of {', '.join(WORKER_ROLES)}, e.g. prefill,decode")
+    return roles
+
+
+def worker_role(setting: str, replica: int) -> str:
+    """Worker ``replica``'s role: its entry of the list, or the last entry past its end
+    (so replicas added by `scale worker=N` follow the list's last role)."""
+    roles = worker_roles(setting)
+    if not roles:
+        return "both"
+    return roles[min(replica, len(roles) - 1)]
 
 
 def api_key_setting(keys: list[str]) -> str:
@@ -272,6 +298,7 @@ def resolve_settings(flags: Flags, environ: Mapping[str, str]) -> MeshSettings:
     for name, value in (("tokenizers", supervisor.tokenizers), ("workers", supervisor.workers)):
         if value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
+    worker_roles(supervisor.worker_roles)  # a bad entry fails here, not in every worker
     if supervisor.tts_replicas < 0:
         raise ValueError(f"--tts must be at least 0, got {supervisor.tts_replicas}")
     # The run dir is the supervisor's own business; children get addresses instead.

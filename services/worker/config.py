@@ -41,3 +41,12 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     # nccl: where a sender makes each worker pair's rendezvous file (FileStore),
     # shared by both workers of a pair (one host). Empty: <tmp>/meshserve-nccl-<uid>.
     transfer_nccl_store_dir: str = ""
+    # prefill | decode | both: the part of each request the scheduler gives this
+    # worker (services/scheduler/README.md, Roles). The supervisor sets it per replica
+    # from `--worker-roles`.
+    worker_role: str = "both"
+
+    def __post_init__(self) -> None:
+        if self.worker_role not in ("prefill", "decode", "both"):
+            raise ValueError(
+                f"worker_role must be prefill, decode or both, not {self.worker_role!r}")

@@ -85,12 +85,13 @@ def _num_tokens(plan: StepPlan) -> int:
 
 class WorkerActor:
     def __init__(self, runtime: ServiceRuntime, runner: ModelRunner, overlap: bool = True,
-                 fault_stall_file: str = "", transfers: KvTransferEngine | None = None) -> None:
+                 fault_stall_file: str = "", transfers: KvTransferEngine | None = None,
+                 role: str = "both") -> None:
         self.runner = runner
         self._runtime = runtime
         self._fault_stall_file = fault_stall_file
         self.overlap = overlap and runner.launches_async
-        details = runner.details()
+        details = msgspec.structs.replace(runner.details(), role=role)
         if transfers is not None:
             details = msgspec.structs.replace(details, transfer_addr=transfers.address)
         # The hello carries the KV geometry the scheduler plans with.
@@ -285,7 +286,8 @@ async def main(runtime: ServiceRuntime) -> None:
     runtime.ready = True
     await WorkerActor(runtime, runner, overlap=config.overlap_steps,
                       fault_stall_file=config.fault_stall_file,
-                      transfers=_transfer_engine(runtime, config, runner)).run()
+                      transfers=_transfer_engine(runtime, config, runner),
+                      role=config.worker_role).run()
 
 
 def _transfer_engine(runtime: ServiceRuntime, config: WorkerConfig,

@@ -21,6 +21,9 @@ class WorkerDetails(msgspec.Struct, frozen=True):
     # Where the worker's KV transfer socket listens (shared/protocol/transfer.py):
     # the address another worker sends this one blocks at. "": no transfer engine.
     transfer_addr: str = ""
+    # prefill | decode | both (services/scheduler/README.md, Roles): which part of a
+    # request the scheduler gives this worker.
+    role: str = "both"
 
 
 class Hello(msgspec.Struct, frozen=True, tag=True):

@@ -272,6 +272,13 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     requests_placed: int = 0  # new requests routing placed on it
     rebalanced_in: int = 0  # waiting requests it took from a backlogged peer
     kv_usage: float = 0.0
+    # Prefill/decode hand-offs (KV transfers) it sends or receives: live ones, ended
+    # ones by outcome, and the bytes its own side reported moved.
+    role: str = "both"
+    transfers_in_flight: int = 0
+    transfers_completed: int = 0
+    transfers_failed: int = 0
+    transfer_bytes: int = 0
 
 
 class SchedulerStatus(msgspec.Struct, frozen=True, tag=True):

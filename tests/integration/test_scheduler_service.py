@@ -237,10 +237,18 @@ async def test_routing_changes_at_run_time_and_a_bad_mode_is_rejected(ipc_dir: P
         answers: list[object] = []
         try:
             await tg.start(cli.run)
-            await cli.send(KvStatsRequest())
-            await cli.send(SetRouting("random"))
-            await cli.send(SetRouting("least-loaded"))
             with anyio.fail_after(20):
+                # The worker's hello may reach the scheduler after the cli's first
+                # question: ask again until the status knows it (a handshake, no sleep).
+                await cli.send(KvStatsRequest())
+                async for event in cli.inbox:
+                    if isinstance(event, Received) and isinstance(event.body, SchedulerStatus):
+                        if event.body.per_worker:
+                            answers.append(event.body)
+                            break
+                        await cli.send(KvStatsRequest())
+                await cli.send(SetRouting("random"))
+                await cli.send(SetRouting("least-loaded"))
                 async for event in cli.inbox:
                     if isinstance(event, Received):
                         answers.append(event.body)

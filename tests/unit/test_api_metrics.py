@@ -74,7 +74,9 @@ def test_per_worker_series_carry_a_worker_label() -> None:
         WorkerStatus("worker/0", waiting=1, running=2, prefix_cache_queries=100,
                      prefix_cache_hits=80, requests_placed=5, rebalanced_in=0, kv_usage=0.5),
         WorkerStatus("worker/1", waiting=0, running=1, prefix_cache_queries=40,
-                     prefix_cache_hits=0, requests_placed=2, rebalanced_in=1),
+                     prefix_cache_hits=0, requests_placed=2, rebalanced_in=1, role="decode",
+                     transfers_in_flight=2, transfers_completed=9, transfers_failed=1,
+                     transfer_bytes=4096),
     ])
     got = samples(ApiMetrics("m").render(status, tokenizers=1, inflight=0,
                                          rejected_messages=0))
@@ -86,6 +88,11 @@ def test_per_worker_series_carry_a_worker_label() -> None:
     assert got[f"meshserve:worker_requests_placed_total{{{w0}}}"] == 5
     assert got[f"meshserve:worker_requests_rebalanced_in_total{{{w1}}}"] == 1
     assert got[f"meshserve:worker_kv_cache_usage_perc{{{w0}}}"] == 0.5
+    assert got[f"meshserve:worker_kv_transfers_in_flight{{{w1}}}"] == 2
+    assert got[f"meshserve:worker_kv_transfers_completed_total{{{w1}}}"] == 9
+    assert got[f"meshserve:worker_kv_transfers_failed_total{{{w1}}}"] == 1
+    assert got[f"meshserve:worker_kv_transfer_bytes_total{{{w1}}}"] == 4096
+    assert got[f"meshserve:worker_kv_transfer_bytes_total{{{w0}}}"] == 0
 
 
 def test_without_a_scheduler_status_its_gauges_are_absent() -> None:

@@ -104,6 +104,20 @@ def test_bad_values_fail_before_anything_starts() -> None:
         resolve_settings(Flags(run_dir="/tmp/ms-t", workers=0), {})
 
 
+def test_worker_roles_reach_each_replica_and_the_last_one_repeats() -> None:
+    flags = Flags(run_dir="/tmp/ms-t", workers=3, config={"worker_roles": "prefill,decode"})
+    settings = resolve_settings(flags, {})
+    roles = [settings.child_env("worker", i)["MESHSERVE_WORKER_ROLE"] for i in range(4)]
+    assert roles == ["prefill", "decode", "decode", "decode"]  # replica 3: a scale-up
+    assert "MESHSERVE_WORKER_ROLE" not in settings.child_env("tokenizer", 0)
+    default = resolve_settings(Flags(run_dir="/tmp/ms-t"), {}).child_env("worker", 1)
+    assert default["MESHSERVE_WORKER_ROLE"] == "both"
+    with pytest.raises(ValueError, match="'dekode' is not a role"):
+        resolve_settings(Flags(run_dir="/tmp/ms-t", config={"worker_roles": "prefill,dekode"}), {})
+    with pytest.raises(ValueError, match="--set worker_role"):  # per replica: the list's job
+        resolve_settings(Flags(run_dir="/tmp/ms-t", settings=["worker_role=decode"]), {})
+
+
 def test_a_run_dir_too_long_for_ipc_is_refused() -> None:
     check_run_dir(Path("/tmp/meshserve-1000"))
     with pytest.raises(ValueError, match="shorter --run-dir"):
