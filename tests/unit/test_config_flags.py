@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import Annotated, get_args, get_origin
 from pathlib import Path
+from typing import Annotated, get_args, get_origin
 
 import msgspec
 import pytest
