@@ -20,7 +20,7 @@ from shared.config import env_name
 
 # Strings some structs validate; any other string field takes "probe-<name>".
 VALID_STRINGS = {"device": "cpu", "dtype": "float32", "preemption_mode": "recompute",
-                 "routing": "round-robin",
+                 "routing": "round-robin", "worker_roles": "prefill,decode",
                  "log_level": "debug", "host": "127.0.0.2", "engine": "espeak-ng",
                  "curve_dir": "/tmp/ms-flags-keys", "api_key": "probe-key"}
 
