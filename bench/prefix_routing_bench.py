@@ -9,14 +9,16 @@ hit rate (from `meshserve kv stats`, overall and per worker), throughput and TTF
 p50/p99, then the ratios of prefix routing to each other mode, and writes the
 figures as JSON into --result-dir.
 
-The default pool (--kv-blocks 160 a worker, --lease-blocks 32) holds about half
-of the 8 prefixes (25 blocks each) per worker: the regime routing is for, where a
-worker's cache can hold its share of the prefixes but not all of them. With the
-CPU default of 4096 blocks every worker ends up caching every prefix whatever the
-routing, and only the first request of each prefix on each worker differs
-(`--kv-blocks 0 --num-prefixes 4 --num-prompts 48 --request-rate 0`: the burst).
-A small pool needs a small lease too: the blocks leased ahead (by default enough
-for every step in flight, here the whole pool) are evicted from the cache.
+The default pool (--kv-blocks 300 a worker, --lease-blocks 32) holds about half
+of the 8 prefixes of 800 tokens (50 blocks each) per worker: the regime routing is
+for, where a worker's cache can hold its share of the prefixes but not all of them.
+Prefixes this long make a miss cost enough prefill for TTFT to show it on a shared
+CPU (with 400-token prefixes, 160 blocks, the hit rates differ as much, 91.7% against
+48.4%, but TTFT p99 was within the machine's noise). With the CPU default of 4096
+blocks every worker ends up caching every prefix whatever the routing, and only the
+first request of each prefix on each worker differs (`--kv-blocks 0 --num-prefixes 4
+--num-prompts 48 --request-rate 0`: the burst). A small pool needs a small lease too:
+blocks leased ahead are taken from the evictable cached ones.
 
     .venv/bin/python -m bench.prefix_routing_bench
     .venv/bin/python -m bench.prefix_routing_bench --kv-blocks 0 --num-prefixes 4 \
@@ -161,11 +163,11 @@ def main() -> None:
                         help="routing modes to compare, comma-separated")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--num-prefixes", type=int, default=8)
-    parser.add_argument("--prefix-len", type=int, default=400)
+    parser.add_argument("--prefix-len", type=int, default=800)
     parser.add_argument("--suffix-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=4)
     parser.add_argument("--num-prompts", type=int, default=192)
-    parser.add_argument("--kv-blocks", type=int, default=160,
+    parser.add_argument("--kv-blocks", type=int, default=300,
                         help="KV blocks of each worker (0: the worker's default)")
     parser.add_argument("--lease-blocks", type=int, default=32,
                         help="blocks the scheduler leases ahead per worker (0: auto)")
