@@ -9,7 +9,6 @@ requests are recomputed on the prefill worker) and no pool keeps a block."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from shared.embedded_model import ensure_embedded_model
 from tests.e2e.mesh import Mesh, start_mesh
 from tests.e2e.test_kv_cache import metric, shared_prefix_prompts
-from tests.e2e.test_routing import kv_stats
+from tests.e2e.test_routing import kv_stats, round_during
 from tests.e2e.test_token_exact import complete_all, oracle
 
 pytestmark = pytest.mark.slow
@@ -42,17 +41,7 @@ def settled_stats(mesh: Mesh, deadline_s: float = 15.0) -> dict:
 
 def restart_decode_mid_round(mesh: Mesh) -> list[tuple[str, int, str]]:
     """A round during which the decode worker is restarted (SIGTERM, start again)."""
-    answers: list[list[tuple[str, int, str]]] = []
-    client = threading.Thread(
-        target=lambda: answers.append(anyio.run(complete_all, mesh.base_url, PROMPTS)))
-    client.start()
-    try:
-        restarted = mesh.cli("restart", "worker/1", timeout=120)
-        assert restarted.returncode == 0, restarted.stderr
-    finally:
-        client.join(timeout=300)
-    assert answers, "the round did not finish"
-    return answers[0]
+    return round_during(mesh, PROMPTS, "restart", "worker/1")
 
 
 def test_prefill_worker_hands_off_to_decode_worker_token_exact(tmp_path: Path) -> None:

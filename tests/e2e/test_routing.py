@@ -60,22 +60,29 @@ def run_modes(mesh: Mesh) -> dict[str, tuple[list[tuple[str, int, str]], dict[st
     return rounds
 
 
+def round_during(mesh: Mesh, prompts: list[list[int]],
+                 *command: str) -> list[tuple[str, int, str]]:
+    """One round of ``prompts`` while ``meshserve COMMAND`` runs (a scale, a restart)."""
+    answers: list[list[tuple[str, int, str]]] = []
+    client = threading.Thread(
+        target=lambda: answers.append(anyio.run(complete_all, mesh.base_url, prompts)))
+    client.start()
+    try:
+        done = mesh.cli(*command, timeout=120)
+        assert done.returncode == 0, done.stderr
+    finally:
+        client.join(timeout=300)
+    assert answers, "the round did not finish"
+    return answers[0]
+
+
 def scale_down_mid_round(mesh: Mesh) -> list[tuple[str, int, str]]:
     """A round-robin round (every worker gets requests) during which the mesh scales
     to 2 workers: the leaving worker's queued and running requests are re-placed."""
     assert mesh.cli("kv", "set", "routing", "round-robin").returncode == 0
-    answers: list[list[tuple[str, int, str]]] = []
-    client = threading.Thread(
-        target=lambda: answers.append(anyio.run(complete_all, mesh.base_url, PROMPTS)))
-    client.start()
-    try:
-        scaled = mesh.cli("scale", "worker=2", timeout=120)
-        assert scaled.returncode == 0, scaled.stderr
-    finally:
-        client.join(timeout=300)
+    answers = round_during(mesh, PROMPTS, "scale", "worker=2")
     assert len(wait_for_workers(mesh, 2)["workers"]) == 2
-    assert answers, "the round did not finish"
-    return answers[0]
+    return answers
 
 
 def test_every_routing_mode_is_token_exact_with_two_and_three_workers(
