@@ -17,7 +17,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     max_waiting_tokens: int = 1 << 20
     max_model_len: int = 0  # 0: the worker's
     # Free KV blocks leased ahead from the KV manager; 0: enough for every step in
-    # flight at a full token budget (scheduler/worker_slot.py: lease_target).
+    # flight at a full token budget, at most 1/4 of the pool (worker_slot.lease_target).
     lease_blocks: int = 0
     # Steps planned ahead of each worker (it feeds decode inputs itself); 0: by the
     # worker's device, 4 on CUDA and 2 on the CPU (see scheduler/worker_slot.py).
