@@ -34,6 +34,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def replica_device(name: str, replica: int, gpu_count: int) -> str:
+    """The device worker replica ``replica`` computes on, on a host with ``gpu_count``
+    GPUs. ``auto`` or ``cuda`` (no index) with several GPUs spreads the replicas over
+    them, replica i on GPU i mod count, so data-parallel workers each get a GPU of
+    their own as vLLM's data-parallel ranks do; ``cpu`` and ``cuda:N`` are kept."""
+    if name not in ("auto", "cuda") or gpu_count < 2:
+        return name
+    return f"cuda:{replica % gpu_count}"
+
+
+def gpu_count() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: float32 on the CPU, bfloat16 on CUDA."""
     if name == "auto":

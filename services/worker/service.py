@@ -45,7 +45,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, StatusCode
 
 from services.worker.config import WorkerConfig
-from services.worker.device import resolve_device
+from services.worker.device import gpu_count, replica_device, resolve_device
 from services.worker.kv_transfer.engine import KvTransferEngine
 from services.worker.kv_transfer.staging import BlockStager
 from services.worker.runner import LaunchedStep, ModelRunner
@@ -255,11 +255,11 @@ class _InFlight:
     span: Span
 
 
-def _load_runner(config: WorkerConfig) -> ModelRunner:
+def _load_runner(config: WorkerConfig, device: str) -> ModelRunner:
     model_dir = resolve_model_dir(config.model, config.revision)
     return ModelRunner(
         model_dir,
-        device=config.device,
+        device=device,
         dtype=config.dtype,
         num_kv_blocks=config.num_kv_blocks,
         block_size=config.block_size,
@@ -277,9 +277,10 @@ async def main(runtime: ServiceRuntime) -> None:
         # On a CPU host the api, tokenizer and scheduler need cores too: a worker
         # that takes them all makes every step wait on oversubscribed threads.
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    log.info("loading model", model=config.model or "(embedded)", device=config.device)
+    device = replica_device(config.device, runtime.identity.replica, gpu_count())
+    log.info("loading model", model=config.model or "(embedded)", device=device)
     # Off the event loop: loading takes seconds, and the supervisor link keeps beating.
-    runner = await anyio.to_thread.run_sync(functools.partial(_load_runner, config))
+    runner = await anyio.to_thread.run_sync(functools.partial(_load_runner, config, device))
     log.info("model loaded", **msgspec.structs.asdict(runner.details()),
              dtype=str(runner.dtype).removeprefix("torch."))
     runtime.capacity = PLAN_QUEUE_SIZE
