@@ -129,6 +129,15 @@ class Outcome:
     stragglers: int = 0  # outputs of recently ended requests, ignored
 
 
+def spec_problem(spec: DetokenizeSpec) -> str | None:
+    """Why a ``DetokenizeSpec`` that came in from a socket (a GenerateRequest from
+    the api, a Reassign from the scheduler) cannot be served, or None: checked
+    before ``admit``, which would pay per stop-string prefix or fail on the parser."""
+    if problem := stop_strings_problem(spec.stop):
+        return f"`stop`: {problem}"
+    return parser_problem(spec.tool_parser)
+
+
 class InflightRequests:
     """Detokenization state of every request this replica holds. Pure, no I/O."""
 
@@ -238,8 +247,7 @@ class InflightRequests:
             prompt_ids = self._unpack(message.request_id, message.prompt_token_ids)
             output_ids = self._unpack(message.request_id, message.output_token_ids)
             self._check_range(message.request_id, output_ids)
-            spec = message.detokenize
-            if problem := stop_strings_problem(spec.stop) or parser_problem(spec.tool_parser):
+            if problem := spec_problem(message.detokenize):
                 raise CorruptOutput(f"{message.request_id}: {problem}")
         except CorruptOutput as e:
             self._requests.pop(message.request_id, None)

@@ -32,8 +32,13 @@ from opentelemetry.trace import Status, StatusCode
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.encoder import PromptEncoder, PromptError
 from services.tokenizer.grammar_check import GrammarCheck, describe
-from services.tokenizer.inflight import Finished, InflightRequests, Outcome, ResumeSpec
-from services.tokenizer.tool_parsers import parser_problem
+from services.tokenizer.inflight import (
+    Finished,
+    InflightRequests,
+    Outcome,
+    ResumeSpec,
+    spec_problem,
+)
 from shared.config import load_config
 from shared.endpoints import connect_dealer
 from shared.logs import get_logger
@@ -57,7 +62,6 @@ from shared.protocol.generation import (
     Submit,
     TextBatch,
     TokenBatch,
-    stop_strings_problem,
 )
 from shared.protocol.tokenize import (
     DetokenizeRequest,
@@ -244,9 +248,7 @@ class TokenizerService:
                         request, sampling=self._encoder.resolve_sampling(request.sampling),
                         detokenize=self._encoder.resolve_detokenize(request))
                     await self._check_grammar(request.sampling)
-                    if problem := stop_strings_problem(request.detokenize.stop):
-                        raise PromptError(f"`stop`: {problem}")
-                    if problem := parser_problem(request.detokenize.tool_parser):
+                    if problem := spec_problem(request.detokenize):
                         raise PromptError(problem)
                 except PromptError as e:
                     refusal = RequestFailed("", 400, "invalid_request_error", str(e))
