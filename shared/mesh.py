@@ -24,7 +24,6 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import anyio
@@ -459,10 +458,3 @@ def bind_address(address: str) -> str:
         return f"tcp://*:{port}"
     return address
 
-
-def remove_ipc_file(address: str) -> None:
-    """Remove a closed socket's ipc file. libzmq unlinks it from its I/O thread after
-    the close, so a process that exits right after (a worker forked from the zygote)
-    can leave it behind in the run dir, which `meshserve down` must leave clean."""
-    if address.startswith("ipc://"):
-        Path(address[len("ipc://"):]).unlink(missing_ok=True)

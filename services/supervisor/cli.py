@@ -51,9 +51,14 @@ from services.supervisor.mesh_plan import (
     curve_dir,
     default_run_dir,
     resolve_settings,
-    socket_paths,
 )
-from services.supervisor.run_dir import kill_and_wait, pid_file, running_pid, wait_for_exit
+from services.supervisor.run_dir import (
+    kill_and_wait,
+    pid_file,
+    remove_leftovers,
+    running_pid,
+    wait_for_exit,
+)
 from shared.config import env_name, load_config
 from shared.curve import CurveKeyError, create_keys
 from shared.protocol.control import (
@@ -389,8 +394,8 @@ def _remove_leftovers(run_dir: Path) -> None:
     """Only once no supervisor owns the run dir any more."""
     if running_pid(run_dir) is not None:
         return
-    for path in [*socket_paths(run_dir), pid_file(run_dir)]:
-        path.unlink(missing_ok=True)
+    remove_leftovers(run_dir)
+    pid_file(run_dir).unlink(missing_ok=True)
 
 
 def _without_secrets(config: msgspec.Struct) -> msgspec.Struct:

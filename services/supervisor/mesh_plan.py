@@ -46,6 +46,7 @@ SOCKET_NAMES = {
     "speech_addr": "speech.sock",
 }
 CONTROL_SOCKET = "control.sock"
+TRANSFER_SOCKETS = "xfer-{replica}.sock"  # each worker's KV transfer socket
 KEY_DIR = "keys"  # the mesh's CURVE keys, unless MESHSERVE_CURVE_DIR names another dir
 PID_FILE = "supervisor.pid"
 DETACHED_LOG = "mesh.log"
@@ -88,8 +89,16 @@ def curve_dir(run_dir: Path, environ: Mapping[str, str]) -> Path:
     return Path(configured).expanduser().absolute() if configured else run_dir / KEY_DIR
 
 
+def transfer_socket(run_dir: Path, replica: int) -> Path:
+    return run_dir / TRANSFER_SOCKETS.format(replica=replica)
+
+
 def socket_paths(run_dir: Path) -> list[Path]:
-    return [run_dir / name for name in (*SOCKET_NAMES.values(), CONTROL_SOCKET)]
+    """Every socket file a mesh in ``run_dir`` binds: the fixed ones, and the worker
+    transfer sockets there now (one per worker replica that ran; a killed worker's
+    stays behind until the run dir is cleaned)."""
+    fixed = [run_dir / name for name in (*SOCKET_NAMES.values(), CONTROL_SOCKET)]
+    return fixed + sorted(run_dir.glob(TRANSFER_SOCKETS.format(replica="*")))
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -203,7 +212,7 @@ class MeshSettings:
             env[env_name(key)] = getattr(self.addresses, key)
         if service == "worker":
             # Each worker binds its own KV transfer socket (services/worker/README.md).
-            env[env_name("transfer_addr")] = f"ipc://{self.run_dir / f'xfer-{replica}.sock'}"
+            env[env_name("transfer_addr")] = f"ipc://{transfer_socket(self.run_dir, replica)}"
             env[env_name("worker_role")] = worker_role(self.supervisor.worker_roles, replica)
         # Children log and trace under their own names; never inherit ours.
         env.pop("OTEL_SERVICE_NAME", None)

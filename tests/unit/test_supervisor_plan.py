@@ -21,6 +21,8 @@ from services.supervisor.mesh_plan import (
     check_run_dir,
     parse_settings,
     resolve_settings,
+    socket_paths,
+    transfer_socket,
 )
 from shared.protocol.control import ChildStatus, MeshStatus, RestartRequest, ScaleRequest
 
@@ -59,6 +61,15 @@ def test_child_env_carries_identity_addresses_and_the_caller_env() -> None:
     # Each worker its own KV transfer socket; other services none.
     assert child["MESHSERVE_TRANSFER_ADDR"] == "ipc:///tmp/ms-t/xfer-2.sock"
     assert "MESHSERVE_TRANSFER_ADDR" not in settings.child_env("tokenizer", 0)
+
+
+def test_socket_paths_include_the_worker_transfer_sockets_there(tmp_path: Path) -> None:
+    # What the run dir's cleanup removes: a killed worker's transfer socket too.
+    transfer_socket(tmp_path, 3).touch()
+    (tmp_path / "mesh.log").touch()
+    paths = socket_paths(tmp_path)
+    assert tmp_path / "xfer-3.sock" in paths and tmp_path / "control.sock" in paths
+    assert tmp_path / "mesh.log" not in paths
 
 
 def test_with_model_pins_the_folder_and_the_served_name() -> None:

@@ -53,7 +53,7 @@ from services.worker.kv_transfer.state import (
 )
 from shared.frames import FrameWriter, decode_frames
 from shared.logs import get_logger
-from shared.mesh import RejectionLog, bind_address, remove_ipc_file
+from shared.mesh import RejectionLog, bind_address
 from shared.protocol.common import Rejected
 from shared.protocol.transfer import (
     ToTransferReceiver,
@@ -209,7 +209,6 @@ class KvTransferEngine:
                 link.socket.close(linger=0)
             self._links.clear()
             self._router.close(linger=0)
-            remove_ipc_file(self.address)
             if self._nccl is not None:
                 self._nccl.close()
 
