@@ -204,11 +204,11 @@ def summarize(name: str, timings: list[RequestTiming], wall: float) -> dict[str,
 
 
 def run_in_process(model: str, prompts: list[list[int]], warmup: list[list[int]],
-                   max_tokens: int,
-                   torch_threads: int, device: str) -> tuple[list[RequestTiming], float]:
+                   max_tokens: int, torch_threads: int, device: str,
+                   quantization: str = "") -> tuple[list[RequestTiming], float]:
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
-    runner = ModelRunner(resolve_model_dir(model), device=device)
+    runner = ModelRunner(resolve_model_dir(model), device=device, quantization=quantization)
     engine = InProcessEngine(runner)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine.generate(warmup, sampling)  # warm-up, as for the mesh
@@ -283,8 +283,11 @@ def main() -> None:
             mesh_args += ["--set", setting]
         with started_mesh(args.model, mesh_args) as url:
             mesh = drive(url)
+    # The in-process engine computes what the mesh's workers do: same quantization.
+    settings = dict(setting.partition("=")[::2] for setting in args.mesh_set)
     local_timings, local_wall = run_in_process(args.model, prompts, warmup, args.max_tokens,
-                                               args.torch_threads, args.device)
+                                               args.torch_threads, args.device,
+                                               settings.get("quantization", ""))
     local = summarize("in-process", local_timings, local_wall)
     ratio = mesh["throughput_tok_s"] / local["throughput_tok_s"]
     print(f"throughput ratio mesh / in-process: {ratio:.3f}")

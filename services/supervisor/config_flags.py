@@ -40,6 +40,8 @@ HELP: dict[str, str] = {
     "device": "worker device: auto | cpu | cuda[:N]",
     "dtype": "weights and activations: auto (cpu float32, cuda bfloat16) | float32 | "
     "bfloat16 | float16",
+    "quantization": "fp8: projections in FP8 on the GPU's FP8 tensor cores (quantized at "
+    "load, per channel; activations per token); empty: weights in dtype",
     "max_model_len": "context length (prompt + output); 0: the model's",
     "chat_template": "a chat template file, or the template inline; replaces the model's",
     "revision": "a hub model's branch, tag or commit",

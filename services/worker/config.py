@@ -10,6 +10,9 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     revision: str = ""  # a hub model's branch, tag or commit; empty: main
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (cpu: float32, cuda: bfloat16) | float32 | bfloat16 | float16
+    # "" (weights in dtype) | fp8: the projections quantized to FP8 at load, per
+    # output channel, activations per token (services/worker/models/quantization.py).
+    quantization: str = ""
     block_size: int = 16
     num_kv_blocks: int = 0  # 0: sized from free memory (cpu: 4096 blocks)
     max_model_len: int = 0  # 0: the model's max_position_embeddings

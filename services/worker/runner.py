@@ -30,6 +30,7 @@ from services.worker.grammar import GrammarMatchers, StepMask
 from services.worker.kv_cache import HostKVStore, PagedKVCache
 from services.worker.models.config import load_config
 from services.worker.models.llama import LlamaModel
+from services.worker.models.quantization import check_quantization
 from services.worker.models.weights import load_weights
 from services.worker.sampling import Sampler, validate_sampling
 from services.worker.step_batch import PENDING, RequestState, blocks_for, build_step_batch
@@ -99,15 +100,18 @@ class ModelRunner:
         graph_max_batch: int = 256,
         graph_max_tokens: int = 2048,
         kernels: bool | None = None,
+        quantization: str = "",
     ) -> None:
         """``kernels``: run steps through the Triton kernels and graphs (default:
-        on CUDA only; tests turn it on for the CPU under Triton's interpreter)."""
+        on CUDA only; tests turn it on for the CPU under Triton's interpreter).
+        ``quantization``: "" or "fp8" (``models/quantization.py``)."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         prefer_shape_agnostic_attention(self.device)
         self.dtype = resolve_dtype(dtype, self.device)
+        check_quantization(quantization, self.dtype)
         config = load_config(self.model_dir)
         limit = config.max_position_embeddings
         if max_model_len > limit:
@@ -117,7 +121,13 @@ class ModelRunner:
         self.max_model_len = max_model_len or limit
         weights = load_weights(self.model_dir, self.device, self.dtype)
         # Rope tables cover max_model_len positions, not the model's whole range.
-        self.model = LlamaModel(config, weights, self.device, self.dtype, self.max_model_len)
+        self.model = LlamaModel(config, weights, self.device, self.dtype, self.max_model_len,
+                                quantization)
+        del weights
+        if self.device.type == "cuda":
+            # The full-precision weights quantized away go back to the device, so
+            # that the KV pool sized below can use their memory.
+            torch.cuda.empty_cache()
         self.block_size = block_size
         per_block = PagedKVCache.bytes_per_block(
             config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype

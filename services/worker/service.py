@@ -266,6 +266,7 @@ def _load_runner(config: WorkerConfig, device: str) -> ModelRunner:
         max_model_len=config.max_model_len,
         graph_max_batch=config.cuda_graph_max_batch,
         graph_max_tokens=config.cuda_graph_max_tokens,
+        quantization=config.quantization,
     )
 
 

@@ -12,6 +12,13 @@ sizes these small kernels, not the matmuls, were most of a step's GPU time.
   keys and the values straight into the paged cache at each token's slot, so
   the step's K/V never exist as separate tensors.
 - ``silu_and_mul``: silu(gate) * up of the fused gate/up projection.
+
+With FP8 projections (``models/quantization.py``) the kernels that feed one write
+its input already quantized: the norms and ``silu_and_mul`` take ``fp8=True`` and
+return ``QuantizedRows`` (FP8 values and a per-row scale, computed from the row's
+model-dtype values, as ``quantization.quantize_rows`` does), and ``quantize_rows``
+does the same for the attention output. Each row is one program, so its absolute
+maximum needs no second kernel.
 """
 
 from __future__ import annotations
@@ -20,11 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
+from services.worker.models.quantization import FP8, FP8_MAX, MIN_AMAX, Activation, QuantizedRows
+
+# Globals a jitted function reads must be constexpr.
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_MIN_AMAX = tl.constexpr(MIN_AMAX)
+
 
 @triton.jit
 def _rms_norm_kernel(
-    out_ptr, residual_ptr, x_ptr, weight_ptr, hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr, scale_ptr, residual_ptr, x_ptr, weight_ptr, hidden, eps,
+    HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -38,28 +51,37 @@ def _rms_norm_kernel(
     variance = tl.sum(x32 * x32, 0) / hidden
     normed = (x32 * tl.math.rsqrt(variance + eps)).to(x_ptr.dtype.element_ty)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * hidden + cols, (w.to(tl.float32) * normed.to(tl.float32))
-             .to(out_ptr.dtype.element_ty), mask=mask)
+    y = w.to(tl.float32) * normed.to(tl.float32)
+    if QUANT:
+        # Quantized from the model-dtype value the unquantized path would write.
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(y), 0), _MIN_AMAX) / _FP8_MAX
+        tl.store(scale_ptr + row, scale)
+        y = tl.minimum(tl.maximum(y / scale, -_FP8_MAX), _FP8_MAX)
+    tl.store(out_ptr + row * hidden + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x [T, hidden] (contiguous)."""
-    out = torch.empty_like(x)
-    hidden = x.shape[-1]
-    _rms_norm_kernel[(x.shape[0],)](out, x, x, weight, hidden, eps,
-                                    HAS_RESIDUAL=False, BLOCK=triton.next_power_of_2(hidden))
-    return out
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+          fp8: bool) -> Activation:
+    tokens, hidden = x.shape
+    out = torch.empty_like(x, dtype=FP8 if fp8 else x.dtype)
+    scale = torch.empty((tokens, 1), device=x.device, dtype=torch.float32) if fp8 else out
+    _rms_norm_kernel[(tokens,)](out, scale, x if residual is None else residual, x, weight,
+                                hidden, eps, HAS_RESIDUAL=residual is not None, QUANT=fp8,
+                                BLOCK=triton.next_power_of_2(hidden))
+    return QuantizedRows(out, scale) if fp8 else out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool = False) -> Activation:
+    """RMSNorm of x [T, hidden] (contiguous); FP8 rows with ``fp8``."""
+    return _norm(x, None, weight, eps, fp8)
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> torch.Tensor:
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool = False
+) -> Activation:
     """``residual += x`` (in place), then the RMSNorm of the new residual."""
-    out = torch.empty_like(x)
-    hidden = x.shape[-1]
-    _rms_norm_kernel[(x.shape[0],)](out, residual, x, weight, hidden, eps,
-                                    HAS_RESIDUAL=True, BLOCK=triton.next_power_of_2(hidden))
-    return out
+    return _norm(x, residual, weight, eps, fp8)
 
 
 @triton.jit
@@ -121,21 +143,72 @@ def rotary_and_cache(
 
 
 @triton.jit
-def _silu_mul_kernel(out_ptr, gate_up_ptr, inter, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < inter
+def _silu_mul_value(gate_up_ptr, row, cols, mask, inter):
     gate = tl.load(gate_up_ptr + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * 2 * inter + inter + cols, mask=mask, other=0.0)
     # transformers: silu in the model dtype, then the product in the model dtype.
     act = (gate * tl.sigmoid(gate)).to(up.dtype)
-    tl.store(out_ptr + row * inter + cols,
-             (act.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+@triton.jit
+def _silu_mul_kernel(out_ptr, gate_up_ptr, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    tl.store(out_ptr + row * inter + cols, _silu_mul_value(gate_up_ptr, row, cols, mask, inter),
+             mask=mask)
+
+
+@triton.jit
+def _row_value(x_ptr, row, cols, mask, width, SILU_MUL: tl.constexpr):
+    if SILU_MUL:
+        value = _silu_mul_value(x_ptr, row, cols, mask, width)
+    else:
+        value = tl.load(x_ptr + row * width + cols, mask=mask, other=0.0)
+    return value.to(tl.float32)
+
+
+@triton.jit
+def _quantize_rows_kernel(out_ptr, scale_ptr, x_ptr, width, SILU_MUL: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """One row a program, in two passes over it: its absolute maximum, then the
+    scaled values (the second pass reads the row back from L2)."""
+    row = tl.program_id(0)
+    peak = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < width
+        peak = tl.maximum(peak, tl.abs(_row_value(x_ptr, row, cols, mask, width, SILU_MUL)))
+    scale = tl.maximum(tl.max(peak, 0), _MIN_AMAX) / _FP8_MAX
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < width
+        q = _row_value(x_ptr, row, cols, mask, width, SILU_MUL) / scale
+        q = tl.minimum(tl.maximum(q, -_FP8_MAX), _FP8_MAX)
+        tl.store(out_ptr + row * width + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _quantize(x: torch.Tensor, width: int, silu_mul: bool) -> QuantizedRows:
+    tokens = x.shape[0]
+    out = torch.empty((tokens, width), device=x.device, dtype=FP8)
+    scale = torch.empty((tokens, 1), device=x.device, dtype=torch.float32)
+    _quantize_rows_kernel[(tokens,)](out, scale, x, width, SILU_MUL=silu_mul, BLOCK=2048)
+    return QuantizedRows(out, scale)
+
+
+def quantize_rows(x: torch.Tensor) -> QuantizedRows:
+    """Per-row FP8 quantization of x [T, width] (contiguous)."""
+    return _quantize(x, x.shape[1], silu_mul=False)
+
+
+def silu_and_mul(gate_up: torch.Tensor, fp8: bool = False) -> Activation:
+    """silu(gate) * up of gate_up [T, 2 * inter]; FP8 rows with ``fp8``."""
     tokens, double = gate_up.shape
     inter = double // 2
+    if fp8:
+        return _quantize(gate_up, inter, silu_mul=True)
     out = torch.empty((tokens, inter), device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
     _silu_mul_kernel[(tokens, triton.cdiv(inter, block))](out, gate_up, inter, BLOCK=block)

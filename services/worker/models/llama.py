@@ -20,6 +20,12 @@ import torch.nn.functional as F
 from services.worker.attention import AttentionMetadata, paged_attention
 from services.worker.kv_cache import PagedKVCache
 from services.worker.models.config import ModelConfig, UnsupportedModelError, load_config
+from services.worker.models.quantization import (
+    Weight,
+    check_quantization,
+    linear,
+    quantize_weight,
+)
 from services.worker.models.rope import RotaryTables, apply_rotary
 from services.worker.models.weights import load_weights
 
@@ -27,19 +33,26 @@ from services.worker.models.weights import load_weights
 @dataclass(slots=True)
 class DecoderLayer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    qkv: Weight  # [(heads + 2 * kv_heads) * head_dim, hidden]
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: Weight
     o_bias: torch.Tensor | None
     post_attention_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    gate_up: Weight  # [2 * intermediate, hidden]
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: Weight
     down_bias: torch.Tensor | None
     sliding_window: int | None
     # Qwen3: RMSNorm weights [head_dim] applied to each query / key head before rotary.
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+
+    def quantize(self) -> None:
+        """Replace the four projection weights by FP8 ones (``quantization.py``)."""
+        for name in ("qkv", "o", "gate_up", "down"):
+            weight = getattr(self, name)
+            assert isinstance(weight, torch.Tensor)
+            setattr(self, name, quantize_weight(weight))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -88,10 +101,16 @@ class LlamaModel:
         device: torch.device,
         dtype: torch.dtype,
         max_positions: int,
+        quantization: str = "",
     ) -> None:
+        """``quantization``: "" keeps the weights in ``dtype``; "fp8" quantizes the
+        projections as each layer is built, so the full-precision copy of only one
+        layer is alive beside the quantized ones."""
+        check_quantization(quantization, dtype)
         self.config = config
         self.device = device
         self.dtype = dtype
+        self.quantization = quantization
         taker = _WeightTaker(weights)
         self.embed_tokens = taker.take("model.embed_tokens.weight")
         self.layers: list[DecoderLayer] = []
@@ -122,6 +141,8 @@ class LlamaModel:
                     k_norm=taker.maybe(attn + "k_norm.weight", config.qk_norm),
                 )
             )
+            if quantization == "fp8":
+                self.layers[-1].quantize()
         self.norm = taker.take("model.norm.weight")
         if config.tie_word_embeddings:
             # Some tied checkpoints still store the head; it equals the embedding.
@@ -142,11 +163,13 @@ class LlamaModel:
 
     @classmethod
     def load(
-        cls, model_dir: Path, device: torch.device, dtype: torch.dtype, max_positions: int = 0
+        cls, model_dir: Path, device: torch.device, dtype: torch.dtype, max_positions: int = 0,
+        quantization: str = "",
     ) -> LlamaModel:
         config = load_config(model_dir)
         weights = load_weights(model_dir, device, dtype)
-        return cls(config, weights, device, dtype, max_positions or config.max_position_embeddings)
+        return cls(config, weights, device, dtype, max_positions or config.max_position_embeddings,
+                   quantization)
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         c = self.config
@@ -171,7 +194,7 @@ class LlamaModel:
         hidden = F.embedding(input_ids, self.embed_tokens)
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = linear(x, layer.qkv, layer.qkv_bias, self.dtype)
             q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
             q = q.view(tokens, c.num_heads, c.head_dim)
             k = k.view(tokens, c.num_kv_heads, c.head_dim)
@@ -185,10 +208,11 @@ class LlamaModel:
                 q, k, v, kv_cache.k[index], kv_cache.v[index], meta,
                 layer.sliding_window, self.scale,
             )
-            hidden = hidden + F.linear(attn.reshape(tokens, self._q_size), layer.o, layer.o_bias)
+            hidden = hidden + linear(attn.reshape(tokens, self._q_size), layer.o, layer.o_bias,
+                                     self.dtype)
             x = rms_norm(hidden, layer.post_attention_norm, c.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = linear(x, layer.gate_up, layer.gate_up_bias, self.dtype).chunk(2, dim=-1)
+            hidden = hidden + linear(F.silu(gate) * up, layer.down, layer.down_bias, self.dtype)
         return rms_norm(hidden[output_rows], self.norm, c.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,9 @@ Qwen3's per-head q/k RMSNorm runs here too, in place on the fused q/k/v output
 just before the rotary kernel (the reference ``rms_norm`` in torch: a few small
 ops per layer, captured by the CUDA graphs like the rest); it is not fused into
 ``rotary_and_cache``.
+
+With FP8 projections every kernel that feeds one writes FP8 rows and their
+scales (``fp8=True``); the attention output is quantized by a kernel of its own.
 """
 
 from __future__ import annotations
@@ -19,10 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.kernel_batch import KernelAttentionMetadata
-from services.worker.kernels.fused import add_rms_norm, rms_norm, rotary_and_cache, silu_and_mul
+from services.worker.kernels.fused import (
+    add_rms_norm,
+    quantize_rows,
+    rms_norm,
+    rotary_and_cache,
+    silu_and_mul,
+)
 from services.worker.kv_cache import PagedKVCache
 from services.worker.models.llama import DecoderLayer, LlamaModel
 from services.worker.models.llama import rms_norm as reference_rms_norm
+from services.worker.models.quantization import linear
 
 
 def fused_forward(
@@ -37,11 +47,13 @@ def fused_forward(
     c = model.config
     tokens = input_ids.shape[0]
     eps = c.rms_norm_eps
+    dtype = model.dtype
+    fp8 = model.quantization == "fp8"
     residual = F.embedding(input_ids, model.embed_tokens)
     layers = model.layers
-    x = rms_norm(residual, layers[0].input_norm, eps)
+    x = rms_norm(residual, layers[0].input_norm, eps, fp8)
     for index, layer in enumerate(layers):
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        qkv = linear(x, layer.qkv, layer.qkv_bias, dtype)
         if layer.q_norm is not None:
             _norm_qk_heads(qkv, layer, c.num_heads, c.num_kv_heads, c.head_dim, eps)
         k_cache, v_cache = kv_cache.k[index], kv_cache.v[index]
@@ -49,12 +61,16 @@ def fused_forward(
                          k_cache, v_cache, c.num_heads, c.num_kv_heads, c.head_dim)
         q = qkv[:, : c.num_heads * c.head_dim].view(tokens, c.num_heads, c.head_dim)
         attn = meta.attend(q, k_cache, v_cache, layer.sliding_window, model.scale)
-        out = F.linear(attn.view(tokens, -1), layer.o, layer.o_bias)
-        x = add_rms_norm(out, residual, layer.post_attention_norm, eps)
-        gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
-        down = F.linear(silu_and_mul(gate_up), layer.down, layer.down_bias)
-        following = layers[index + 1].input_norm if index + 1 < len(layers) else model.norm
-        x = add_rms_norm(down, residual, following, eps)
+        attn = attn.view(tokens, -1)
+        out = linear(quantize_rows(attn) if fp8 else attn, layer.o, layer.o_bias, dtype)
+        x = add_rms_norm(out, residual, layer.post_attention_norm, eps, fp8)
+        gate_up = linear(x, layer.gate_up, layer.gate_up_bias, dtype)
+        down = linear(silu_and_mul(gate_up, fp8), layer.down, layer.down_bias, dtype)
+        if index + 1 < len(layers):
+            x = add_rms_norm(down, residual, layers[index + 1].input_norm, eps, fp8)
+    # The final norm feeds the LM head, which stays in the model dtype.
+    x = add_rms_norm(down, residual, model.norm, eps)
+    assert isinstance(x, torch.Tensor)
     return x if output_rows is None else x[output_rows]
 
 
