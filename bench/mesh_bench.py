@@ -205,10 +205,13 @@ def summarize(name: str, timings: list[RequestTiming], wall: float) -> dict[str,
 
 def run_in_process(model: str, prompts: list[list[int]], warmup: list[list[int]],
                    max_tokens: int, torch_threads: int, device: str,
-                   quantization: str = "") -> tuple[list[RequestTiming], float]:
+                   settings: dict[str, str]) -> tuple[list[RequestTiming], float]:
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
-    runner = ModelRunner(resolve_model_dir(model), device=device, quantization=quantization)
+    # The in-process engine computes what the mesh's workers do: same number formats.
+    runner = ModelRunner(resolve_model_dir(model), device=device,
+                         quantization=settings.get("quantization", ""),
+                         kv_cache_dtype=settings.get("kv_cache_dtype", "auto"))
     engine = InProcessEngine(runner)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine.generate(warmup, sampling)  # warm-up, as for the mesh
@@ -283,11 +286,9 @@ def main() -> None:
             mesh_args += ["--set", setting]
         with started_mesh(args.model, mesh_args) as url:
             mesh = drive(url)
-    # The in-process engine computes what the mesh's workers do: same quantization.
     settings = dict(setting.partition("=")[::2] for setting in args.mesh_set)
     local_timings, local_wall = run_in_process(args.model, prompts, warmup, args.max_tokens,
-                                               args.torch_threads, args.device,
-                                               settings.get("quantization", ""))
+                                               args.torch_threads, args.device, settings)
     local = summarize("in-process", local_timings, local_wall)
     ratio = mesh["throughput_tok_s"] / local["throughput_tok_s"]
     print(f"throughput ratio mesh / in-process: {ratio:.3f}")

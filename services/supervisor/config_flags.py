@@ -42,6 +42,8 @@ HELP: dict[str, str] = {
     "bfloat16 | float16",
     "quantization": "fp8: projections in FP8 on the GPU's FP8 tensor cores (quantized at "
     "load, per channel; activations per token); empty: weights in dtype",
+    "kv_cache_dtype": "auto (the model's dtype) | fp8: K/V stored in float8 e4m3, twice the "
+    "blocks and half the bytes a decode reads",
     "max_model_len": "context length (prompt + output); 0: the model's",
     "chat_template": "a chat template file, or the template inline; replaces the model's",
     "revision": "a hub model's branch, tag or commit",

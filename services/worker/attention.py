@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from services.worker.kv_cache import storage_view
+
 
 @dataclass(slots=True)
 class PrefillChunk:
@@ -82,10 +84,17 @@ def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Store the step's keys and values [T, kv_heads, head_dim] at their slots."""
+    """Store the step's keys and values [T, kv_heads, head_dim] at their slots, in
+    the cache's dtype."""
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    for cache, values in ((k_cache, k), (v_cache, v)):
+        storage_view(cache).view(-1, kv_heads, head_dim).index_copy_(
+            0, slot_mapping, storage_view(values.to(cache.dtype)))
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Blocks ``blocks`` of one layer's cache, in the model dtype."""
+    return storage_view(cache).index_select(0, blocks).view(cache.dtype).to(dtype)
 
 
 def _decode_attention(
@@ -98,8 +107,8 @@ def _decode_attention(
     length = tables.shape[1] * block_size
     flat_tables = tables.reshape(-1)
     # [B, L, kv_heads, D] -> [B, kv_heads, L, D]
-    keys = k_cache.index_select(0, flat_tables).view(batch, length, kv_heads, head_dim)
-    values = v_cache.index_select(0, flat_tables).view(batch, length, kv_heads, head_dim)
+    keys = _gather(k_cache, flat_tables, q.dtype).view(batch, length, kv_heads, head_dim)
+    values = _gather(v_cache, flat_tables, q.dtype).view(batch, length, kv_heads, head_dim)
     # Grouped-query attention without repeating K/V: the query heads that share a
     # KV head become that head's query rows ([B, kv_heads, group, D]); transformers'
     # repeat_kv maps query head h to KV head h // group, which is this layout.
@@ -123,8 +132,8 @@ def _prefill_attention(
         keys, values = k, v
     else:
         context = start + n
-        keys = k_cache.index_select(0, chunk.block_ids).view(-1, kv_heads, head_dim)[:context]
-        values = v_cache.index_select(0, chunk.block_ids).view(-1, kv_heads, head_dim)[:context]
+        keys = _gather(k_cache, chunk.block_ids, q.dtype).view(-1, kv_heads, head_dim)[:context]
+        values = _gather(v_cache, chunk.block_ids, q.dtype).view(-1, kv_heads, head_dim)[:context]
     mask = chunk.mask(window)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),
@@ -147,6 +156,10 @@ def paged_attention(
     context; k and v [T, kv_heads, D] are the step's own, written to the cache first.
     Returns [T, heads, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if k_cache.dtype != k.dtype:
+        # A narrower cache: the step's own K/V are attended as stored, as the
+        # CUDA kernel (which reads everything from the cache) does.
+        k, v = k.to(k_cache.dtype).to(k.dtype), v.to(v_cache.dtype).to(v.dtype)
     parts: list[torch.Tensor] = []
     decodes = meta.num_decodes
     if decodes:

@@ -13,6 +13,9 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     # "" (weights in dtype) | fp8: the projections quantized to FP8 at load, per
     # output channel, activations per token (services/worker/models/quantization.py).
     quantization: str = ""
+    # auto (the model's dtype) | fp8: K/V stored as float8 e4m3, half the bytes a
+    # block (services/worker/kv_cache.py).
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     num_kv_blocks: int = 0  # 0: sized from free memory (cpu: 4096 blocks)
     max_model_len: int = 0  # 0: the model's max_position_embeddings

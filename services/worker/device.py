@@ -61,6 +61,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         ) from None
 
 
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """``auto``: the model's dtype; ``fp8`` (or ``fp8_e4m3``): float8 e4m3."""
+    if name == "auto":
+        return model_dtype
+    try:
+        return KV_CACHE_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"kv_cache_dtype {name!r} not supported; use auto or fp8") from None
+
+
 def default_num_kv_blocks(device: torch.device, bytes_per_block: int) -> int:
     """CPU: a fixed pool. CUDA: a fraction of what is free once the weights are in."""
     if device.type != "cuda":

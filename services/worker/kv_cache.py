@@ -7,11 +7,28 @@ offset ``p % block_size``; flattened, that is slot
 ``block_table[p // block_size] * block_size + p % block_size``. Which blocks a
 request owns is decided elsewhere (kvcache + scheduler); the worker only reads and
 writes the slots the plan's block tables point at.
+
+The cache may hold K/V in a narrower type than the model computes in
+(``kv_cache_dtype=fp8``: float8 e4m3, vLLM's ``--kv-cache-dtype fp8``): half the
+bytes of bf16, so twice the blocks in the same memory and half the bytes read
+per decode. Values are stored unscaled, as vLLM does without calibrated scales
+(K and V of Llama-family models sit well inside e4m3's +-448; larger ones
+saturate). torch has no CPU kernels for indexing FP8 tensors, so the cache's
+moves (COW copies, swaps, transfers, the reference path's writes) go through a
+``uint8`` view of the same bytes: ``storage_view``.
 """
 
 from __future__ import annotations
 
 import torch
+
+FP8_KV = torch.float8_e4m3fn
+
+
+def storage_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor every copy and index kernel handles: FP8 as uint8 (one
+    byte each, same shape), other types as they are."""
+    return t.view(torch.uint8) if t.dtype == FP8_KV else t
 
 
 class PagedKVCache:
@@ -30,10 +47,14 @@ class PagedKVCache:
         # Zeroed, not empty: padded decode batches read slots no request wrote, and
         # masked-out garbage that happens to be NaN would still poison softmax @ V.
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.dtype = dtype
         self._k = torch.zeros(shape, device=device, dtype=dtype)
         self._v = torch.zeros(shape, device=device, dtype=dtype)
         self.k: list[torch.Tensor] = list(self._k.unbind(0))
         self.v: list[torch.Tensor] = list(self._v.unbind(0))
+        # All layers' K and V as ``storage_view``s, for moving whole blocks.
+        self.raw_k = storage_view(self._k)
+        self.raw_v = storage_view(self._v)
 
     @staticmethod
     def bytes_per_block(
@@ -52,8 +73,8 @@ class PagedKVCache:
         src_t = torch.tensor(src, dtype=torch.long, device=device)
         dst_t = torch.tensor(dst, dtype=torch.long, device=device)
         # Layer-major storage: blocks are dim 1.
-        self._k[:, dst_t] = self._k[:, src_t]
-        self._v[:, dst_t] = self._v[:, src_t]
+        self.raw_k[:, dst_t] = self.raw_k[:, src_t]
+        self.raw_v[:, dst_t] = self.raw_v[:, src_t]
 
 
 class HostKVStore:
@@ -70,14 +91,14 @@ class HostKVStore:
     def __init__(self, device_cache: PagedKVCache) -> None:
         self.cache = device_cache
         self.num_blocks = 0
-        self.device = device_cache._k.device
+        self.device = device_cache.raw_k.device
         self._pin = self.device.type == "cuda"
         self._blocks = self._empty(0)
         self._stream = torch.cuda.Stream(self.device) if self._pin else None
 
     def _empty(self, blocks: int) -> torch.Tensor:
-        layers, _, *rest = self.cache._k.shape
-        return torch.zeros((blocks, 2, layers, *rest), dtype=self.cache._k.dtype,
+        layers, _, *rest = self.cache.raw_k.shape
+        return torch.zeros((blocks, 2, layers, *rest), dtype=self.cache.raw_k.dtype,
                            pin_memory=self._pin)
 
     @property
@@ -128,7 +149,7 @@ class HostKVStore:
 
     def _copy(self, out_src: list[int], out_dst: list[int],
               in_src: list[int], in_dst: list[int]) -> None:
-        k, v, host = self.cache._k, self.cache._v, self._blocks
+        k, v, host = self.cache.raw_k, self.cache.raw_v, self._blocks
         # One copy per block and tensor: the host side is contiguous, so each is a
         # single asynchronous transfer from pinned memory.
         for src, dst in zip(out_src, out_dst, strict=True):

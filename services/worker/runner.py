@@ -25,6 +25,7 @@ from services.worker.device import (
     prefer_shape_agnostic_attention,
     resolve_device,
     resolve_dtype,
+    resolve_kv_cache_dtype,
 )
 from services.worker.grammar import GrammarMatchers, StepMask
 from services.worker.kv_cache import HostKVStore, PagedKVCache
@@ -101,10 +102,12 @@ class ModelRunner:
         graph_max_tokens: int = 2048,
         kernels: bool | None = None,
         quantization: str = "",
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """``kernels``: run steps through the Triton kernels and graphs (default:
         on CUDA only; tests turn it on for the CPU under Triton's interpreter).
-        ``quantization``: "" or "fp8" (``models/quantization.py``)."""
+        ``quantization``: "" or "fp8" (``models/quantization.py``); ``kv_cache_dtype``:
+        auto or fp8 (``kv_cache.py``)."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.model_dir = Path(model_dir)
@@ -112,6 +115,7 @@ class ModelRunner:
         prefer_shape_agnostic_attention(self.device)
         self.dtype = resolve_dtype(dtype, self.device)
         check_quantization(quantization, self.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         config = load_config(self.model_dir)
         limit = config.max_position_embeddings
         if max_model_len > limit:
@@ -130,7 +134,8 @@ class ModelRunner:
             torch.cuda.empty_cache()
         self.block_size = block_size
         per_block = PagedKVCache.bytes_per_block(
-            config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype
+            config.num_layers, block_size, config.num_kv_heads, config.head_dim,
+            self.kv_cache_dtype,
         )
         self.kv_block_bytes = per_block
         if num_kv_blocks <= 0:
@@ -140,7 +145,8 @@ class ModelRunner:
         # rows write their K/V there, never into a request's block.
         use_kernels = self.device.type == "cuda" if kernels is None else kernels
         spare = 1 if use_kernels else 0
-        self.kv_cache = self.model.new_kv_cache(num_kv_blocks + spare, block_size)
+        self.kv_cache = self.model.new_kv_cache(num_kv_blocks + spare, block_size,
+                                                self.kv_cache_dtype)
         self.host_cache = HostKVStore(self.kv_cache)
         self.sampler = Sampler(self.device, seed)
         self.step_sampler = StepSampler(self.sampler, config.vocab_size, self.device)

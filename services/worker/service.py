@@ -267,6 +267,7 @@ def _load_runner(config: WorkerConfig, device: str) -> ModelRunner:
         graph_max_batch=config.cuda_graph_max_batch,
         graph_max_tokens=config.cuda_graph_max_tokens,
         quantization=config.quantization,
+        kv_cache_dtype=config.kv_cache_dtype,
     )
 
 

@@ -1,5 +1,6 @@
-"""FP8 projections (``--quantization fp8``): the quantization math and a quantized
-model on the CPU, the fused FP8 kernels and the quantized CUDA forward on a GPU.
+"""FP8 projections (``--quantization fp8``) and the FP8 KV cache (``--kv-cache-dtype
+fp8``): the quantization math, quantized models and the cache's block moves on the
+CPU; the fused FP8 kernels and the quantized CUDA forward on a GPU.
 
 FP8 e4m3 keeps 3 mantissa bits, so a quantized value is within 1/16 of its
 original (half a step of 1/8); the bounds below follow from that. Greedy tokens of
@@ -130,20 +131,63 @@ def _assert_tracks(got: torch.Tensor, want: torch.Tensor) -> None:
     assert relative < 0.2 and cosine > 0.97 and agreement >= 0.6, (relative, cosine, agreement)
 
 
-def test_quantized_model_logits_track_full_precision() -> None:
+FORMATS = [("fp8", "auto"), ("", "fp8"), ("fp8", "fp8")]
+
+
+@pytest.mark.parametrize(("quantization", "kv_cache_dtype"), FORMATS)
+def test_quantized_model_logits_track_full_precision(quantization, kv_cache_dtype) -> None:
     folder = ensure_embedded_model()
     full = ModelRunner(folder, "cpu", "float32", num_kv_blocks=64, block_size=16)
     fp8 = ModelRunner(folder, "cpu", "float32", num_kv_blocks=64, block_size=16,
-                      quantization="fp8")
+                      quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     qkv = fp8.model.layers[0].qkv
-    assert isinstance(qkv, Fp8Weight) and qkv.weight.dtype == FP8
-    assert fp8.model.lm_head.dtype == torch.float32  # the head is not quantized
+    assert isinstance(qkv, Fp8Weight) == (quantization == "fp8")
+    assert fp8.model.lm_head.dtype == torch.float32  # the head is never quantized
+    assert fp8.kv_cache.dtype == (FP8 if kv_cache_dtype == "fp8" else torch.float32)
+    # Prompts over several blocks: later blocks attend to earlier ones read back.
     prompts = _prompts(full.model.config.vocab_size, (40, 25, 60), seed=3)
     _assert_tracks(_prefill_logits(fp8, prompts), _prefill_logits(full, prompts))
     # A model with random logits would not: the check can fail.
     with pytest.raises(AssertionError):
         _assert_tracks(torch.randn_like(_prefill_logits(full, prompts)),
                        _prefill_logits(full, prompts))
+
+
+def test_fp8_cache_halves_blocks_and_moves_them_byte_exact() -> None:
+    """An FP8 cache's block is half a bf16 one's; copy-on-write copies, host swaps
+    and transfer staging move its bytes unchanged (through the uint8 view)."""
+    from services.worker.kv_transfer.staging import BlockStager
+
+    folder = ensure_embedded_model()
+    bf16 = ModelRunner(folder, "cpu", "bfloat16", num_kv_blocks=8, block_size=16)
+    runner = ModelRunner(folder, "cpu", "bfloat16", num_kv_blocks=8, block_size=16,
+                         kv_cache_dtype="fp8")
+    assert runner.kv_block_bytes * 2 == bf16.kv_block_bytes
+    cache = runner.kv_cache
+    gen = torch.Generator().manual_seed(6)
+    cache.raw_k.copy_(torch.randint(0, 120, cache.raw_k.shape, generator=gen, dtype=torch.uint8))
+    cache.raw_v.copy_(torch.randint(0, 120, cache.raw_v.shape, generator=gen, dtype=torch.uint8))
+    block = lambda i: (cache.raw_k[:, i].clone(), cache.raw_v[:, i].clone())  # noqa: E731
+    original = block(1)
+    cache.copy_blocks([1], [2])
+    assert all(torch.equal(a, b) for a, b in zip(block(2), original, strict=True))
+    runner.host_cache.resize(4)
+    runner.host_cache.swap([1], [3], [], [])
+    cache.raw_k[:, 1].zero_()
+    runner.host_cache.swap([], [], [3], [5])
+    assert all(torch.equal(a, b) for a, b in zip(block(5), original, strict=True))
+    stager = BlockStager(cache)
+    assert stager.layout.dtype == "float8_e4m3fn"
+    payload = stager.gather([2]).numpy().tobytes()
+    assert len(payload) == runner.kv_block_bytes
+    stager.scatter([6], memoryview(payload))
+    assert all(torch.equal(a, b) for a, b in zip(block(6), original, strict=True))
+
+
+def test_unknown_kv_cache_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int8' not supported"):
+        ModelRunner(ensure_embedded_model(), "cpu", "float32", num_kv_blocks=8,
+                    kv_cache_dtype="int8")
 
 
 gpu = pytest.mark.skipif(not CUDA, reason="FP8 kernels need CUDA (Triton's interpreter "
@@ -182,17 +226,18 @@ def test_fused_fp8_kernels_match_the_reference_quantization() -> None:
 
 @gpu
 @pytest.mark.gpu
-def test_quantized_cuda_steps_track_full_precision() -> None:
-    """On the GPU: FP8 logits (torch._scaled_mm on the tensor cores) track bf16 ones
-    as on the CPU; the worker's CUDA path (fused kernels writing FP8 rows, CUDA
-    graphs) samples the tokens those logits pick, and its graphs replay exactly
-    what its eager steps compute."""
+@pytest.mark.parametrize(("quantization", "kv_cache_dtype"), FORMATS)
+def test_quantized_cuda_steps_track_full_precision(quantization, kv_cache_dtype) -> None:
+    """On the GPU: FP8 logits (torch._scaled_mm on the tensor cores, an FP8 cache read
+    back) track bf16 ones as on the CPU; the worker's CUDA path (fused kernels writing
+    FP8 rows and FP8 K/V, the attention kernel widening them, CUDA graphs) samples
+    the tokens those logits pick, and its graphs replay what its eager steps compute."""
     from bench.inprocess import InProcessEngine
 
     folder = ensure_embedded_model()
+    formats = {"quantization": quantization, "kv_cache_dtype": kv_cache_dtype}
     bf16 = ModelRunner(folder, "cuda", "bfloat16", num_kv_blocks=256, block_size=16)
-    fp8 = ModelRunner(folder, "cuda", "bfloat16", num_kv_blocks=256, block_size=16,
-                      quantization="fp8")
+    fp8 = ModelRunner(folder, "cuda", "bfloat16", num_kv_blocks=256, block_size=16, **formats)
     prompts = _prompts(bf16.model.config.vocab_size, (40, 25, 60, 7), seed=5)
     logits = _prefill_logits(fp8, prompts)
     _assert_tracks(logits.float(), _prefill_logits(bf16, prompts).float())
@@ -203,5 +248,5 @@ def test_quantized_cuda_steps_track_full_precision() -> None:
     picked = logits[last.to(logits.device)].argmax(-1).tolist()
     assert sum(p == g[0] for p, g in zip(picked, graphed, strict=True)) >= 3
     eager = ModelRunner(folder, "cuda", "bfloat16", num_kv_blocks=256, block_size=16,
-                        quantization="fp8", graph_max_batch=0, graph_max_tokens=0)
+                        graph_max_batch=0, graph_max_tokens=0, **formats)
     assert [c.token_ids for c in InProcessEngine(eager).generate(prompts, sampling)] == graphed

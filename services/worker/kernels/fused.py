@@ -85,11 +85,21 @@ def add_rms_norm(
 
 
 @triton.jit
+def _to_cache(x, cache_ptr, FP8_CACHE: tl.constexpr):
+    """x as the cache stores it: an FP8 cache saturates at +-448 (the conversion
+    alone would turn a larger value into NaN)."""
+    x = x.to(tl.float32)
+    if FP8_CACHE:
+        x = tl.minimum(tl.maximum(x, -_FP8_MAX), _FP8_MAX)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _rotary_cache_kernel(
     qkv_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr, k_cache_ptr, v_cache_ptr,
     stride_tok, stride_table, stride_slot,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEADS_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HEADS_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, FP8_CACHE: tl.constexpr,
 ):
     tok = tl.program_id(0)
     pos = tl.load(positions_ptr + tok)
@@ -113,16 +123,18 @@ def _rotary_cache_kernel(
     k_off = NUM_HEADS * HEAD_DIM + kh[:, None] * HEAD_DIM + d[None, :]
     k1 = tl.load(base + k_off, mask=kmask, other=0.0).to(tl.float32)
     k2 = tl.load(base + k_off + HALF, mask=kmask, other=0.0).to(tl.float32)
+    # Rotated keys are rounded to the model dtype first, as the reference stores them.
+    k_rot1 = (k1 * cos - k2 * sin).to(qkv_ptr.dtype.element_ty)
+    k_rot2 = (k2 * cos + k1 * sin).to(qkv_ptr.dtype.element_ty)
     cache_off = slot.to(tl.int64) * stride_slot + kh[:, None] * HEAD_DIM + d[None, :]
-    tl.store(k_cache_ptr + cache_off, (k1 * cos - k2 * sin).to(k_cache_ptr.dtype.element_ty),
+    tl.store(k_cache_ptr + cache_off, _to_cache(k_rot1, k_cache_ptr, FP8_CACHE), mask=kmask)
+    tl.store(k_cache_ptr + cache_off + HALF, _to_cache(k_rot2, k_cache_ptr, FP8_CACHE),
              mask=kmask)
-    tl.store(k_cache_ptr + cache_off + HALF,
-             (k2 * cos + k1 * sin).to(k_cache_ptr.dtype.element_ty), mask=kmask)
     v_off = k_off + NUM_KV_HEADS * HEAD_DIM
     v1 = tl.load(base + v_off, mask=kmask, other=0.0)
     v2 = tl.load(base + v_off + HALF, mask=kmask, other=0.0)
-    tl.store(v_cache_ptr + cache_off, v1, mask=kmask)
-    tl.store(v_cache_ptr + cache_off + HALF, v2, mask=kmask)
+    tl.store(v_cache_ptr + cache_off, _to_cache(v1, v_cache_ptr, FP8_CACHE), mask=kmask)
+    tl.store(v_cache_ptr + cache_off + HALF, _to_cache(v2, v_cache_ptr, FP8_CACHE), mask=kmask)
 
 
 def rotary_and_cache(
@@ -138,7 +150,7 @@ def rotary_and_cache(
         qkv.stride(0), cos.stride(0), k_cache.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_BLOCK=triton.next_power_of_2(num_heads),
-        KV_BLOCK=triton.next_power_of_2(num_kv_heads),
+        KV_BLOCK=triton.next_power_of_2(num_kv_heads), FP8_CACHE=k_cache.dtype == FP8,
     )
 
 

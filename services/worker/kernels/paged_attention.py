@@ -70,7 +70,7 @@ def _attend_tile(
             k_cache_ptr + page[:, None] * stride_block + slot[:, None] * stride_slot
             + kv_head * stride_head + d[None, :],
             mask=k_valid[:, None], other=0.0,
-        )
+        ).to(q_ptr.dtype.element_ty)  # an FP8 cache is widened to the model dtype
         # qk_scale carries log2(e): the softmax below uses exp2.
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         visible = (keys[None, :] <= q_pos[:, None]) & k_valid[None, :]
@@ -88,7 +88,7 @@ def _attend_tile(
             v_cache_ptr + page[:, None] * stride_block + slot[:, None] * stride_slot
             + kv_head * stride_head + d[None, :],
             mask=k_valid[:, None], other=0.0,
-        )
+        ).to(q_ptr.dtype.element_ty)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i

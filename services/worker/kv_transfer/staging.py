@@ -41,14 +41,16 @@ class BlockStager:
     blocks into it (``scatter``)."""
 
     def __init__(self, cache: PagedKVCache) -> None:
-        self._k, self._v = cache._k, cache._v
+        # Blocks move as raw bytes (``storage_view``); the layout names the real
+        # dtype, so workers whose caches differ in it refuse each other's blocks.
+        self._k, self._v = cache.raw_k, cache.raw_v
         layers, _, block_size, kv_heads, head_dim = self._k.shape
         self.device = self._k.device
         self.dtype = self._k.dtype
         self.layout = KvBlockLayout(layers, block_size, kv_heads, head_dim,
-                                    str(self.dtype).removeprefix("torch."))
+                                    str(cache.dtype).removeprefix("torch."))
         self.block_bytes = PagedKVCache.bytes_per_block(layers, block_size, kv_heads,
-                                                        head_dim, self.dtype)
+                                                        head_dim, cache.dtype)
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
 

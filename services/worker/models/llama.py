@@ -171,11 +171,13 @@ class LlamaModel:
         return cls(config, weights, device, dtype, max_positions or config.max_position_embeddings,
                    quantization)
 
-    def new_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+    def new_kv_cache(self, num_blocks: int, block_size: int,
+                     dtype: torch.dtype | None = None) -> PagedKVCache:
+        """A cache for this model, in ``dtype`` (default: the model's)."""
         c = self.config
         return PagedKVCache(
             c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
-            self.device, self.dtype,
+            self.device, dtype or self.dtype,
         )
 
     def forward(
