@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +101,9 @@ def main() -> None:
     if args.result_json:
         path = Path(args.result_json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"benchmark": "bench.gemm_bench", "gpu": gpu_name(),
+        command = shlex.join(["python", "-m", "bench.gemm_bench", *sys.argv[1:]])
+        path.write_text(json.dumps({"benchmark": "bench.gemm_bench", "command": command,
+                                    "gpu": gpu_name(),
                                     "shape": args.shape, "blas": args.blas or "default",
                                     "rows": rows}, indent=2) + "\n")
         print(f"wrote {path}")

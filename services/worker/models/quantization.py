@@ -85,10 +85,15 @@ def quantize_rows(x: torch.Tensor) -> QuantizedRows:
 def fp8_linear(
     x: Activation, weight: Fp8Weight, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """``x @ weight.T + bias`` on FP8 tensor cores, in ``out_dtype``."""
+    """``x @ weight.T + bias`` on FP8 tensor cores, in ``out_dtype``. On the CPU
+    (tests, not speed: torch's CPU ``_scaled_mm`` takes per-tensor scales only, in
+    some versions) the same product of the FP8 operands in float32."""
     rows = x if isinstance(x, QuantizedRows) else quantize_rows(x)
-    out = torch._scaled_mm(rows.data, weight.weight.t(), rows.scale, weight.scale,
-                           out_dtype=out_dtype, use_fast_accum=True)
+    if rows.data.is_cuda:
+        out = torch._scaled_mm(rows.data, weight.weight.t(), rows.scale, weight.scale,
+                               out_dtype=out_dtype, use_fast_accum=True)
+    else:
+        out = ((rows.data.float() * rows.scale) @ dequantize(weight).t()).to(out_dtype)
     return out if bias is None else out.add_(bias)
 
 
