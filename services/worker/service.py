@@ -284,7 +284,9 @@ async def main(runtime: ServiceRuntime) -> None:
     # Off the event loop: loading takes seconds, and the supervisor link keeps beating.
     runner = await anyio.to_thread.run_sync(functools.partial(_load_runner, config, device))
     log.info("model loaded", **msgspec.structs.asdict(runner.details()),
-             dtype=str(runner.dtype).removeprefix("torch."))
+             dtype=str(runner.dtype).removeprefix("torch."),
+             quantization=config.quantization or "none",
+             kv_cache_dtype=str(runner.kv_cache_dtype).removeprefix("torch."))
     runtime.capacity = PLAN_QUEUE_SIZE
     runtime.ready = True
     await WorkerActor(runtime, runner, overlap=config.overlap_steps,

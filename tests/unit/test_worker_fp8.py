@@ -184,6 +184,21 @@ def test_fp8_cache_halves_blocks_and_moves_them_byte_exact() -> None:
     assert all(torch.equal(a, b) for a, b in zip(block(6), original, strict=True))
 
 
+def test_worker_settings_reach_the_runner() -> None:
+    """MESHSERVE_QUANTIZATION / MESHSERVE_KV_CACHE_DTYPE (`--quantization`,
+    `--kv-cache-dtype`) through the worker's config to the model it loads."""
+    from services.worker.config import WorkerConfig
+    from services.worker.service import _load_runner
+    from shared.config import load_config
+
+    config = load_config(WorkerConfig, environ={"MESHSERVE_QUANTIZATION": "fp8",
+                                                "MESHSERVE_KV_CACHE_DTYPE": "fp8",
+                                                "MESHSERVE_NUM_KV_BLOCKS": "16"})
+    runner = _load_runner(config, "cpu")
+    assert isinstance(runner.model.layers[-1].down, Fp8Weight)
+    assert runner.kv_cache.dtype == FP8
+
+
 def test_unknown_kv_cache_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="kv_cache_dtype 'int8' not supported"):
         ModelRunner(ensure_embedded_model(), "cpu", "float32", num_kv_blocks=8,
