@@ -23,6 +23,7 @@ wants.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -324,12 +325,42 @@ class TtsActor:
         )
 
 
+WORKDIR_ROOT = Path("/tmp")
+WORKDIR_PREFIX = "ms-tts-"
+
+
+def sweep_dead_workdirs(root: Path) -> list[Path]:
+    """Remove ``ms-tts-<pid>-*`` folders under ``root`` whose tts process is gone
+    (killed, so its own cleanup never ran); returns what was removed."""
+    removed = []
+    for folder in root.glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = folder.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive, and not ours to sweep
+    return True
+
+
 async def main(runtime: ServiceRuntime) -> None:
     config = load_config(TtsConfig)
     if config.engines < 1:
         raise ValueError(f"MESHSERVE_ENGINES must be at least 1, got {config.engines}")
-    # ipc paths must stay short (unix sockets: ~107 bytes), hence /tmp.
-    workdir = Path(tempfile.mkdtemp(prefix="ms-tts-", dir="/tmp"))
+    # ipc paths must stay short (unix sockets: ~107 bytes), hence /tmp. The pid in
+    # the name lets a later tts sweep the folder of one that was killed (its
+    # `finally` never ran) instead of leaving its sockets behind for good.
+    sweep_dead_workdirs(WORKDIR_ROOT)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=WORKDIR_ROOT))
     try:
         pool = EngineProcessPool(
             runtime.zmq,
