@@ -67,7 +67,12 @@ def check_quantization(name: str, dtype: torch.dtype) -> None:
 
 
 def quantize_weight(weight: torch.Tensor) -> Fp8Weight:
-    """Per-output-row FP8 quantization of a weight [out, in]."""
+    """Per-output-row FP8 quantization of a weight [out, in]. Both sizes must be
+    multiples of 16, which the FP8 tensor-core GEMM requires (every Llama-family
+    model's are)."""
+    if weight.shape[0] % 16 or weight.shape[1] % 16:
+        raise ValueError(f"quantization fp8 needs projection sizes divisible by 16, "
+                         f"this model has one of {tuple(weight.shape)}")
     w32 = weight.float()
     scale = w32.abs().amax(dim=1).clamp(min=MIN_AMAX) / FP8_MAX
     data = (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
