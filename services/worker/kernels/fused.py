@@ -206,7 +206,10 @@ def _quantize(x: torch.Tensor, width: int, silu_mul: bool) -> QuantizedRows:
     tokens = x.shape[0]
     out = torch.empty((tokens, width), device=x.device, dtype=FP8)
     scale = torch.empty((tokens, 1), device=x.device, dtype=torch.float32)
-    _quantize_rows_kernel[(tokens,)](out, scale, x, width, SILU_MUL=silu_mul, BLOCK=2048)
+    # 8 warps: at 256 and 2,048 rows of 14,336 (8B's SiLU) 12.9 -> 9.6 and 72 -> 67 us
+    # against 4 on an H200; 1,024 or 4,096 columns a pass measured no better.
+    _quantize_rows_kernel[(tokens,)](out, scale, x, width, SILU_MUL=silu_mul, BLOCK=2048,
+                                     num_warps=8)
     return QuantizedRows(out, scale)
 
 
