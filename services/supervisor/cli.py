@@ -68,6 +68,7 @@ from shared.protocol.control import (
     ScaleRequest,
     ShutdownRequest,
     StatusRequest,
+    ZygoteStatus,
 )
 
 STATUS_TIMEOUT_S = 10.0
@@ -288,7 +289,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def format_status(status: MeshStatus) -> str:
     header = (
         f"mesh {'healthy' if status.healthy else 'NOT healthy'}  api {status.api_url}  "
-        f"supervisor pid {status.supervisor_pid}\nmodel {status.model}"
+        f"supervisor pid {status.supervisor_pid}\nmodel {status.model}  {_zygote(status.zygote)}"
     )
     rows = [("SERVICE", "REPLICA", "PID", "STATE", "HEALTH", "RESTARTS", "UPTIME")]
     for child in status.children:
@@ -307,6 +308,15 @@ def format_status(status: MeshStatus) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     return "\n".join([header, "", *lines])
+
+
+def _zygote(zygote: ZygoteStatus | None) -> str:
+    if zygote is None:
+        return "zygote off (children start by plain spawn)"
+    if zygote.state == "given-up":
+        return f"zygote given up after {zygote.restarts} restarts (children start by plain spawn)"
+    pid = f"pid {zygote.pid} " if zygote.pid is not None else ""
+    return f"zygote {pid}{zygote.state}, {zygote.restarts} restarts"
 
 
 def _duration(seconds: float) -> str:

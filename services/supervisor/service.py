@@ -362,6 +362,7 @@ class Supervisor:
             model=self.settings.model,
             healthy=not self._shutdown.is_set() and self.mesh_healthy(),
             children=[s.child.status(now, self.beat_s) for s in slots],
+            zygote=self._zygote.status() if self._zygote is not None else None,
         )
 
     def _refuse_if_stopping(self) -> ControlReply | None:

@@ -39,6 +39,7 @@ from anyio.abc import TaskStatus
 
 from shared.child_process import RestartWindow, signal_process, spawn_child
 from shared.logs import get_logger
+from shared.protocol.control import ZygoteStatus
 from shared.protocol.zygote import (
     MAX_PACKET,
     ChildExited,
@@ -133,6 +134,7 @@ class ZygoteClient:
         self._sock: socket.socket | None = None
         self._ready = False
         self._given_up = False
+        self._starts = 0
         # Set whenever the zygote is ready or given up: what `fork` waits for.
         self._settled = anyio.Event()
         self._ids = count(1)
@@ -142,6 +144,11 @@ class ZygoteClient:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    def status(self) -> ZygoteStatus:
+        """What `meshserve status` shows of the zygote."""
+        state = "given-up" if self._given_up else "ready" if self._ready else "starting"
+        return ZygoteStatus(pid=self.pid, state=state, restarts=max(0, self._starts - 1))
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -174,6 +181,7 @@ class ZygoteClient:
         finally:
             zygote_end.close()
         self.pid = process.pid
+        self._starts += 1
         parent_end.setblocking(False)
         self._sock = parent_end
         try:
@@ -186,6 +194,7 @@ class ZygoteClient:
                 signal_process(process, signal.SIGTERM)
                 await process.wait()
             signal_process(process, signal.SIGKILL)
+        self.pid = None
         log.warning("zygote exited", pid=process.pid, exit_code=process.returncode)
 
     async def _read_reports(self, sock: socket.socket) -> None:

@@ -19,6 +19,15 @@ class ChildStatus(msgspec.Struct, frozen=True):
     uptime_s: float
 
 
+class ZygoteStatus(msgspec.Struct, frozen=True):
+    """The supervisor's zygote (services/supervisor/zygote.py), which forks the
+    Python services from one process that imported torch and them once."""
+
+    pid: int | None  # None: not running (starting, between restarts, or given up)
+    state: str  # "starting" | "ready" | "given-up" (children start by plain spawn)
+    restarts: int
+
+
 class StatusRequest(msgspec.Struct, frozen=True, tag=True):
     pass
 
@@ -29,6 +38,7 @@ class MeshStatus(msgspec.Struct, frozen=True, tag=True):
     model: str
     healthy: bool
     children: list[ChildStatus]
+    zygote: ZygoteStatus | None = None  # None: this mesh runs no zygote
 
 
 class RestartRequest(msgspec.Struct, frozen=True, tag=True):

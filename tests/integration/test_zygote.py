@@ -24,6 +24,7 @@ import pytest
 from services.supervisor.run_dir import wait_for_exit
 from services.supervisor.zygote_client import ForkedProcess, ZygoteClient
 from shared.child_process import RestartWindow
+from shared.protocol.control import ZygoteStatus
 from shared.protocol.zygote import (
     MAX_PACKET,
     ChildExited,
@@ -119,6 +120,7 @@ async def test_a_dead_zygote_takes_its_children_and_is_restarted(tmp_path: Path)
         read_report(report)
         first_zygote = client.pid
         assert first_zygote is not None
+        assert client.status() == ZygoteStatus(first_zygote, "ready", 0)
         os.kill(first_zygote, signal.SIGKILL)
         with anyio.fail_after(DEADLINE_S):
             assert await process.wait() == -signal.SIGKILL
@@ -127,6 +129,7 @@ async def test_a_dead_zygote_takes_its_children_and_is_restarted(tmp_path: Path)
         again = tmp_path / "again.json"
         second = await fork(client, probe_argv(again, "exit", "0"), dict(os.environ))
         assert client.pid != first_zygote
+        assert client.status() == ZygoteStatus(client.pid, "ready", 1)  # what `status` shows
         with anyio.fail_after(DEADLINE_S):
             assert await second.wait() == 0
 
@@ -142,6 +145,10 @@ async def test_a_zygote_that_cannot_start_makes_forks_fall_back_at_once() -> Non
                                      dict(os.environ)) is None
         # Not the ready timeout (120 s): the failed start answers the waiting fork.
         assert time.monotonic() - started < 30.0
+        with anyio.fail_after(DEADLINE_S):  # then the client gives up on it
+            while client.status().state != "given-up":
+                await anyio.sleep(0.05)
+        assert client.status() == ZygoteStatus(None, "given-up", 0)
 
 
 @pytest.mark.anyio

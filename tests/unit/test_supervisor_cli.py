@@ -136,6 +136,7 @@ def test_status_restart_scale_and_down(supervisor: SupervisorProcess) -> None:
         assert set(child) == {
             "service", "replica", "pid", "state", "healthy", "restarts", "uptime_s"
         }
+    assert state["zygote"] is None  # stand-in commands are not forked by a zygote
 
     table = meshserve(run_dir, "status")
     assert table.returncode == 0 and "mesh healthy" in table.stdout

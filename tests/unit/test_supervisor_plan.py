@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from services.supervisor.cli import (
@@ -24,7 +25,13 @@ from services.supervisor.mesh_plan import (
     socket_paths,
     transfer_socket,
 )
-from shared.protocol.control import ChildStatus, MeshStatus, RestartRequest, ScaleRequest
+from shared.protocol.control import (
+    ChildStatus,
+    MeshStatus,
+    RestartRequest,
+    ScaleRequest,
+    ZygoteStatus,
+)
 
 
 def test_flags_win_over_set_which_wins_over_env() -> None:
@@ -183,6 +190,11 @@ def test_status_table_shows_every_child() -> None:
     assert lines[3].split()[0] == "SERVICE"
     assert lines[4].split() == ["kvcache", "0", "11", "running", "healthy", "0", "1m15s"]
     assert lines[5].split() == ["worker", "1", "-", "backoff", "unhealthy", "3", "-"]
+    assert "zygote off" in lines[1]
+    ready = msgspec.structs.replace(status, zygote=ZygoteStatus(42, "ready", 1))
+    assert format_status(ready).splitlines()[1] == "model /m  zygote pid 42 ready, 1 restarts"
+    gone = msgspec.structs.replace(status, zygote=ZygoteStatus(None, "given-up", 3))
+    assert "given up after 3 restarts" in format_status(gone).splitlines()[1]
 
 
 def test_shutdown_timeout_reaches_the_supervisor_and_the_api() -> None:
