@@ -61,7 +61,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         ) from None
 
 
-KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+# The one FP8 format the worker uses, for projections (models/quantization.py) and
+# the KV cache alike: e4m3, the inference format (more mantissa than e5m2).
+FP8 = torch.float8_e4m3fn
+KV_CACHE_DTYPES = {"fp8": FP8, "fp8_e4m3": FP8}
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import torch
 
-FP8_KV = torch.float8_e4m3fn
+from services.worker.device import FP8
 
 
 def storage_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a tensor every copy and index kernel handles: FP8 as uint8 (one
     byte each, same shape), other types as they are."""
-    return t.view(torch.uint8) if t.dtype == FP8_KV else t
+    return t.view(torch.uint8) if t.dtype == FP8 else t
 
 
 class PagedKVCache:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-FP8 = torch.float8_e4m3fn
+from services.worker.device import FP8
+
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # An all-zero row would get scale 0 (and 0 / 0 in its quantized values): every
 # scale is at least this, so such a row quantizes to zeros.
