@@ -155,11 +155,12 @@ def paged_attention(
     """Attention of the step's queries q [T, heads, D] over each request's cached
     context; k and v [T, kv_heads, D] are the step's own, written to the cache first.
     Returns [T, heads, D]."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    if k_cache.dtype != k.dtype:
-        # A narrower cache: the step's own K/V are attended as stored, as the
-        # CUDA kernel (which reads everything from the cache) does.
-        k, v = k.to(k_cache.dtype).to(k.dtype), v.to(v_cache.dtype).to(v.dtype)
+    # In the cache's dtype (``to`` is a no-op when it is the model's): a narrower
+    # cache's values are written, and the step's own K/V attended, as stored, as
+    # the CUDA kernel (which reads everything from the cache) does.
+    stored_k, stored_v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    write_kv(k_cache, v_cache, stored_k, stored_v, meta.slot_mapping)
+    k, v = stored_k.to(k.dtype), stored_v.to(v.dtype)
     parts: list[torch.Tensor] = []
     decodes = meta.num_decodes
     if decodes:
