@@ -35,6 +35,19 @@ _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 
 @triton.jit
+def _saturate(x):
+    """x clamped to FP8's range: converting a larger value would give NaN."""
+    return tl.minimum(tl.maximum(x, -_FP8_MAX), _FP8_MAX)
+
+
+@triton.jit
+def _row_scale(peak):
+    """The FP8 scale of a row whose absolute maximum is ``peak`` (as
+    ``quantization.quantize_rows`` computes it)."""
+    return tl.maximum(peak, _MIN_AMAX) / _FP8_MAX
+
+
+@triton.jit
 def _rms_norm_kernel(
     out_ptr, scale_ptr, residual_ptr, x_ptr, weight_ptr, hidden, eps,
     HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
@@ -55,9 +68,9 @@ def _rms_norm_kernel(
     if QUANT:
         # Quantized from the model-dtype value the unquantized path would write.
         y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(y), 0), _MIN_AMAX) / _FP8_MAX
+        scale = _row_scale(tl.max(tl.abs(y), 0))
         tl.store(scale_ptr + row, scale)
-        y = tl.minimum(tl.maximum(y / scale, -_FP8_MAX), _FP8_MAX)
+        y = _saturate(y / scale)
     tl.store(out_ptr + row * hidden + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -86,11 +99,10 @@ def add_rms_norm(
 
 @triton.jit
 def _to_cache(x, cache_ptr, FP8_CACHE: tl.constexpr):
-    """x as the cache stores it: an FP8 cache saturates at +-448 (the conversion
-    alone would turn a larger value into NaN)."""
+    """x as the cache stores it: an FP8 cache saturates at +-448."""
     x = x.to(tl.float32)
     if FP8_CACHE:
-        x = tl.minimum(tl.maximum(x, -_FP8_MAX), _FP8_MAX)
+        x = _saturate(x)
     return x.to(cache_ptr.dtype.element_ty)
 
 
@@ -192,13 +204,12 @@ def _quantize_rows_kernel(out_ptr, scale_ptr, x_ptr, width, SILU_MUL: tl.constex
         cols = start + tl.arange(0, BLOCK)
         mask = cols < width
         peak = tl.maximum(peak, tl.abs(_row_value(x_ptr, row, cols, mask, width, SILU_MUL)))
-    scale = tl.maximum(tl.max(peak, 0), _MIN_AMAX) / _FP8_MAX
+    scale = _row_scale(tl.max(peak, 0))
     tl.store(scale_ptr + row, scale)
     for start in range(0, width, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < width
-        q = _row_value(x_ptr, row, cols, mask, width, SILU_MUL) / scale
-        q = tl.minimum(tl.maximum(q, -_FP8_MAX), _FP8_MAX)
+        q = _saturate(_row_value(x_ptr, row, cols, mask, width, SILU_MUL) / scale)
         tl.store(out_ptr + row * width + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
